@@ -1,0 +1,52 @@
+"""codeq: compress image classifiers with CoDeQ (joint pruning and quantization).
+
+The library comes first; the ``codeq`` command is a thin layer over it::
+
+    from codeq_cli import DeadZoneQuantizer, quantize_, bake_, load
+
+Names are imported lazily so that ``codeq --help`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from codeq_cli._version import __version__
+
+_EXPORTS = {
+    "DeadZoneQuantizer": "codeq_cli.quantizer",
+    "Encoded": "codeq_cli.quantizer",
+    "dequantize": "codeq_cli.quantizer",
+    "quantize_": "codeq_cli.insert",
+    "bake_": "codeq_cli.insert",
+    "plan": "codeq_cli.insert",
+    "quantized_weights": "codeq_cli.insert",
+    "quantizer_parameters": "codeq_cli.insert",
+    "measure_macs": "codeq_cli.bops",
+    "bops_rows": "codeq_cli.bops",
+    "bops_totals": "codeq_cli.bops",
+    "CodeqError": "codeq_cli.errors",
+    "UsageError": "codeq_cli.errors",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from codeq_cli.bops import bops_rows, bops_totals, measure_macs
+    from codeq_cli.errors import CodeqError, UsageError
+    from codeq_cli.insert import bake_, plan, quantize_, quantized_weights, quantizer_parameters
+    from codeq_cli.quantizer import DeadZoneQuantizer, Encoded, dequantize
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'codeq_cli' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,257 @@
+"""Putting dead-zone quantizers into any model, and taking them out again.
+
+The torchao shape: :func:`quantize_` wraps, in place, the weight of every
+convolution and linear layer through ``torch.nn.utils.parametrize`` and returns
+the names it wrapped; :func:`bake_` writes the current quantized weights into
+plain parameters and removes the parametrizations. No tracing: modules are
+found by type, so any timm or torchvision model works.
+
+Layer names: a module's own name for its ``weight`` (``layer1.0.conv1``); the
+module name and the parameter for other weight matrices
+(``encoder.layers.0.self_attention.in_proj_weight``). The same names are used
+by the reports and the checkpoint.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from codeq_cli.quantizer import DeadZoneQuantizer
+
+log = logging.getLogger(__name__)
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_LINEAR = (nn.Linear, nn.Bilinear)
+_NORM = (
+    nn.modules.batchnorm._NormBase,
+    nn.GroupNorm,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
+)
+# Weight matrices of matrix products held outside Linear modules.
+_EXTRA_MATRICES = {nn.MultiheadAttention: ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")}
+
+
+def _is_norm(module: nn.Module) -> bool:
+    if isinstance(module, _NORM):
+        return True
+    if isinstance(module, (*_CONV, *_LINEAR)):
+        return False
+    return "norm" in type(module).__name__.lower()  # timm's LayerNorm2d, RmsNorm, ...
+
+
+def layer_kind(module: nn.Module) -> str:
+    """``conv1d``/``conv2d``/``conv3d``/``linear``/``mha`` ..., for reports."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "mha"
+    for cls in (*_CONV, *_LINEAR):
+        if isinstance(module, cls):
+            return cls.__name__.lower()
+    return type(module).__name__.lower()
+
+
+@dataclass(frozen=True)
+class Target:
+    """One weight chosen for quantization, or left in float with a reason."""
+
+    name: str  # layer name (see the module docstring)
+    module_name: str
+    param_name: str
+    kind: str
+    shape: tuple[int, ...]
+    reason: str | None = None  # None: quantize it
+
+    @property
+    def quantize(self) -> bool:
+        return self.reason is None
+
+
+def layer_name(module_name: str, param_name: str) -> str:
+    if param_name == "weight":
+        return module_name
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _matches(name: str, patterns: Iterable[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def _candidate_weights(module: nn.Module) -> tuple[str, ...]:
+    if isinstance(module, (*_CONV, *_LINEAR)):
+        return ("weight",)
+    for cls, names in _EXTRA_MATRICES.items():
+        if isinstance(module, cls):
+            return names
+    return ()
+
+
+def plan(
+    model: nn.Module,
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+) -> list[Target]:
+    """Every weight :func:`quantize_` would wrap, and every one it would leave in float.
+
+    ``include``/``exclude`` are fnmatch patterns over layer names; a layer is
+    quantized when it matches ``include`` (default: all) and not ``exclude``.
+    Besides convolution and linear weights, the plan lists every other
+    parameter of two or more dimensions outside normalization layers (position
+    embeddings, class tokens, bias tables) as left in float, with the reason.
+    """
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude
+    # A parameter is tied when two different (module, attribute) slots hold it;
+    # one module reached by two paths is not tied (its parametrization serves both).
+    owners: dict[int, dict[tuple[int, str], str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            owners.setdefault(id(p), {}).setdefault((id(module), pname), layer_name(mname, pname))
+
+    targets: list[Target] = []
+    seen: set[int] = set()
+    for mname, module in model.named_modules():
+        if _is_norm(module):
+            continue
+        candidates = _candidate_weights(module)
+        for pname in candidates:
+            if parametrize.is_parametrized(module, pname):
+                tensor = getattr(module, pname)
+                if _quantizer_of(module, pname) is not None:
+                    reason = "already quantized by codeq"
+                else:
+                    reason = "already parametrized by something else (e.g. weight_norm)"
+                targets.append(Target(layer_name(mname, pname), mname, pname, layer_kind(module), tuple(tensor.shape), reason))
+                continue
+            tensor = getattr(module, pname, None)
+            if tensor is None:
+                continue
+            name = layer_name(mname, pname)
+            shape = tuple(tensor.shape) if not isinstance(tensor, nn.parameter.UninitializedParameter) else ()
+            reason = None
+            if not isinstance(tensor, nn.Parameter):
+                reason = "not a plain Parameter (computed by a hook or stored as a buffer)"
+            elif isinstance(tensor, nn.parameter.UninitializedParameter):
+                reason = "lazy module not yet initialised: run one forward pass first"
+            elif not tensor.is_floating_point():
+                reason = f"not a floating-point weight ({tensor.dtype})"
+            elif len(owners.get(id(tensor), ())) > 1:
+                others = [o for o in owners[id(tensor)].values() if o != name]
+                reason = f"shared (tied) with {', '.join(others)}"
+            elif include is not None and not _matches(name, include):
+                reason = "not matched by include patterns"
+            elif _matches(name, exclude):
+                reason = "excluded by pattern"
+            seen.add(id(tensor))
+            targets.append(Target(name, mname, pname, layer_kind(module), shape, reason))
+        # Other weight-like tensors: listed so a user sees what stays in float.
+        for pname, p in module.named_parameters(recurse=False):
+            if pname in candidates or id(p) in seen or p.dim() < 2:
+                continue
+            seen.add(id(p))
+            targets.append(
+                Target(
+                    layer_name(mname, pname),
+                    mname,
+                    pname,
+                    "other",
+                    tuple(p.shape),
+                    "not a convolution or linear weight (embedding, token or table)",
+                )
+            )
+    return targets
+
+
+def quantize_(
+    model: nn.Module,
+    bits: int | None = 4,
+    include: Iterable[str] | str | None = None,
+    exclude: Iterable[str] | str | None = None,
+    **quantizer_kwargs,
+) -> list[str]:
+    """Wrap every convolution and linear weight of ``model`` in a :class:`DeadZoneQuantizer`.
+
+    In place; returns the wrapped layer names. ``bits=None`` learns the
+    bit-width (mixed precision); ``quantizer_kwargs`` go to each quantizer
+    (``b_min``, ``b_max``, ``init_dz``, ``init_bit``, ``quantile``). The first
+    and last layers are included; normalization layers never. Weights that
+    cannot be wrapped are left in float and logged with the reason; see
+    :func:`plan` for the full list. Build the optimizer afterwards: the
+    quantizers' logits are new parameters.
+    """
+    wrapped = []
+    for t in plan(model, include, exclude):
+        if not t.quantize:
+            if t.kind != "other":
+                log.info("left in float: %s (%s)", t.name, t.reason)
+            continue
+        module = model.get_submodule(t.module_name)
+        weight = getattr(module, t.param_name)
+        qz = DeadZoneQuantizer(bits, **quantizer_kwargs).to(device=weight.device)
+        parametrize.register_parametrization(module, t.param_name, qz, unsafe=True)
+        wrapped.append(t.name)
+    return wrapped
+
+
+def _quantizer_of(module: nn.Module, pname: str) -> DeadZoneQuantizer | None:
+    if not parametrize.is_parametrized(module, pname):
+        return None
+    for p in module.parametrizations[pname]:
+        if isinstance(p, DeadZoneQuantizer):
+            return p
+    return None
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    name: str
+    module_name: str
+    param_name: str
+    module: nn.Module
+    quantizer: DeadZoneQuantizer
+
+    @property
+    def original(self) -> torch.Tensor:
+        """The float weight the quantizer sees (the trained parameter)."""
+        return self.module.parametrizations[self.param_name].original
+
+
+def quantized_weights(model: nn.Module) -> Iterator[QuantizedWeight]:
+    """Every weight of ``model`` that carries a :class:`DeadZoneQuantizer`, in module order."""
+    for mname, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for pname in list(module.parametrizations.keys()):
+            qz = _quantizer_of(module, pname)
+            if qz is not None:
+                yield QuantizedWeight(layer_name(mname, pname), mname, pname, module, qz)
+
+
+def quantizer_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(dead-zone logits, bit logits)`` of all quantizers, for optimizer groups and the loss."""
+    dz, bit = [], []
+    for qw in quantized_weights(model):
+        dz.append(qw.quantizer.theta_dz)
+        if qw.quantizer.theta_bit is not None:
+            bit.append(qw.quantizer.theta_bit)
+    return dz, bit
+
+
+def bake_(model: nn.Module) -> list[str]:
+    """The inverse of :func:`quantize_`: plain parameters holding the quantized weights.
+
+    Removes every codeq parametrization (leaving the current ``ŵ`` as the
+    parameter's value) and returns the baked layer names. The model's plain
+    forward then equals the wrapped forward.
+    """
+    baked = []
+    for qw in list(quantized_weights(model)):
+        parametrize.remove_parametrizations(qw.module, qw.param_name, leave_parametrized=True)
+        baked.append(qw.name)
+    return baked

@@ -1,0 +1,273 @@
+r"""The CoDeQ dead-zone quantizer.
+
+Wenshøj, Chen, Pepin, Selvan (2025), *CoDeQ: joint pruning and quantization
+through a learnable dead zone*, arXiv:2512.12981; reference code
+github.com/saintslab/CoDeQ. The specification codeq follows is
+``shared/codeq-method.md`` §1; this module is pure tensor code.
+
+For one weight tensor ``w`` with learnable scalars ``θ_dz`` (and ``θ_bit`` in
+mixed precision):
+
+1. ``R = quantile(|w|, 0.99)`` (linear interpolation, no gradient)
+2. ``b`` = the fixed bit-width, or ``round(tanh|θ_bit| · (b_max − b_min) + b_min)``
+   with a straight-through round
+3. ``Q = 2^(b−1) − 1`` (codes ``−Q … Q``)
+4. ``d = 2R (1 − tanh|θ_dz|)``                      dead-zone width, in ``[0, 2R]``
+5. ``s = (R − d/2) / (Q − 1/2) + ε``, ``ε = 1e-8``  step
+6. ``δ = d/2 − s/2``                                shift
+7. ``q = clip(round(sign(w) · relu(|w| − δ) / s), −Q, Q)``
+8. ``ŵ = s · q + δ · sign(q)``
+
+Every ``|w| ≤ d/2`` is pruned; non-zero levels sit at ``±(d/2 + s/2 + k s)``.
+
+Gradients: straight-through on round, relu and clip, none through the quantile
+and none through ``sign``. Hence ``∂ŵ/∂w = 1`` for every weight, and with
+``r = sign(w)·relu(|w| − δ)/s`` (the unrounded code)
+
+    ∂L/∂s = Σ g · (q − r)              ∂L/∂δ = Σ g · (sign(q) − sign(w))
+
+from which autograd carries the gradient to ``θ_dz`` and ``θ_bit`` through
+``d``, ``s`` and ``δ``. :class:`_DeadZoneSTE` computes ``ŵ`` and these two
+sums in one autograd node, without the chain of straight-through nodes a
+literal transcription builds (that one lives in :mod:`codeq_cli._reference`).
+
+**Decision** (the specification says ``∂ŵ/∂w ≈ 1`` for every weight): a weight
+that is exactly zero also gets gradient 1; in the reference code ``abs'(0) = 0``
+freezes it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from codeq_cli import _kernels
+from codeq_cli._select import QuantileCache
+
+EPS = 1e-8
+B_MIN, B_MAX = 2, 8
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """The integer form of a quantized weight.
+
+    ``step * codes + shift * sign(codes)`` (float32 arithmetic, in that order)
+    reproduces the quantizer's output bit for bit.
+    """
+
+    codes: Tensor  # int8, the shape of the weight
+    step: float
+    shift: float
+    bits: int
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.codes, self.step, self.shift, dtype)
+
+
+def dequantize(codes: Tensor, step: float, shift: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """``ŵ = step · q + shift · sign(q)`` evaluated as the quantizer does."""
+    q = codes.to(dtype)
+    s = torch.tensor(step, dtype=dtype, device=q.device)
+    d = torch.tensor(shift, dtype=dtype, device=q.device)
+    return s * q + d * torch.sign(q)
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
+        return g
+
+
+class _FusedDeadZone(torch.autograd.Function):
+    """Steps 2-8 and their gradients as one node, the elementwise work in fused
+    CPU loops (:mod:`codeq_cli._kernels`).
+
+    The scalars ``s``, ``δ``, ``Q`` are computed exactly as on the eager path
+    (same float32 operations, no graph); the backward applies the chain rule
+    from ``∂L/∂s`` and ``∂L/∂δ`` to ``θ_dz`` and ``θ_bit`` by hand. Nothing but
+    ``w`` is kept for the backward pass, which recomputes the codes on the fly.
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, theta_dz: Tensor, theta_bit: Tensor | None, qz: "DeadZoneQuantizer", R: Tensor):  # type: ignore[override]
+        qmax, d, s, shift = qz._scalars(R, w.dtype)
+        values = (float(s), float(shift), float(qmax))
+        ctx.values, ctx.R, ctx.d, ctx.span = values, float(R), float(d), qz.b_max - qz.b_min
+        ctx.save_for_backward(w, theta_dz, theta_bit if theta_bit is not None else theta_dz.new_zeros(()))
+        ctx.mixed = theta_bit is not None
+        return _kernels.forward(w.detach(), *values)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        w, theta_dz, theta_bit = ctx.saved_tensors
+        grad_dz = grad_bit = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            s, _, qmax = ctx.values
+            g_s, g_shift = _kernels.backward(g, w.detach(), *ctx.values)
+            # δ = d/2 − s/2 and s = (R − d/2)/(Q − 1/2) + ε
+            g_s_total = g_s - 0.5 * g_shift
+            g_d = 0.5 * g_shift - g_s_total * 0.5 / (qmax - 0.5)
+            # d = 2R(1 − tanh|θ_dz|)
+            t = math.tanh(abs(float(theta_dz)))
+            grad_dz = theta_dz.new_tensor(g_d * -2.0 * ctx.R * (1.0 - t * t) * _sign(float(theta_dz)))
+            if ctx.mixed:
+                # Q = 2^(b−1) − 1, b = round(tanh|θ_bit|·span + b_min) (straight-through)
+                g_q = -g_s_total * (ctx.R - ctx.d / 2.0) / (qmax - 0.5) ** 2
+                tb = math.tanh(abs(float(theta_bit)))
+                db = ctx.span * (1.0 - tb * tb) * _sign(float(theta_bit))
+                grad_bit = theta_bit.new_tensor(g_q * (qmax + 1.0) * math.log(2.0) * db)
+        return g, grad_dz, grad_bit, None, None
+
+
+def _sign(x: float) -> float:
+    return (x > 0) - (x < 0)
+
+
+class _DeadZoneSTE(torch.autograd.Function):
+    """Steps 7-8 with their straight-through gradients, as one node.
+
+    Inputs: ``w``, its magnitudes ``a = |w|`` (already computed for the
+    quantile), the scalars ``s`` and ``δ``, and ``Q`` (a float, or a 0-dim
+    tensor whose gradient is not needed: clip bounds pass none).
+    """
+
+    @staticmethod
+    def forward(ctx, w: Tensor, a: Tensor, s: Tensor, shift: Tensor, qmax) -> Tensor:  # type: ignore[override]
+        r = torch.sub(a, shift).clamp_(min=0).div_(s)  # |unrounded code| ≥ 0
+        m = torch.round(r).clamp_(max=qmax)  # |q|
+        kept = m > 0
+        err = r.sub_(m)  # |unrounded code| − |q|; times sign(w) it is r − q
+        level = m.mul_(s).add_(shift).mul_(kept)  # |ŵ| = s|q| + δ·[q ≠ 0]
+        w_hat = level.copysign_(w)
+        ctx.save_for_backward(w, err, kept)
+        return w_hat
+
+    @staticmethod
+    def backward(ctx, g: Tensor):  # type: ignore[override]
+        w, err, kept = ctx.saved_tensors
+        grad_s = grad_shift = None
+        if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+            g_sign = torch.sign(w).mul_(g).reshape(-1)  # g · sign(w)
+            # Σ g·(q − r) = −Σ g·sign(w)·(|r| − |q|)
+            grad_s = -torch.dot(g_sign, err.reshape(-1))
+            # Σ g·(sign(q) − sign(w)) = −Σ_{q = 0} g·sign(w)
+            grad_shift = -g_sign.masked_fill_(kept.reshape(-1), 0).sum()
+        return g, None, grad_s, grad_shift, None
+
+
+class DeadZoneQuantizer(nn.Module):
+    """One layer's dead-zone quantizer (a ``torch.nn.utils.parametrize`` module).
+
+    ``bits=int`` is fixed precision; ``bits=None`` learns the bit-width in
+    ``[b_min, b_max]`` through ``theta_bit``. ``init_dz``/``init_bit`` are the
+    initial logits (3.0: about 1% of the weights pruned, 8 bits);
+    ``quantile`` is the fraction of ``|w|`` that defines ``R``.
+    """
+
+    def __init__(
+        self,
+        bits: int | None = 4,
+        *,
+        b_min: int = B_MIN,
+        b_max: int = B_MAX,
+        init_dz: float = 3.0,
+        init_bit: float = 3.0,
+        quantile: float = 0.99,
+    ) -> None:
+        super().__init__()
+        if bits is not None and not (B_MIN <= int(bits) <= B_MAX and int(bits) == bits):
+            raise ValueError(f"bits={bits!r}: use an integer from {B_MIN} to {B_MAX}, or None for mixed precision")
+        if not (B_MIN <= b_min <= b_max <= B_MAX):
+            raise ValueError(f"b_min={b_min!r}, b_max={b_max!r}: need {B_MIN} <= b_min <= b_max <= {B_MAX}")
+        if not (0.0 < quantile <= 1.0):
+            raise ValueError(f"quantile={quantile!r}: use a value in (0, 1]")
+        self.bits = None if bits is None else int(bits)
+        self.b_min, self.b_max = int(b_min), int(b_max)
+        self.quantile = float(quantile)
+        self.theta_dz = nn.Parameter(torch.tensor(float(init_dz)))
+        if self.bits is None:
+            self.theta_bit = nn.Parameter(torch.tensor(float(init_bit)))
+        else:
+            self.register_parameter("theta_bit", None)
+        self._cache = QuantileCache()
+
+    @property
+    def mixed(self) -> bool:
+        return self.bits is None
+
+    def extra_repr(self) -> str:
+        if self.mixed:
+            return f"bits=learned[{self.b_min},{self.b_max}], quantile={self.quantile}"
+        return f"bits={self.bits}, quantile={self.quantile}"
+
+    # -- the scalars of steps 1-6 -------------------------------------------
+    def bit_width(self) -> Tensor:
+        """Step 2: the bit-width as a float tensor (straight-through round)."""
+        if self.theta_bit is None:
+            return self.theta_dz.new_tensor(float(self.bits))
+        span = self.b_max - self.b_min
+        return _RoundSTE.apply(torch.tanh(self.theta_bit.abs()) * span + self.b_min)
+
+    def absmax(self, w: Tensor) -> Tensor:
+        """Step 1: ``R``, the exact ``quantile`` of ``|w|`` (no gradient)."""
+        with torch.no_grad():
+            w = w.detach()
+            flat = _kernels.flat(w)
+            return self._cache.quantile_abs(flat if flat is not None else w.reshape(-1), self.quantile)
+
+    def _scalars(self, R: Tensor, dtype: torch.dtype):
+        theta_dz = self.theta_dz.to(dtype)
+        if self.theta_bit is None:
+            qmax: Tensor | float = float(2 ** (self.bits - 1) - 1)
+        else:
+            qmax = torch.pow(2.0, self.bit_width().to(dtype) - 1.0) - 1.0
+        d = 2.0 * R * (1.0 - torch.tanh(theta_dz.abs()))
+        s = (R - d / 2.0) / (qmax - 0.5) + EPS
+        shift = d / 2.0 - s / 2.0
+        return qmax, d, s, shift
+
+    # -- forward and encoding ------------------------------------------------
+    def forward(self, w: Tensor) -> Tensor:
+        """Step 8: the dequantized weight ``ŵ`` used in the forward pass."""
+        R = self.absmax(w)
+        if _kernels.usable(w):
+            return _FusedDeadZone.apply(w, self.theta_dz, self.theta_bit, self, R)
+        qmax, _, s, shift = self._scalars(R, w.dtype)
+        q_clip = qmax.detach() if isinstance(qmax, Tensor) else qmax
+        return _DeadZoneSTE.apply(w, w.detach().abs(), s, shift, q_clip)
+
+    @torch.no_grad()
+    def encode(self, w: Tensor) -> Encoded:
+        """Integer codes, step, shift and bit-width of ``w`` as the forward sees it."""
+        w = w.detach()
+        qmax, _, s, shift = self._scalars(self.absmax(w), w.dtype)
+        if _kernels.usable(w):
+            codes = _kernels.encode(w, float(s), float(shift), float(qmax))
+        else:
+            m = torch.sub(w.abs(), shift).clamp_(min=0).div_(s).round_().clamp_(max=qmax)
+            codes = m.copysign_(w).to(torch.int8)
+        return Encoded(codes=codes, step=float(s), shift=float(shift), bits=int(self.bit_width()))
+
+    @torch.no_grad()
+    def stats(self, w: Tensor) -> dict[str, float]:
+        """Readings for logs and reports: R, d, s, δ, bits, sparsity."""
+        w = w.detach()
+        R = self.absmax(w)
+        qmax, d, s, shift = self._scalars(R, w.dtype)
+        kept = int(torch.count_nonzero(self.encode(w).codes))
+        return {
+            "R": float(R),
+            "dead_zone": float(d),
+            "step": float(s),
+            "shift": float(shift),
+            "bits": int(self.bit_width()),
+            "sparsity": 1.0 - kept / max(1, w.numel()),
+        }
