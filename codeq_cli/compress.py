@@ -1,0 +1,291 @@
+"""``codeq compress``: the whole job, from a model name to a compressed checkpoint.
+
+Reads top to bottom: distributed init → recipe → model → data → FP baseline →
+MACs → quantizers → resume → fit → evaluate the decoded model → write the
+checkpoint. Only rank 0 writes files. The CLI builds :class:`CompressOptions`
+and renders the events; nothing here touches the terminal.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from codeq_cli import dist
+from codeq_cli._version import __version__
+from codeq_cli.errors import CheckpointError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CompressOptions:
+    model: str
+    data: Path
+    recipe: str = "mixed"
+    overrides: list[str] = field(default_factory=list)
+    out: Path = Path("out.pt")
+    run_dir: Path | None = None
+    weights: Path | None = None
+    pretrained: bool = True
+    num_classes: int | None = None
+    img_size: int | None = None
+    batch_size: int | None = None
+    workers: int = 4
+    subset: str | None = None
+    epochs: int | None = None
+    max_steps: int | None = None
+    device: str | None = None
+    seed: int = 0
+    skip_baseline: bool = False
+    resume: bool = False
+    overwrite: bool = False
+    force: bool = False
+    compile: bool = False
+    save_every: float = 600.0
+    log_every: int = 20
+
+
+@dataclass
+class CompressResult:
+    out: Path
+    run_dir: Path
+    model: str
+    metrics: dict
+    totals: dict
+    file_bytes: int
+    seconds: float
+    resumed_from_step: int | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"], d["run_dir"] = str(self.out), str(self.run_dir)
+        return d
+
+
+def default_run_dir(out: Path) -> Path:
+    """``out.pt`` → ``out.run/``."""
+    return out.with_name(out.stem + ".run") if out.suffix else out.with_name(out.name + ".run")
+
+
+def resolve_recipe(opts: CompressOptions):
+    from codeq_cli.recipe import apply_overrides, load_recipe
+
+    recipe = load_recipe(opts.recipe)
+    shortcuts = []
+    if opts.batch_size is not None:
+        shortcuts.append(f"batch_size={opts.batch_size}")
+    if opts.epochs is not None:
+        shortcuts.append(f"epochs={opts.epochs}")
+    return apply_overrides(recipe, [*opts.overrides, *shortcuts])
+
+
+def _check_paths(opts: CompressOptions, run_dir: Path) -> None:
+    if opts.out.exists() and opts.out.is_dir():
+        raise UsageError(f"--out {str(opts.out)!r} is a folder", hint="give a file path such as out.pt")
+    if not opts.out.parent.exists():
+        raise UsageError(f"the folder of --out {str(opts.out)!r} does not exist", hint="create it first")
+    if not os.access(opts.out.parent, os.W_OK):
+        raise UsageError(f"cannot write to {str(opts.out.parent)!r}", hint="choose an --out path in a folder you can write to")
+    state = run_dir / "state.pt"
+    if opts.resume:
+        if not state.exists():
+            raise UsageError(f"--resume: no run state in {str(run_dir)!r}", hint="start without --resume (or pass --run-dir)")
+        return
+    if opts.out.exists() and not opts.overwrite:
+        raise UsageError(f"{str(opts.out)!r} exists", hint="pass --overwrite to replace it, or choose another --out")
+    if state.exists() and not opts.overwrite:
+        raise UsageError(
+            f"an interrupted run is saved in {str(run_dir)!r}",
+            hint="pass --resume to continue it or --overwrite to start over",
+        )
+
+
+def _check_classes(model_classes: int | None, data_classes: int, opts: CompressOptions, label: str) -> None:
+    if opts.num_classes is not None and opts.num_classes != data_classes:
+        raise UsageError(
+            f"--num-classes {opts.num_classes} does not match the {data_classes} class folders in {str(opts.data)!r}",
+            hint=f"pass --num-classes {data_classes}",
+        )
+    if opts.num_classes is None and model_classes is not None and model_classes != data_classes:
+        raise UsageError(
+            f"the data has {data_classes} classes but {label} has {model_classes} outputs",
+            hint=f"pass --num-classes {data_classes} to train a new head",
+        )
+
+
+def provenance(info: dist.DistInfo, seed: int, steps: int, weights: str) -> dict:
+    import timm
+    import torchvision
+
+    return {
+        "codeq": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "seed": seed,
+        "steps": steps,
+        "world_size": info.world_size,
+        "device": info.device.type,
+        "weights": weights,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def _fingerprint(opts: CompressOptions, spec, recipe, classes: list[str]) -> dict:
+    return {
+        "model": spec.to_dict(),
+        "recipe": recipe.to_dict(),
+        "classes": classes,
+        "img_size": opts.img_size,
+        "seed": opts.seed,
+        "weights": str(opts.weights) if opts.weights else ("pretrained" if opts.pretrained else "random"),
+    }
+
+
+def _differences(old: dict, new: dict) -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{key}.{d}" for d in _differences(a, b)]
+        elif a != b:
+            out.append(f"{key} ({a!r} → {b!r})" if not isinstance(a, (list, dict)) else key)
+    return out
+
+
+def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: False) -> CompressResult:
+    """Compress ``opts.model`` as ``opts`` say; returns where the result went and its figures."""
+    from codeq_cli import checkpoint, train
+    from codeq_cli._io import write_json, write_text
+    from codeq_cli.bops import bops_rows, bops_totals, measure_macs
+    from codeq_cli.data import build_datasets, collate
+    from codeq_cli.insert import bake_, quantize_
+    from codeq_cli.models import load_model, num_outputs
+    from codeq_cli.recipe import quantizer_kwargs, recipe_to_yaml
+
+    t0 = time.monotonic()
+    info = dist.init(opts.device)
+    torch.manual_seed(opts.seed)
+    run_dir = opts.run_dir or default_run_dir(opts.out)
+    recipe = resolve_recipe(opts)
+    if recipe.batch_size % info.world_size:
+        raise UsageError(
+            f"batch_size {recipe.batch_size} does not split over {info.world_size} processes",
+            hint=f"use a multiple of {info.world_size} (the recipe's batch size is global)",
+        )
+    if info.is_main:
+        _check_paths(opts, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+
+    # Model and data: the data config follows the model.
+    loaded = load_model(
+        opts.model, weights=opts.weights, pretrained=opts.pretrained, num_classes=opts.num_classes, img_size=opts.img_size
+    )
+    model, spec = loaded.model, loaded.spec
+    for note in loaded.notes:
+        on_event({"event": "note", "text": note})
+    train_set, val_set, classes = build_datasets(opts.data, loaded.data, subset=opts.subset, seed=opts.seed)
+    _check_classes(num_outputs(model), len(classes), opts, spec.label)
+    if len(train_set) < recipe.batch_size:
+        raise UsageError(
+            f"batch_size {recipe.batch_size} is larger than the {len(train_set)} training images",
+            hint=f"pass --batch-size {max(1, len(train_set))} or fewer",
+        )
+    on_event({"event": "data", "train": len(train_set), "val": len(val_set), "classes": len(classes),
+              "input_size": list(loaded.data.input_size)})
+
+    model.to(info.device)
+    state = None
+    if opts.resume:
+        state = train.load_state(run_dir / "state.pt")
+    fingerprint = _fingerprint(opts, spec, recipe, classes)
+    if state is not None:
+        old = json.loads(state["fingerprint"])
+        diff = _differences(old, fingerprint)
+        if diff and not opts.force:
+            raise UsageError(
+                f"--resume: the saved run differs in {', '.join(diff[:4])}",
+                hint="resume with the same model, recipe and data, or pass --force",
+            )
+
+    # FP baseline, before any quantizer.
+    progress = train.progress_from_state(state) if state is not None else train.Progress()
+    if not opts.skip_baseline and state is None:
+        loader = train.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
+        res = train.evaluate(model, loader, info.device, amp=recipe.amp)
+        progress.fp_top1 = res.top1
+        on_event({"event": "baseline", **res.to_dict()})
+
+    input_shape = loaded.data.input_size
+    macs = measure_macs(model, input_shape)
+    wrapped = quantize_(model, **quantizer_kwargs(recipe), include=recipe.include, exclude=recipe.exclude)
+    if not wrapped:
+        raise UsageError("no layer was quantized", hint="check the recipe's include/exclude patterns")
+    model.to(info.device)
+    on_event({"event": "quantized", "layers": len(wrapped)})
+
+    if state is not None:
+        model.load_state_dict(state["model"])
+        train.set_rng_state(state["rng"])
+        on_event({"event": "resumed", "step": progress.step, "epoch": progress.epoch})
+    if recipe.channels_last and info.device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    net = model
+    if info.distributed:
+        if getattr(recipe, "sync_bn", False):
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[info.device.index] if info.device.type == "cuda" else None
+        )
+    if opts.compile:
+        net = torch.compile(net)
+
+    setup = train.FitSetup(
+        model=net, recipe=recipe, train_set=train_set, val_set=val_set, collate=collate, device=info.device,
+        info=info, run_dir=run_dir, macs=macs, seed=opts.seed, workers=opts.workers, max_steps=opts.max_steps,
+        log_every=opts.log_every, save_every_s=opts.save_every, fingerprint=fingerprint,
+        on_event=on_event, should_stop=should_stop,
+    )
+    if info.is_main and state is None:
+        write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
+    fit = train.Fit(setup, progress, state)
+    resumed_from = progress.step if state is not None else None
+    progress = fit.run()
+
+    # Evaluate what ships: the decoded model (quantized weights baked in).
+    plain = dist.unwrap(net)
+    rows = bops_rows(plain, macs)
+    totals = bops_totals(rows)
+    decoded = copy.deepcopy(plain)
+    bake_(decoded)
+    loader = train.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
+    final = train.evaluate(decoded, loader, info.device, amp=recipe.amp)
+    metrics = {"top1": final.top1, "top5": final.top5, "val_samples": final.samples, "fp_top1": progress.fp_top1}
+    if progress.fp_top1 is not None:
+        metrics["top1_drop"] = progress.fp_top1 - final.top1
+    on_event({"event": "final", **metrics, **{k: totals[k] for k in ("sparsity", "avg_bits", "rel_bops")}})
+
+    file_bytes = 0
+    if info.is_main:
+        saved = checkpoint.save(
+            opts.out, plain, spec=spec, data_config=loaded.data, class_names=classes, recipe=recipe.to_dict(),
+            provenance=provenance(info, opts.seed, progress.step, loaded.weights), metrics=metrics, macs=macs,
+            data_dir=str(Path(opts.data).resolve()),
+        )
+        file_bytes = int(getattr(saved, "file_bytes", 0) or opts.out.stat().st_size)
+        result = CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes,
+                                time.monotonic() - t0, resumed_from)
+        write_json(run_dir / "summary.json", result.to_dict())
+    dist.barrier()
+    return CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes, time.monotonic() - t0, resumed_from)

@@ -1,0 +1,137 @@
+"""Terminal output for the CLI: results on stdout, everything else on stderr.
+
+* ``--json``: exactly one JSON document on stdout; logs and progress on stderr.
+* Not a terminal, or ``NO_COLOR`` set: no colours, no animation; progress is a
+  plain line at a modest rate.
+* ``--quiet``: only the result.
+
+Only the CLI (and the report renderer) use this module; the library reports
+through events and return values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+
+def _plain() -> bool:
+    return bool(os.environ.get("NO_COLOR")) or not sys.stderr.isatty()
+
+
+@dataclass
+class Output:
+    json_mode: bool = False
+    quiet: bool = False
+    err: Console = field(init=False)
+    out: Console = field(init=False)
+
+    def __post_init__(self) -> None:
+        plain = _plain()
+        self.err = Console(stderr=True, no_color=plain, highlight=False, soft_wrap=True,
+                           force_terminal=None if not plain else False)
+        out_plain = bool(os.environ.get("NO_COLOR")) or not sys.stdout.isatty()
+        self.out = Console(no_color=out_plain, highlight=False, soft_wrap=True,
+                           force_terminal=None if not out_plain else False)
+
+    @property
+    def animated(self) -> bool:
+        return not self.quiet and not _plain()
+
+    def info(self, text: str) -> None:
+        """A log line (stderr), suppressed by --quiet."""
+        if not self.quiet:
+            self.err.print(text, markup=False)
+
+    def warn(self, text: str) -> None:
+        self.err.print(f"warning: {text}", markup=False)
+
+    def result(self, data: dict, human: str | None = None) -> None:
+        """The command's result: JSON on stdout in --json mode, else the human text."""
+        if self.json_mode:
+            sys.stdout.write(json.dumps(data, indent=2, default=_default) + "\n")
+            sys.stdout.flush()
+        elif human is not None:
+            self.out.print(human, markup=False)
+
+
+def _default(obj):
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+class TrainingProgress:
+    """Renders training events: a rich progress bar on a terminal, plain lines elsewhere."""
+
+    def __init__(self, output: Output, plain_interval_s: float = 10.0):
+        self.o = output
+        self.interval = plain_interval_s
+        self.last_plain = 0.0
+        self.stats: dict = {}
+        self.progress = None
+        self.task = None
+
+    def __enter__(self):
+        if self.o.animated:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=self.o.err,
+                transient=False,
+            )
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def _status(self, e: dict) -> str:
+        parts = [f"loss {e['loss']:.3f}"] if "loss" in e else []
+        st = self.stats
+        if st:
+            parts.append(f"sparsity {st['sparsity']:.2f}")
+            parts.append(f"bits {st['avg_bits']:.2f}")
+            parts.append(f"rel BOPs {st['rel_bops']:.2f}%")
+        return "  ".join(parts)
+
+    def __call__(self, e: dict) -> None:
+        kind = e.get("event")
+        if "sparsity" in e:
+            self.stats = {k: e[k] for k in ("sparsity", "avg_bits", "rel_bops")}
+        if kind == "start":
+            if self.progress is not None:
+                self.task = self.progress.add_task("training", total=e["total_steps"], completed=e["step"], status="")
+            else:
+                self.o.info(f"training: {e['total_steps']} steps, {e['steps_per_epoch']} per epoch, "
+                            f"from step {e['step']}, {e['world_size']} process(es)")
+        elif kind == "step":
+            if self.progress is not None and self.task is not None:
+                self.progress.update(self.task, completed=e["step"], description=f"epoch {e['epoch'] + 1}",
+                                     status=self._status(e))
+            elif time.monotonic() - self.last_plain >= self.interval or e["step"] == e["total_steps"]:
+                self.last_plain = time.monotonic()
+                self.o.info(f"step {e['step']}/{e['total_steps']} epoch {e['epoch'] + 1}  {self._status(e)}  lr {e['lr']:.2e}")
+        elif kind == "eval":
+            line = (f"epoch {e['epoch'] + 1}: top-1 {e['top1']:.2f}%  top-5 {e['top5']:.2f}%"
+                    + (f"  sparsity {e['sparsity']:.3f}  bits {e['avg_bits']:.2f}  rel BOPs {e['rel_bops']:.2f}%" if "sparsity" in e else ""))
+            if self.progress is not None:
+                self.progress.console.print(line, markup=False)
+            else:
+                self.o.info(line)
+        elif kind == "saved" and e.get("reason") in ("interrupted", "non-finite loss"):
+            self.o.info(f"run state saved at step {e['step']}")

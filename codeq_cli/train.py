@@ -1,0 +1,510 @@
+"""CoDeQ fine-tuning: the objective, the optimizer groups, the loop and its saved state.
+
+Shaped like torchvision's reference ``train.py``: short :func:`train_one_epoch`
+and :func:`evaluate`, and :func:`fit` that reads top to bottom. The CoDeQ
+regularizer is one term in the loss (``shared/codeq-method.md`` §2)::
+
+    L = CE(ŵ) + λ_dz · Σ θ_dz² (+ λ_bit · Σ θ_bit² in mixed precision)
+
+Data order is a pure function of ``(seed, epoch)``: each epoch's permutation
+is cut into *global* batches, every rank takes its slice of each, and every
+sample's augmentation is seeded by ``(seed, epoch, index)``. A run can therefore
+stop after any step and resume, on any number of processes, with the same
+samples and augmentations it would have seen; on one CPU process the resumed
+run ends with exactly the codes of an uninterrupted one.
+
+The library never prints: progress goes to an ``on_event`` callback and to
+``metrics.jsonl`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from codeq_cli import dist
+from codeq_cli.bops import bops_rows, bops_totals
+from codeq_cli.errors import TrainingError
+from codeq_cli.insert import quantizer_parameters
+
+STATE_FORMAT = "codeq-run-state"
+STATE_VERSION = 1
+
+Event = dict
+OnEvent = Callable[[Event], None]
+
+
+# -- the objective and the optimizer ----------------------------------------
+def regularizer(model: nn.Module, lambda_dz: float, lambda_bit: float) -> torch.Tensor:
+    """``λ_dz Σ θ_dz² + λ_bit Σ θ_bit²``: one scalar per layer, a plain sum."""
+    dz, bit = quantizer_parameters(dist.unwrap(model))
+    total = torch.zeros((), device=dz[0].device if dz else None)
+    if dz and lambda_dz:
+        total = total + lambda_dz * torch.stack([p.square() for p in dz]).sum()
+    if bit and lambda_bit:
+        total = total + lambda_bit * torch.stack([p.square() for p in bit]).sum()
+    return total
+
+
+def build_optimizer(model: nn.Module, recipe) -> torch.optim.Optimizer:
+    """AdamW or SGD with three groups: network weights, dead-zone logits, bit logits."""
+    plain = dist.unwrap(model)
+    dz, bit = quantizer_parameters(plain)
+    logit_ids = {id(p) for p in dz + bit}
+    weights = [p for p in plain.parameters() if p.requires_grad and id(p) not in logit_ids]
+    groups = [
+        {"params": weights, "lr": recipe.lr, "weight_decay": recipe.weight_decay, "name": "weights"},
+        {"params": dz, "lr": recipe.lr_dz, "weight_decay": recipe.weight_decay_dz, "name": "dead_zone"},
+    ]
+    if bit:
+        groups.append({"params": bit, "lr": recipe.lr_bit, "weight_decay": recipe.weight_decay_bit, "name": "bits"})
+    if recipe.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=getattr(recipe, "momentum", 0.9), nesterov=False)
+    return torch.optim.AdamW(groups, lr=recipe.lr)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str, min_factor: float = 0.0) -> float:
+    """Multiplier of every group's learning rate at ``step`` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    span = max(1, total - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    if schedule == "step":  # divide by 10 at 1/3 and 2/3 of training
+        return 0.1 ** int(progress * 3 - 1e-9) if progress < 1 else 0.01
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe, total_steps: int, steps_per_epoch: int):
+    warmup = int(round(getattr(recipe, "warmup_epochs", 0) * steps_per_epoch))
+    min_factor = (getattr(recipe, "min_lr", 0.0) or 0.0) / recipe.lr if recipe.lr else 0.0
+    schedule = getattr(recipe, "schedule", "cosine")
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, min(1.0, min_factor))
+    )
+
+
+# -- data order ----------------------------------------------------------------
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63 - 1)
+
+
+class GlobalBatchSampler(Sampler):
+    """This rank's share of each global batch of the epoch's permutation.
+
+    Yields lists of ``(index, sample_seed)``. The permutation depends only on
+    ``(seed, epoch)``, global batch ``j`` is ``perm[j*B:(j+1)*B]`` and rank
+    ``r`` of ``W`` takes the ``r``-th of ``W`` equal slices, so the data
+    stream does not depend on the number of processes.
+    """
+
+    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.rank, self.world, self.shuffle = rank, world, shuffle
+        self.local = global_batch // world
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch
+
+    def __len__(self) -> int:
+        return max(0, self.n // self.global_batch - self.start)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+        else:
+            perm = list(range(self.n))
+        for j in range(self.start, self.n // self.global_batch):
+            chunk = perm[j * self.global_batch : (j + 1) * self.global_batch]
+            mine = chunk[self.rank * self.local : (self.rank + 1) * self.local]
+            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in mine]
+
+
+class SeededDataset(Dataset):
+    """Wraps a dataset so that ``ds[(index, seed)]`` draws its augmentation from ``seed``."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        state = torch.get_rng_state()
+        py_state = random.getstate()
+        torch.manual_seed(seed)
+        random.seed(seed)
+        try:
+            return self.dataset[index]
+        finally:
+            torch.set_rng_state(state)
+            random.setstate(py_state)
+
+
+class ShardSampler(Sampler):
+    """Every ``world``-th index from ``rank``: evaluation without padded duplicates."""
+
+    def __init__(self, n: int, rank: int = 0, world: int = 1):
+        self.indices = list(range(rank, n, world))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+# -- evaluation ------------------------------------------------------------------
+@dataclass
+class EvalResult:
+    top1: float
+    top5: float
+    loss: float
+    samples: int
+
+    def to_dict(self) -> dict:
+        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "samples": self.samples}
+
+
+def _logits(output) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "logits"):
+        return output.logits
+    if isinstance(output, (tuple, list)):
+        return output[0]
+    raise TrainingError(f"the model returned {type(output).__name__}, not logits")
+
+
+def autocast_for(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    device: torch.device,
+    *,
+    amp: bool = False,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> EvalResult:
+    """Top-1/top-5 (percent) and mean loss over the loader, summed across ranks."""
+    was_training = model.training
+    model.eval()
+    correct1 = correct5 = loss_sum = 0.0
+    count = 0
+    total = len(loader)
+    for i, batch in enumerate(loader):
+        images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        if images.numel() == 0:
+            continue
+        with autocast_for(device, amp):
+            logits = _logits(model(images)).float()
+        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
+        k = min(5, logits.shape[1])
+        top = logits.topk(k, dim=1).indices
+        hit = top.eq(target[:, None])
+        correct1 += float(hit[:, 0].sum())
+        correct5 += float(hit.any(dim=1).sum())
+        count += int(target.numel())
+        if on_batch is not None:
+            on_batch(i + 1, total)
+    model.train(was_training)
+    c1, c5, ls, n = dist.all_reduce_sum([correct1, correct5, loss_sum, float(count)], device)
+    n = int(n)
+    if n == 0:
+        return EvalResult(0.0, 0.0, float("nan"), 0)
+    return EvalResult(100.0 * c1 / n, 100.0 * c5 / n, ls / n, n)
+
+
+def compression_stats(model: nn.Module, macs: dict[str, int]) -> dict:
+    """Sparsity, bits and relative BOPs of the model as it stands."""
+    t = bops_totals(bops_rows(dist.unwrap(model), macs))
+    return {k: t[k] for k in ("sparsity", "avg_bits", "rel_bops", "mean_layer_sparsity", "mean_layer_bits")}
+
+
+# -- the run state ---------------------------------------------------------------
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(_as_tuple(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda)
+
+
+def _as_tuple(x):
+    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+@dataclass
+class Progress:
+    """Where a run stands: the next step to take is ``(epoch, batch)``."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    history: list = field(default_factory=list)
+    fp_top1: float | None = None
+
+
+@dataclass
+class FitSetup:
+    """Everything :func:`fit` needs, built by the caller (see ``compress.py``)."""
+
+    model: nn.Module  # quantized, on device, maybe DDP-wrapped
+    recipe: object
+    train_set: Dataset
+    val_set: Dataset | None
+    collate: Callable
+    device: torch.device
+    info: dist.DistInfo
+    run_dir: Path
+    macs: dict[str, int]
+    seed: int = 0
+    workers: int = 0
+    max_steps: int | None = None
+    log_every: int = 20
+    save_every_s: float = 600.0
+    fingerprint: dict = field(default_factory=dict)
+    on_event: OnEvent = lambda e: None
+    should_stop: Callable[[], bool] = lambda: False
+
+
+class Fit:
+    """One training run: :meth:`run` reads top to bottom."""
+
+    def __init__(self, setup: FitSetup, progress: Progress | None = None, state: dict | None = None):
+        self.s = setup
+        r = setup.recipe
+        world = setup.info.world_size
+        self.global_batch = r.batch_size
+        self.sampler = GlobalBatchSampler(len(setup.train_set), r.batch_size, setup.seed, setup.info.rank, world)
+        self.steps_per_epoch = len(setup.train_set) // r.batch_size
+        planned = r.epochs * self.steps_per_epoch
+        self.total_steps = min(planned, setup.max_steps) if setup.max_steps else planned
+        if setup.max_steps and setup.max_steps > planned:
+            self.total_steps = setup.max_steps  # --max-steps wins: more epochs as needed
+        self.optimizer = build_optimizer(setup.model, r)
+        self.scheduler = build_scheduler(self.optimizer, r, self.total_steps, self.steps_per_epoch)
+        self.progress = progress or Progress()
+        if state is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.loader = DataLoader(
+            SeededDataset(setup.train_set),
+            batch_sampler=self.sampler,
+            num_workers=setup.workers,
+            collate_fn=setup.collate,
+            pin_memory=setup.device.type == "cuda",
+            persistent_workers=False,
+        )
+        self.last_save = time.monotonic()
+        self.metrics_path = setup.run_dir / "metrics.jsonl"
+
+    # ---------------------------------------------------------------- logging
+    def log(self, event: Event) -> None:
+        event = {"time": round(time.time(), 3), **event}
+        if self.s.info.is_main:
+            with open(self.metrics_path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(event) + "\n")
+        self.s.on_event(event)
+
+    # ---------------------------------------------------------------- state
+    def state_dict(self) -> dict:
+        p = self.progress
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "model": dist.unwrap(self.s.model).state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "progress": {"epoch": p.epoch, "batch": p.batch, "step": p.step, "fp_top1": p.fp_top1},
+            "history": json.dumps(p.history),
+            "rng": rng_state(),
+            "fingerprint": json.dumps(self.s.fingerprint, sort_keys=True),
+            "world_size": self.s.info.world_size,
+        }
+
+    def save(self, reason: str) -> None:
+        from codeq_cli._io import torch_save_atomic
+
+        if self.s.info.is_main:
+            torch_save_atomic(self.state_dict(), self.s.run_dir / "state.pt")
+        dist.barrier()
+        self.last_save = time.monotonic()
+        self.log({"event": "saved", "reason": reason, "step": self.progress.step})
+
+    # ---------------------------------------------------------------- training
+    def train_one_epoch(self, epoch: int) -> bool:
+        """Train until the epoch ends, ``max_steps`` is reached or a stop is asked; True when stopped early."""
+        s, p, r = self.s, self.progress, self.s.recipe
+        model = s.model
+        model.train()
+        self.sampler.set_epoch(epoch, p.batch)
+        amp = bool(getattr(r, "amp", True))
+        label_smoothing = float(getattr(r, "label_smoothing", 0.0) or 0.0)
+        grad_clip = getattr(r, "grad_clip", None)
+        lambda_bit = r.lambda_bit if r.mode == "mixed" else 0.0
+        for images, target in self.loader:
+            if p.step >= self.total_steps:
+                return False
+            images = images.to(s.device, non_blocking=True)
+            target = target.to(s.device, non_blocking=True)
+            if getattr(r, "channels_last", False) and s.device.type == "cuda":
+                images = images.contiguous(memory_format=torch.channels_last)
+            with autocast_for(s.device, amp):
+                task = F.cross_entropy(_logits(model(images)).float(), target, label_smoothing=label_smoothing)
+            reg = regularizer(model, r.lambda_dz, lambda_bit)
+            loss = task + reg
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise NonFiniteLoss(p.step, loss_value)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            p.step += 1
+            p.batch += 1
+            event = {
+                "event": "step",
+                "epoch": epoch,
+                "step": p.step,
+                "total_steps": self.total_steps,
+                "loss": loss_value,
+                "task_loss": float(task.detach()),
+                "reg_loss": float(reg.detach()),
+                "lr": self.optimizer.param_groups[0]["lr"],
+            }
+            if p.step % s.log_every == 0 or p.step == self.total_steps:
+                if s.info.is_main:
+                    event.update(compression_stats(model, s.macs))
+                self.log(event)
+            else:
+                s.on_event(event)
+            if time.monotonic() - self.last_save >= s.save_every_s:
+                self.save("time")
+            if s.should_stop():
+                return True
+        return False
+
+    def run(self) -> Progress:
+        s, p, r = self.s, self.progress, self.s.recipe
+        self.log({"event": "start", "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                  "epoch": p.epoch, "step": p.step, "world_size": s.info.world_size})
+        while p.step < self.total_steps:
+            try:
+                stopped = self.train_one_epoch(p.epoch)
+            except NonFiniteLoss as exc:
+                # The weights are still those before the bad step: keep them.
+                self.save("non-finite loss")
+                raise TrainingError(
+                    f"the loss became {exc.value} at step {exc.step + 1}",
+                    hint="the learning rate or a λ is probably too large: lower lr/lr_dz/lr_bit or lambda_dz/lambda_bit with --set, "
+                    "then rerun (the last good state is saved)",
+                ) from None
+            if stopped:
+                self.save("interrupted")
+                raise Interrupted(p.step)
+            epoch_done = p.batch >= self.steps_per_epoch
+            if epoch_done:
+                if s.val_set is not None and (p.epoch + 1) % max(1, getattr(r, "eval_every", 1)) == 0:
+                    self.epoch_eval(p.epoch)
+                p.epoch += 1
+                p.batch = 0
+                self.save("epoch")
+            elif p.step >= self.total_steps:
+                self.save("end")
+        return p
+
+    def epoch_eval(self, epoch: int) -> None:
+        s = self.s
+        loader = eval_loader(s.val_set, self.global_batch, s.info, s.collate, s.workers, s.device)
+        res = evaluate(s.model, loader, s.device, amp=bool(getattr(s.recipe, "amp", True)))
+        event = {"event": "eval", "epoch": epoch, "step": self.progress.step, **res.to_dict()}
+        if s.info.is_main:
+            event.update(compression_stats(s.model, s.macs))
+        self.progress.history.append({k: event[k] for k in event if k != "event"})
+        self.log(event)
+
+
+def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, collate, workers: int, device) -> DataLoader:
+    local = max(1, global_batch // info.world_size)
+    return DataLoader(
+        dataset,
+        batch_size=local,
+        sampler=ShardSampler(len(dataset), info.rank, info.world_size),
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, step: int, value: float):
+        self.step, self.value = step, value
+
+
+class Interrupted(TrainingError):
+    """The run stopped on request after saving its state."""
+
+    exit_code = 130
+
+    def __init__(self, step: int):
+        self.step = step
+        super().__init__(f"interrupted after step {step}; the run state is saved")
+
+
+def load_state(path: Path) -> dict:
+    """A run state written by :meth:`Fit.save` (weights_only: nothing in it can run)."""
+    from codeq_cli._io import torch_load_safe
+    from codeq_cli.errors import CheckpointError
+
+    try:
+        state = torch_load_safe(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"no run state at {str(path)!r}", hint="start without --resume") from None
+    except Exception as exc:
+        raise CheckpointError(
+            f"the run state {str(path)!r} is damaged or not codeq's ({' '.join(str(exc).split())[:120]})",
+            hint="start again without --resume, or with --overwrite",
+        ) from exc
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise CheckpointError(f"{str(path)!r} is not a codeq run state", hint="start without --resume")
+    if int(state.get("version", 0)) > STATE_VERSION:
+        raise CheckpointError(
+            f"{str(path)!r} was written by a newer codeq (run state version {state['version']})", hint="upgrade codeq"
+        )
+    return state
+
+
+def progress_from_state(state: dict) -> Progress:
+    p = state["progress"]
+    return Progress(p["epoch"], p["batch"], p["step"], json.loads(state.get("history", "[]")), p.get("fp_top1"))
