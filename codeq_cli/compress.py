@@ -8,7 +8,6 @@ and renders the events; nothing here touches the terminal.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -169,8 +168,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     from codeq_cli._io import write_json, write_text
     from codeq_cli.bops import bops_rows, bops_totals, measure_macs
     from codeq_cli.data import build_datasets, collate
-    from codeq_cli.insert import bake_, quantize_
-    from codeq_cli.models import load_model, num_outputs
+    from codeq_cli.insert import dequantized_state_dict, quantize_
+    from codeq_cli.models import create, load_model, num_outputs
     from codeq_cli.recipe import quantizer_kwargs, recipe_to_yaml
 
     t0 = time.monotonic()
@@ -195,7 +194,9 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     model, spec = loaded.model, loaded.spec
     for note in loaded.notes:
         on_event({"event": "note", "text": note})
-    train_set, val_set, classes = build_datasets(opts.data, loaded.data, subset=opts.subset, seed=opts.seed)
+    train_set, val_set, classes = build_datasets(
+        opts.data, loaded.data, subset=opts.subset, seed=opts.seed, crop_scale=recipe.crop_scale, hflip=recipe.hflip
+    )
     _check_classes(num_outputs(model), len(classes), opts, spec.label)
     if len(train_set) < recipe.batch_size:
         raise UsageError(
@@ -267,8 +268,9 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     plain = dist.unwrap(net)
     rows = bops_rows(plain, macs)
     totals = bops_totals(rows)
-    decoded = copy.deepcopy(plain)
-    bake_(decoded)
+    decoded = create(spec)
+    decoded.load_state_dict(dequantized_state_dict(plain))
+    decoded.to(info.device)
     loader = train.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
     final = train.evaluate(decoded, loader, info.device, amp=recipe.amp)
     metrics = {"top1": final.top1, "top5": final.top5, "val_samples": final.samples, "fp_top1": progress.fp_top1}

@@ -122,7 +122,7 @@ def plan(
         candidates = _candidate_weights(module)
         for pname in candidates:
             if parametrize.is_parametrized(module, pname):
-                tensor = getattr(module, pname)
+                tensor = module.parametrizations[pname].original  # no need to run the parametrization
                 if _quantizer_of(module, pname) is not None:
                     reason = "already quantized by codeq"
                 else:
@@ -241,6 +241,33 @@ def quantizer_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.
         if qw.quantizer.theta_bit is not None:
             bit.append(qw.quantizer.theta_bit)
     return dz, bit
+
+
+@torch.no_grad()
+def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the plain model with every quantized weight as its ``ŵ``.
+
+    Keys are the plain model's (``layer1.0.conv1.weight``), so it loads with
+    ``strict=True`` into a freshly built copy of the architecture; the
+    quantizers' logits are left out. Unlike :func:`bake_` the model is not
+    changed (``bake_`` on a ``deepcopy`` would also strip the original: the two
+    share parametrize's generated classes).
+    """
+    out: dict[str, torch.Tensor] = {}
+    quantized = {(qw.module_name, qw.param_name): qw for qw in quantized_weights(model)}
+    for key, value in model.state_dict().items():
+        if ".parametrizations." not in f".{key}":
+            out[key] = value
+            continue
+        head, _, tail = f".{key}".partition(".parametrizations.")
+        mname = head[1:]
+        pname, _, rest = tail.partition(".")
+        if rest == "original" and (mname, pname) in quantized:
+            qw = quantized[(mname, pname)]
+            out[layer_name(mname, pname) if pname != "weight" else f"{mname}.weight".lstrip(".")] = (
+                qw.quantizer(qw.original).detach()
+            )
+    return {k.lstrip("."): v for k, v in out.items()}
 
 
 def bake_(model: nn.Module) -> list[str]:

@@ -8,7 +8,8 @@ regularizer is one term in the loss (``shared/codeq-method.md`` §2)::
 
 Data order is a pure function of ``(seed, epoch)``: each epoch's permutation
 is cut into *global* batches, every rank takes its slice of each, and every
-sample's augmentation is seeded by ``(seed, epoch, index)``. A run can therefore
+sample's augmentation is seeded by ``(seed, epoch, index)`` (the dataset draws
+``ds[(index, seed)]``, see :class:`codeq_cli.data.ImageFolder`). A run can therefore
 stop after any step and resume, on any number of processes, with the same
 samples and augmentations it would have seen; on one CPU process the resumed
 run ends with exactly the codes of an uninterrupted one.
@@ -132,28 +133,6 @@ class GlobalBatchSampler(Sampler):
             chunk = perm[j * self.global_batch : (j + 1) * self.global_batch]
             mine = chunk[self.rank * self.local : (self.rank + 1) * self.local]
             yield [(i, sample_seed(self.seed, self.epoch, i)) for i in mine]
-
-
-class SeededDataset(Dataset):
-    """Wraps a dataset so that ``ds[(index, seed)]`` draws its augmentation from ``seed``."""
-
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, item):
-        index, seed = item
-        state = torch.get_rng_state()
-        py_state = random.getstate()
-        torch.manual_seed(seed)
-        random.seed(seed)
-        try:
-            return self.dataset[index]
-        finally:
-            torch.set_rng_state(state)
-            random.setstate(py_state)
 
 
 class ShardSampler(Sampler):
@@ -317,7 +296,7 @@ class Fit:
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
         self.loader = DataLoader(
-            SeededDataset(setup.train_set),
+            setup.train_set,
             batch_sampler=self.sampler,
             num_workers=setup.workers,
             collate_fn=setup.collate,
@@ -371,9 +350,15 @@ class Fit:
         label_smoothing = float(getattr(r, "label_smoothing", 0.0) or 0.0)
         grad_clip = getattr(r, "grad_clip", None)
         lambda_bit = r.lambda_bit if r.mode == "mixed" else 0.0
-        for images, target in self.loader:
+        from codeq_cli.data import track
+
+        batches = track(self.loader, s.train_set.stats, total=len(self.sampler) * self.sampler.local)
+        for images, target in batches:
             if p.step >= self.total_steps:
                 return False
+            if images.numel() == 0:  # every image of this batch was unreadable
+                p.batch += 1
+                continue
             images = images.to(s.device, non_blocking=True)
             target = target.to(s.device, non_blocking=True)
             if getattr(r, "channels_last", False) and s.device.type == "cuda":
@@ -455,14 +440,15 @@ class Fit:
         self.log(event)
 
 
-def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, collate, workers: int, device) -> DataLoader:
-    local = max(1, global_batch // info.world_size)
-    return DataLoader(
+def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, collate, workers: int, device):
+    """This rank's share of ``dataset`` for evaluation (no padding), broken images counted."""
+    from codeq_cli.data import build_loader
+
+    return build_loader(
         dataset,
-        batch_size=local,
+        batch_size=max(1, global_batch // info.world_size),
         sampler=ShardSampler(len(dataset), info.rank, info.world_size),
-        num_workers=workers,
-        collate_fn=collate,
+        workers=workers,
         pin_memory=device.type == "cuda",
     )
 

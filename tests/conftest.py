@@ -41,7 +41,7 @@ def make_image_folder(
                 for y in range(size):
                     for x in range(size):
                         stripe = ((x if ci % 2 else y) // 4) % 2
-                        px[x, y] = tuple(max(0, min(255, c * (0.6 + 0.4 * stripe) + rng.randint(-30, 30))) for c in base)
+                        px[x, y] = tuple(int(max(0, min(255, c * (0.6 + 0.4 * stripe) + rng.randint(-30, 30)))) for c in base)
                 mode = modes[(ci + i) % len(modes)]
                 if mode != "RGB":
                     img = img.convert(mode)

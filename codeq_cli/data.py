@@ -1,0 +1,614 @@
+"""ImageNet-style image folders: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*``.
+
+Preprocessing follows the model (:class:`codeq_cli.models.DataConfig`, from
+timm's data config or torchvision's weights transforms), never hard-coded
+ImageNet numbers: training uses ``RandomResizedCrop`` at the model's input
+size and interpolation plus a horizontal flip, evaluation resizes to
+``size / crop_pct`` and centre-crops, both normalize with the model's mean and
+std. Images are converted to RGB (greyscale, RGBA, palette) or to L for
+one-channel models.
+
+A broken image (unreadable, truncated) does not stop an epoch: the dataset
+returns a :class:`Broken` sentinel, :func:`collate` drops it from the batch and
+reports it on the batch (``batch.broken``), and :func:`track` counts it in the
+main process and raises :class:`~codeq_cli.errors.DataError` once more than
+``max_broken`` (10%) of a pass is broken. Non-image files in class folders are
+ignored and counted. Everything counted ends up in the dataset's
+:class:`FolderStats`. See ``docs/data.md``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data._utils.collate import default_collate
+
+from codeq_cli.errors import DataError, UsageError
+from codeq_cli.models import DataConfig
+
+# torchvision's list (datasets.folder.IMG_EXTENSIONS), compared case-insensitively.
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+MAX_BROKEN = 0.10  # share of a pass that may be unreadable before DataError
+_EARLY_CHECK = 500  # samples seen before the running share alone can fail a pass
+_EXAMPLES = 5
+
+
+# -- transforms ---------------------------------------------------------------------
+def _interpolation(name: str):
+    from torchvision.transforms import InterpolationMode
+
+    key = str(name).lower().strip()
+    if key == "random":  # timm's train-time choice; one fixed mode keeps runs reproducible
+        key = "bilinear"
+    try:
+        return InterpolationMode(key)
+    except ValueError:
+        allowed = ", ".join(m.value for m in InterpolationMode)
+        raise UsageError(f"interpolation {name!r} in the model's data config is not known", hint=f"use one of {allowed}") from None
+
+
+def image_mode(data_config: DataConfig) -> str:
+    """``"RGB"`` for three-channel models, ``"L"`` for one-channel ones."""
+    c = int(data_config.input_size[0])
+    if c == 3:
+        return "RGB"
+    if c == 1:
+        return "L"
+    raise UsageError(f"the model takes {c} input channels; image folders give 1 (L) or 3 (RGB)", hint="use a model with in_chans 1 or 3")
+
+
+def _norm_stats(data_config: DataConfig) -> tuple[list[float], list[float]]:
+    c = int(data_config.input_size[0])
+    mean, std = [float(x) for x in data_config.mean], [float(x) for x in data_config.std]
+    if c == 1 and len(mean) == 3:  # an RGB config on a greyscale model: the channel average
+        mean, std = [sum(mean) / 3], [sum(std) / 3]
+    if len(mean) != c or len(std) != c:
+        raise UsageError(
+            f"the data config's mean/std have {len(mean)}/{len(std)} values for a {c}-channel model",
+            hint="give one mean and std per input channel",
+        )
+    return mean, std
+
+
+def eval_resize(data_config: DataConfig) -> int | tuple[int, int]:
+    """The resize before the centre crop: ``floor(size / crop_pct)`` (timm's rule)."""
+    _, h, w = (int(x) for x in data_config.input_size)
+    crop_pct = float(data_config.crop_pct)
+    if not 0 < crop_pct <= 1:
+        raise UsageError(f"crop_pct={crop_pct} in the model's data config is out of range", hint="use a value in (0, 1]")
+    if h == w:
+        return math.floor(h / crop_pct)
+    return (math.floor(h / crop_pct), math.floor(w / crop_pct))
+
+
+def build_transform(
+    data_config: DataConfig,
+    train: bool,
+    *,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    hflip: bool = True,
+):
+    """The train or eval transform for ``data_config`` (PIL image → normalized tensor)."""
+    from torchvision import transforms as T
+
+    _, h, w = (int(x) for x in data_config.input_size)
+    interp = _interpolation(data_config.interpolation)
+    mean, std = _norm_stats(data_config)
+    if train:
+        steps: list[Any] = [T.RandomResizedCrop((h, w), scale=tuple(float(s) for s in crop_scale), interpolation=interp)]
+        if hflip:
+            steps.append(T.RandomHorizontalFlip())
+    else:
+        steps = [T.Resize(eval_resize(data_config), interpolation=interp), T.CenterCrop((h, w))]
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)
+
+
+# -- reading images -------------------------------------------------------------------
+def load_image(path: str, mode: str = "RGB"):
+    """The decoded image in ``mode``; palette images with transparency go through RGBA."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")
+        elif im.mode.startswith("I;16") or (im.mode == "I" and im.getextrema()[1] > 255):
+            # 16-bit greyscale: scale to 8 bits (convert() alone would clip to white).
+            im = im.point(lambda v: v * (1 / 256)).convert("L")
+        return im.convert(mode)  # decodes now: a truncated file fails here, inside __getitem__
+
+
+@dataclass(frozen=True)
+class Broken:
+    """What the dataset returns for an image it cannot read (dropped by :func:`collate`)."""
+
+    path: str
+    reason: str
+
+
+def _reason(exc: BaseException, path: str = "") -> str:
+    text = str(exc)
+    if path:  # PIL repeats the path; the message already names it
+        text = text.replace(repr(path), "").replace(path, "").rstrip(" :'\"")
+    text = " ".join(text.split()) or type(exc).__name__
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+@dataclass
+class FolderStats:
+    """Counts for one split: files listed and ignored, samples delivered and skipped.
+
+    ``skipped`` counts every load of a broken image (once per epoch it occurs);
+    ``broken`` holds each broken file once, with the reason. Updated only in
+    the main process (by :func:`track`), so worker processes need no locks.
+    """
+
+    split: str
+    images: int = 0
+    ignored: int = 0
+    ignored_examples: list[str] = field(default_factory=list)
+    loaded: int = 0
+    skipped: int = 0
+    broken: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        """One line for the end-of-run report."""
+        parts = [f"{self.split}: {_count(self.images, 'image')}"]
+        if self.ignored:
+            parts.append(f"{_count(self.ignored, 'non-image file')} ignored")
+        if self.broken:
+            path, why = next(iter(self.broken.items()))
+            parts.append(f"{_count(len(self.broken), 'unreadable image')} skipped (e.g. {path}: {why})")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "split": self.split,
+            "images": self.images,
+            "ignored": self.ignored,
+            "ignored_examples": list(self.ignored_examples),
+            "loaded": self.loaded,
+            "skipped": self.skipped,
+            "broken": dict(self.broken),
+        }
+
+
+class ImageFolder(Dataset):
+    """``(image tensor, class index)`` pairs from a list of files; a :class:`Broken` for unreadable ones.
+
+    ``classes`` are the class names in index order. ``ds[(index, seed)]``
+    draws the random transform from ``seed`` (the global RNG is left as it
+    was), so augmentation can be a function of the sample, not of the worker.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        samples: list[tuple[str, int]],
+        classes: list[str],
+        transform=None,
+        mode: str = "RGB",
+        stats: FolderStats | None = None,
+    ) -> None:
+        self.root = str(root)
+        self.samples = samples
+        self.classes = list(classes)
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.transform = transform
+        self.mode = mode
+        self.stats = stats or FolderStats(Path(root).name, images=len(samples))
+
+    @property
+    def targets(self) -> list[int]:
+        return [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            index, seed = item
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(seed))
+                return self._get(int(index))
+        return self._get(int(item))
+
+    def _get(self, index: int):
+        path, target = self.samples[index]
+        try:
+            image = load_image(path, self.mode)
+        except Exception as exc:  # any decoding failure means: this file is unreadable
+            return Broken(path, _reason(exc, path))
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, target
+
+    def __repr__(self) -> str:
+        return f"ImageFolder({self.root!r}, {len(self)} images, {len(self.classes)} classes, mode={self.mode})"
+
+
+# -- batches without the broken samples -----------------------------------------------
+class Batch(list):
+    """``[images, targets]`` plus ``broken`` (``[(path, reason)]``) and ``size`` (samples asked for).
+
+    A list, so ``images, targets = batch`` works; it pins itself, so the
+    extra fields survive ``pin_memory=True``.
+    """
+
+    broken: list[tuple[str, str]]
+    size: int
+
+    def pin_memory(self) -> Batch:
+        out = Batch([t.pin_memory() if isinstance(t, torch.Tensor) else t for t in self])
+        out.broken, out.size = self.broken, self.size
+        return out
+
+
+def collate(samples: list) -> Batch:
+    """``default_collate`` of the readable samples; broken ones are listed on the batch.
+
+    When every sample is broken the images and targets are empty tensors
+    (``images.numel() == 0``): skip such a batch.
+    """
+    good = [s for s in samples if not isinstance(s, Broken)]
+    broken = [(s.path, s.reason) for s in samples if isinstance(s, Broken)]
+    if good:
+        images, targets = default_collate(good)
+    else:
+        images, targets = torch.empty(0), torch.empty(0, dtype=torch.long)
+    batch = Batch([images, targets])
+    batch.broken, batch.size = broken, len(samples)
+    return batch
+
+
+def track(
+    batches: Iterable,
+    stats: FolderStats,
+    *,
+    total: int | None = None,
+    max_broken: float = MAX_BROKEN,
+) -> Iterator:
+    """Pass ``batches`` through, counting broken samples into ``stats`` (main process).
+
+    Raises :class:`DataError` when more than ``max_broken`` of the pass is
+    broken: as soon as the broken count exceeds that share of ``total`` (the
+    samples this pass will deliver; estimated from the first batch when not
+    given), or of the samples seen once at least 500 were.
+    """
+    seen = bad = 0
+    for batch in batches:
+        broken = getattr(batch, "broken", ())
+        size = getattr(batch, "size", None)
+        n = len(batch[1]) + len(broken) if size is None else size
+        if total is None and hasattr(batches, "__len__"):
+            total = len(batches) * n  # type: ignore[arg-type]
+        seen += n
+        bad += len(broken)
+        stats.loaded += n - len(broken)
+        stats.skipped += len(broken)
+        for path, why in broken:
+            stats.broken.setdefault(path, why)
+        if bad and (bad > max_broken * (total or seen) or (seen >= _EARLY_CHECK and bad > max_broken * seen)):
+            path, why = broken[0] if broken else next(iter(stats.broken.items()))
+            raise DataError(
+                f"{bad} of the {seen} {stats.split} images read so far are unreadable "
+                f"({100 * bad / seen:.0f}%, over the {100 * max_broken:.0f}% limit), e.g. {path}: {why}",
+                hint="fix or remove the broken files",
+            )
+        yield batch
+
+
+class Loader:
+    """A :class:`~torch.utils.data.DataLoader` that drops and counts broken images (see :func:`build_loader`)."""
+
+    def __init__(self, loader: DataLoader, dataset: ImageFolder, seed: int, max_broken: float):
+        self.loader, self.dataset, self.seed, self.max_broken = loader, dataset, int(seed), float(max_broken)
+        self.epoch = 0
+
+    @property
+    def sampler(self):
+        return self.loader.sampler
+
+    @property
+    def batch_size(self) -> int | None:
+        return self.loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Reseed the shuffle and the augmentation for ``epoch`` (and the sampler's, if it has one)."""
+        self.epoch = int(epoch)
+        if hasattr(self.loader.sampler, "set_epoch"):
+            self.loader.sampler.set_epoch(self.epoch)
+
+    def _batches(self) -> Iterator:
+        seed = _mix(self.seed, self.epoch)
+        if self.loader.generator is not None:
+            self.loader.generator.manual_seed(seed)
+        it = iter(self.loader)
+        if self.loader.num_workers > 0:
+            yield from it  # workers are seeded from the loader's generator
+            return
+        # In-process loading would draw augmentation from the global RNG: give
+        # each batch its own seed and leave the global RNG untouched.
+        aug = torch.Generator().manual_seed(_mix(seed, 1))
+        while True:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=aug)))
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+            yield batch
+
+    def __iter__(self) -> Iterator:
+        total = len(self.loader.sampler) if hasattr(self.loader.sampler, "__len__") else None
+        if total is not None and self.loader.drop_last and self.loader.batch_size:
+            total = len(self.loader) * self.loader.batch_size
+        return track(self._batches(), self.dataset.stats, total=total, max_broken=self.max_broken)
+
+
+def _mix(*values: int) -> int:
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h * 6364136223846793005 + int(v) + 1442695040888963407) % (2**63 - 1)
+    return h
+
+
+def build_loader(
+    ds: ImageFolder,
+    batch_size: int,
+    shuffle: bool = False,
+    workers: int = 0,
+    sampler: Sampler | None = None,
+    drop_last: bool = False,
+    seed: int = 0,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+    max_broken: float = MAX_BROKEN,
+) -> Loader:
+    """Batches of ``ds`` with broken images dropped, in an order fixed by ``(seed, epoch)``.
+
+    Call ``loader.set_epoch(epoch)`` before each epoch. With ``sampler``
+    (a ``DistributedSampler``) ``shuffle`` is the sampler's business.
+    ``persistent_workers`` keeps worker RNG streams across epochs: still
+    deterministic for a full run, not for a resumed one.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch size {batch_size} must be at least 1")
+    if workers < 0:
+        raise UsageError(f"--workers {workers} must be 0 or more")
+    generator = torch.Generator().manual_seed(_mix(seed, 0))
+    loader = DataLoader(
+        ds,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        generator=generator,
+        persistent_workers=persistent_workers and workers > 0,
+    )
+    return Loader(loader, ds, seed, max_broken)
+
+
+# -- folders ------------------------------------------------------------------------------
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _scan(folder: Path) -> tuple[list[str], list[str]]:
+    """Image files under ``folder`` (recursively, sorted) and the other files."""
+    images: list[str] = []
+    other: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            (images if _is_image(name) and not name.startswith(".") else other).append(os.path.join(dirpath, name))
+    return images, other
+
+
+def _class_dirs(split_dir: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+def _names(items: Iterable[str], limit: int = _EXAMPLES) -> str:
+    items = list(items)
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _read_split(split_dir: Path, label: str) -> tuple[list[str], dict[str, list[str]], FolderStats]:
+    """Class names, each class's image files, and the split's counts; errors for empty folders."""
+    classes = _class_dirs(split_dir)
+    if not classes:
+        loose, _ = _scan(split_dir)
+        if loose:
+            raise DataError(
+                f"{label} holds images but no class folders",
+                hint=f"put each class's images in its own folder: {label}/<class>/*.jpg",
+            )
+        raise DataError(f"{label} has no class folders", hint=f"expected {label}/<class>/*.jpg")
+    files: dict[str, list[str]] = {}
+    stats = FolderStats(split_dir.name)
+    empty: list[str] = []
+    for c in classes:
+        images, other = _scan(split_dir / c)
+        files[c] = images
+        stats.images += len(images)
+        stats.ignored += len(other)
+        stats.ignored_examples += other[: max(0, _EXAMPLES - len(stats.ignored_examples))]
+        if not images:
+            empty.append(c)
+    if stats.images == 0:
+        extra = f" ({stats.ignored} other files)" if stats.ignored else ""
+        raise DataError(
+            f"{label} holds no images{extra}", hint=f"codeq reads {', '.join(IMG_EXTENSIONS)} files in {label}/<class>/"
+        )
+    if empty:
+        noun = "class folder" if len(empty) == 1 else f"{len(empty)} class folders"
+        raise DataError(
+            f"{noun} in {label} {'has' if len(empty) == 1 else 'have'} no images: {_names(empty)}",
+            hint=f"add images ({', '.join(IMG_EXTENSIONS[:3])}, ...) or remove the folder from both train/ and val/",
+        )
+    return classes, files, stats
+
+
+def parse_subset(value: float | int | str | None) -> float | int | None:
+    """``--subset``: a fraction in (0, 1) (``0.1``, ``10%``) or a number of images per class (``50``)."""
+    if value is None:
+        return None
+    hint = "use a fraction in (0, 1) such as 0.1, or images per class such as 50"
+    if isinstance(value, bool):
+        raise UsageError(f"--subset {value!r} is not a number", hint=hint)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if text.endswith("%"):
+                value = float(text[:-1]) / 100
+            elif text.isdigit():
+                value = int(text)
+            else:
+                value = float(text)
+        except ValueError:
+            raise UsageError(f"--subset {text!r} is not a number", hint=hint) from None
+    if isinstance(value, int):
+        if value < 1:
+            raise UsageError(f"--subset {value} images per class is too few", hint=hint)
+        return value
+    if isinstance(value, float) and 0 < value < 1:
+        return value
+    raise UsageError(f"--subset {value!r} is out of range", hint=hint)
+
+
+def _take(files: list[str], subset: float | int | None, seed: int, split: str, cls: str) -> list[str]:
+    if subset is None:
+        return files
+    n = len(files)
+    k = min(n, subset) if isinstance(subset, int) else max(1, round(subset * n))
+    if k >= n:
+        return files
+    # A string seed is hashed with SHA-512: the same choice in every process and run.
+    picked = random.Random(f"codeq-subset/{seed}/{split}/{cls}").sample(range(n), k)
+    return [files[i] for i in sorted(picked)]
+
+
+def _samples(files: dict[str, list[str]], classes: list[str], subset, seed: int, split: str) -> list[tuple[str, int]]:
+    index = {c: i for i, c in enumerate(classes)}
+    return [(p, index[c]) for c in sorted(files) for p in _take(files[c], subset, seed, split, c)]
+
+
+def _check_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise DataError(f"{what} {str(path)!r} does not exist", hint="pass a folder with train/ and val/ class folders")
+    if not path.is_dir():
+        raise DataError(f"{what} {str(path)!r} is a file, not a folder", hint="pass a folder with train/ and val/ class folders")
+
+
+def build_datasets(
+    data_dir: str | os.PathLike | None,
+    data_config: DataConfig,
+    subset: float | int | str | None = None,
+    seed: int = 0,
+    *,
+    crop_scale: Sequence[float] = (0.08, 1.0),
+    hflip: bool = True,
+    subset_val: bool = True,
+) -> tuple[ImageFolder, ImageFolder, list[str]]:
+    """``(train, val, class_names)`` from ``data_dir/train`` and ``data_dir/val``.
+
+    Classes are the sorted folder names of ``train/``; ``val/`` must have the
+    same ones. ``subset`` (a fraction or a count per class, see
+    :func:`parse_subset`) picks the same files for the same ``seed``, in both
+    splits unless ``subset_val=False``.
+    """
+    if data_dir is None or str(data_dir).strip() == "":
+        raise UsageError("--data is required", hint="pass a folder with train/ and val/ class folders")
+    root = Path(data_dir).expanduser()
+    _check_dir(root, "--data")
+    subset = parse_subset(subset)
+    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        what = " or ".join(f"{s}/" for s in missing)
+        has_classes = bool(_class_dirs(root)) and not (root / "train").is_dir() and not (root / "val").is_dir()
+        hint = (
+            "it looks like a folder of class folders: split it into train/<class>/ and val/<class>/"
+            if has_classes and len(missing) == 2
+            else f"expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg"
+        )
+        raise DataError(f"--data {str(root)!r} has no {what} folder", hint=hint)
+    mode = image_mode(data_config)
+    train_classes, train_files, train_stats = _read_split(root / "train", f"{root}/train")
+    val_classes, val_files, val_stats = _read_split(root / "val", f"{root}/val")
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        parts = []
+        if only_train:
+            parts.append(f"only in train/: {_names(only_train)}")
+        if only_val:
+            parts.append(f"only in val/: {_names(only_val)}")
+        raise DataError(
+            f"train/ and val/ in {str(root)!r} have different classes ({'; '.join(parts)})",
+            hint="every class needs a folder in both",
+        )
+    classes = train_classes
+    train_samples = _samples(train_files, classes, subset, seed, "train")
+    val_samples = _samples(val_files, classes, subset if subset_val else None, seed, "val")
+    train_stats.images, val_stats.images = len(train_samples), len(val_samples)
+    train_tf = build_transform(data_config, True, crop_scale=crop_scale, hflip=hflip)
+    val_tf = build_transform(data_config, False)
+    train = ImageFolder(root / "train", train_samples, classes, train_tf, mode, train_stats)
+    val = ImageFolder(root / "val", val_samples, classes, val_tf, mode, val_stats)
+    return train, val, classes
+
+
+def eval_folder(
+    path: str | os.PathLike,
+    data_config: DataConfig,
+    class_names: Sequence[str] | None = None,
+    subset: float | int | str | None = None,
+    seed: int = 0,
+) -> ImageFolder:
+    """The evaluation set for ``codeq eval``: ``path/val`` when it exists, else ``path`` as class folders.
+
+    With ``class_names`` (the checkpoint's), targets index that list and the
+    folder may hold a subset of those classes, but no others.
+    """
+    root = Path(path).expanduser()
+    _check_dir(root, "--data")
+    if (root / "val").is_dir():
+        split_dir = root / "val"
+    elif (root / "train").is_dir():
+        raise DataError(f"--data {str(root)!r} has train/ but no val/ folder", hint="pass the validation folder itself or add val/")
+    else:
+        split_dir = root
+    found, files, stats = _read_split(split_dir, str(split_dir))
+    if class_names is None:
+        classes = found
+    else:
+        classes = list(class_names)
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise DataError(
+                f"{str(split_dir)!r} has class folders the model does not know: {_names(unknown)}",
+                hint=f"the model's {len(classes)} classes are {_names(classes)}",
+            )
+    samples = _samples(files, classes, parse_subset(subset), seed, "val")
+    stats.images = len(samples)
+    return ImageFolder(split_dir, samples, classes, build_transform(data_config, False), image_mode(data_config), stats)

@@ -1,0 +1,449 @@
+"""Recipes: every setting of a CoDeQ fine-tune, in one YAML file, validated once at load.
+
+A recipe fixes the method's knobs (``shared/codeq-method.md`` §2: ``λ_dz``,
+``λ_bit``, fixed or learned bit-width) and the fine-tuning regime (optimizer
+with three parameter groups, schedule, epochs, global batch size). Built-in
+recipes live in ``codeq_cli/recipes/*.yaml`` (package data): ``mixed`` and
+``fixed4`` for short fine-tunes, and the paper's presets (arXiv:2512.12981
+§5). Every key is described in ``docs/recipes.md``.
+
+:func:`load_recipe` reads a built-in name or a path, :func:`apply_overrides`
+applies ``--set key=value`` pairs; both return a frozen :class:`Recipe` or
+raise :class:`~codeq_cli.errors.RecipeError` with one line that names the key,
+the value and what is allowed. Keys a file leaves out take the defaults below,
+which are those of the built-in ``mixed`` recipe.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from codeq_cli.errors import RecipeError, UsageError
+
+B_MIN, B_MAX = 2, 8
+
+# What each key accepts, in words: the second half of every validation message.
+ALLOWED: dict[str, str] = {
+    "description": "a one-line string",
+    "mode": "'fixed' or 'mixed'",
+    "bits": f"an integer from {B_MIN} to {B_MAX}",
+    "b_min": f"an integer from {B_MIN} to {B_MAX}, at most b_max",
+    "b_max": f"an integer from {B_MIN} to {B_MAX}, at least b_min",
+    "lambda_dz": "a number >= 0",
+    "lambda_bit": "a number >= 0",
+    "init_dz": "a number > 0 (3.0: about 1% of the weights pruned at the start)",
+    "init_bit": "a number > 0 (3.0: 8 bits at the start)",
+    "quantile": "a number in (0, 1]",
+    "include": "a list of layer-name patterns (fnmatch), or null for every layer",
+    "exclude": "a list of layer-name patterns (fnmatch), or null",
+    "optimizer": "'adamw' or 'sgd'",
+    "lr": "a number > 0",
+    "lr_dz": "a number >= 0 (0 freezes the dead zones)",
+    "lr_bit": "a number >= 0 (0 freezes the bit-widths)",
+    "momentum": "a number in [0, 1)",
+    "weight_decay": "a number >= 0",
+    "weight_decay_dz": "a number >= 0",
+    "weight_decay_bit": "a number >= 0",
+    "epochs": "an integer >= 1",
+    "warmup_epochs": "a number >= 0 and less than epochs",
+    "schedule": "'cosine', 'constant' or 'step'",
+    "min_lr": "a number >= 0, at most lr",
+    "batch_size": "an integer >= 1 (global, over all processes)",
+    "label_smoothing": "a number in [0, 1)",
+    "grad_clip": "a number > 0, or null for no clipping",
+    "crop_scale": "two numbers [min, max] with 0 < min <= max <= 1",
+    "hflip": "true or false",
+    "amp": "true or false",
+    "channels_last": "true or false",
+    "sync_bn": "true or false",
+    "eval_every": "an integer >= 1 (epochs)",
+}
+
+
+class Recipe(BaseModel):
+    """One CoDeQ fine-tune, fully specified; see ``docs/recipes.md`` for every key.
+
+    Frozen and validated at construction: an instance is always usable. The
+    defaults are the built-in ``mixed`` recipe's values.
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False, validate_default=True)
+
+    description: str = "Mixed precision for a short fine-tune of a pretrained model: learned dead zones and bit-widths (2-8)"
+
+    # -- the method (codeq-method.md §1-2) ---------------------------------
+    mode: Literal["fixed", "mixed"] = "mixed"
+    bits: int = Field(4, ge=B_MIN, le=B_MAX)
+    b_min: int = Field(B_MIN, ge=B_MIN, le=B_MAX)
+    b_max: int = Field(B_MAX, ge=B_MIN, le=B_MAX)
+    lambda_dz: float = Field(0.05, ge=0)
+    lambda_bit: float = Field(0.2, ge=0)
+    init_dz: float = Field(3.0, gt=0)
+    init_bit: float = Field(3.0, gt=0)
+    quantile: float = Field(0.99, gt=0, le=1)
+    include: list[str] | None = None
+    exclude: list[str] | None = None
+
+    # -- optimizer: three parameter groups (weights, dead-zone logits, bit logits)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(1e-4, gt=0)
+    lr_dz: float = Field(5e-3, ge=0)
+    lr_bit: float = Field(5e-3, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.01, ge=0)
+    weight_decay_dz: float = Field(0.0, ge=0)
+    weight_decay_bit: float = Field(0.0, ge=0)
+
+    # -- schedule and loop ----------------------------------------------------
+    epochs: int = Field(10, ge=1)
+    warmup_epochs: float = Field(0.0, ge=0)
+    schedule: Literal["cosine", "constant", "step"] = "cosine"
+    min_lr: float = Field(0.0, ge=0)
+    batch_size: int = Field(128, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float | None = Field(None, gt=0)
+    eval_every: int = Field(1, ge=1)
+
+    # -- augmentation (the rest follows the model's data config) ---------------
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: bool = True
+
+    # -- execution --------------------------------------------------------------
+    amp: bool = True
+    channels_last: bool = False
+    sync_bn: bool = False
+
+    @field_validator("mode", "optimizer", "schedule", mode="before")
+    @classmethod
+    def _lower(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
+    @field_validator("include", "exclude", mode="before")
+    @classmethod
+    def _patterns(cls, v: Any) -> Any:
+        # A single pattern is a one-element list; tuples (Python callers) are lists;
+        # integers are layer names of nn.Sequential ("0", "3"). Floats are not
+        # converted: YAML reads 1.10 as 1.1, which would silently name another layer.
+        if isinstance(v, (str, int)) and not isinstance(v, bool):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            return [str(p) if isinstance(p, int) and not isinstance(p, bool) else p for p in v]
+        return v
+
+    @field_validator("crop_scale", mode="before")
+    @classmethod
+    def _pair(cls, v: Any) -> Any:
+        return tuple(v) if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Recipe:
+        # Rules that involve two keys. RecipeError is not a ValueError, so
+        # pydantic lets it through unchanged.
+        if self.b_min > self.b_max:
+            _fail("b_min", self.b_min, f"is above b_max={self.b_max}", "lower b_min or raise b_max")
+        if self.warmup_epochs >= self.epochs:
+            _fail(
+                "warmup_epochs", self.warmup_epochs, f"is not less than epochs={self.epochs}",
+                "lower warmup_epochs (for example --set warmup_epochs=0) or raise epochs",
+            )
+        if self.min_lr > self.lr:
+            _fail("min_lr", self.min_lr, f"is above lr={_show(self.lr)}", "min_lr must be at most lr")
+        lo, hi = self.crop_scale
+        if not (0 < lo <= hi <= 1):
+            _fail("crop_scale", list(self.crop_scale), "is out of range")
+        if self.include is not None and not self.include:
+            raise _error("include=[] would quantize no layer", "use include: null for every layer, or list patterns", "include")
+        for key in ("include", "exclude"):
+            pats = getattr(self, key)
+            if pats is not None and any(not p.strip() for p in pats):
+                _fail(key, pats, "holds an empty pattern")
+        return self
+
+    # -- conveniences ---------------------------------------------------------
+    @property
+    def mixed(self) -> bool:
+        """True when the bit-width is learned (``mode: mixed``)."""
+        return self.mode == "mixed"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, not tuples), in the order of the keys above: JSON- and YAML-safe."""
+        return self.model_dump(mode="json")
+
+
+KEYS: tuple[str, ...] = tuple(Recipe.model_fields)
+
+
+def quantizer_kwargs(recipe: Recipe) -> dict[str, Any]:
+    """Arguments of :func:`codeq_cli.insert.quantize_` (with ``recipe.include``/``exclude``)."""
+    return {
+        "bits": None if recipe.mixed else recipe.bits,
+        "b_min": recipe.b_min,
+        "b_max": recipe.b_max,
+        "init_dz": recipe.init_dz,
+        "init_bit": recipe.init_bit,
+        "quantile": recipe.quantile,
+    }
+
+
+# -- validation messages -----------------------------------------------------------
+def _show(value: Any) -> str:
+    """A value as the user wrote it in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else {math.inf: ".inf", -math.inf: "-.inf"}.get(value, ".nan")
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _error(message: str, hint: str | None = None, key: str | None = None) -> RecipeError:
+    """A :class:`RecipeError` that remembers its key (to add the file's line number)."""
+    err = RecipeError(message, hint=hint)
+    err.key = key  # type: ignore[attr-defined]
+    return err
+
+
+def _fail(key: str, value: Any, problem: str, hint: str | None = None) -> None:
+    raise _error(f"{key}={_show(value)} {problem}", hint or f"{key} must be {ALLOWED[key]}", key)
+
+
+def _suggest(key: str) -> str:
+    close = difflib.get_close_matches(key, KEYS, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "the keys are listed in docs/recipes.md and by `codeq recipes show mixed`"
+
+
+_TYPE_WORDS = {
+    "int_type": "is not an integer",
+    "int_from_float": "is not an integer",
+    "float_type": "is not a number",
+    "bool_type": "is not true or false",
+    "string_type": "is not a string",
+    "list_type": "is not a list",
+    "tuple_type": "is not a list of two numbers",
+    "too_short": "is not a list of two numbers",
+    "too_long": "is not a list of two numbers",
+    "finite_number": "is not a finite number",
+    "literal_error": "is not one of the choices",
+    "none_required": "is not allowed",
+}
+
+
+def _condense(exc: ValidationError, data: dict[str, Any]) -> RecipeError:
+    """Pydantic's multi-line report as one line about the first problem."""
+    errors = exc.errors()
+    first = errors[0]
+    keys = {str(e["loc"][0]) for e in errors if e.get("loc")}
+    more = f" (+{len(keys) - 1} more keys with problems)" if len(keys) > 1 else ""
+    loc = first.get("loc") or ()
+    key = str(loc[0]) if loc else "recipe"
+    if first["type"] == "extra_forbidden":
+        return _error(f"unknown recipe key {key!r}; {_suggest(key)}{more}", key=key)
+    if key not in ALLOWED:
+        return _error(f"{key}: {first['msg']}{more}", key=key)
+    value = data.get(key, first.get("input"))
+    kind = first["type"]
+    if kind in {"greater_than", "greater_than_equal", "less_than", "less_than_equal"}:
+        problem = "is out of range"
+    elif key in ("include", "exclude"):
+        problem = "is not a list of patterns (strings)"
+        return _error(f"{key}={_show(value)} {problem}{more}", "quote layer names that look like numbers ('1.10')", key)
+    elif key == "crop_scale":
+        problem = "is not a list of two numbers"
+    else:
+        problem = _TYPE_WORDS.get(kind, "is not valid")
+    return _error(f"{key}={_show(value)} {problem}{more}", f"{key} must be {ALLOWED[key]}", key)
+
+
+def recipe_from_dict(data: dict[str, Any], origin: str = "recipe", lines: dict[str, int] | None = None) -> Recipe:
+    """A :class:`Recipe` from a mapping; errors are one line starting with ``origin``.
+
+    ``lines`` maps keys to their line in the file, so messages can point there.
+    """
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        err = _condense(exc, data)
+    except RecipeError as exc:
+        err = exc
+    key = getattr(err, "key", None)
+    where = f"{origin}:{lines[key]}" if lines and key in lines else origin
+    raise _error(f"{where}: {err.message}", err.hint, key) from None
+
+
+# -- YAML ------------------------------------------------------------------------------
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _yaml_error(exc: yaml.YAMLError, where: str) -> RecipeError:
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc)
+    hint = "quote patterns that start with * or ? ('*.fc')" if "alias" in problem else "fix the file"
+    if mark is not None:
+        return RecipeError(f"{where}:{mark.line + 1}:{mark.column + 1}: YAML syntax error: {problem}", hint=hint)
+    return RecipeError(f"{where}: YAML syntax error: {problem}", hint=hint)
+
+
+def parse_yaml(text: str, where: str) -> tuple[dict[str, Any], dict[str, int]]:
+    """The top-level mapping of a recipe file and each key's line; ``where`` names the file in messages."""
+    loader = _Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            raise RecipeError(f"recipe {where} is empty", hint="write key: value lines, see `codeq recipes show mixed`")
+        if not isinstance(node, yaml.MappingNode):
+            kind = {yaml.SequenceNode: "a list", yaml.ScalarNode: "a single value"}.get(type(node), "not a mapping")
+            raise RecipeError(
+                f"recipe {where} holds {kind} at the top level, not key: value pairs",
+                hint="write one key: value per line, see `codeq recipes show mixed`",
+            )
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            line = key_node.start_mark.line + 1
+            if key_node.value in seen:
+                raise RecipeError(
+                    f"{where}:{line}: recipe key {key_node.value!r} is given twice (first on line {seen[key_node.value]})",
+                    hint="keep one",
+                )
+            seen[key_node.value] = line
+        data = loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise _yaml_error(exc, where) from None
+    finally:
+        loader.dispose()
+    bad = [k for k in data if not isinstance(k, str)]
+    if bad:
+        raise RecipeError(f"recipe {where}: key {_show(bad[0])} is not a name", hint="keys are words such as lambda_dz")
+    return data, {str(k): v for k, v in seen.items()}
+
+
+# -- loading ---------------------------------------------------------------------------
+def _builtin_dir():
+    return resources.files("codeq_cli").joinpath("recipes")
+
+
+def builtin_names() -> list[str]:
+    """Names of the built-in recipes, sorted."""
+    return sorted(p.name[: -len(".yaml")] for p in _builtin_dir().iterdir() if p.name.endswith(".yaml"))
+
+
+def _strip_suffix(name: str) -> str:
+    for suffix in (".yaml", ".yml"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """A built-in recipe (``mixed``, ``mixed.yaml``, ``fixed4``, ...) or a YAML file.
+
+    An existing file wins over a built-in of the same name. Unknown names list
+    the built-ins (close matches first).
+    """
+    raw = str(name_or_path).strip()
+    if not raw:
+        raise UsageError("the recipe name is empty", hint=f"use one of {', '.join(builtin_names())} or a YAML path")
+    path = Path(raw).expanduser()
+    if path.is_dir():
+        raise UsageError(f"recipe path {raw!r} is a folder", hint="pass a .yaml file or a built-in name")
+    if path.is_file():
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"cannot read recipe {raw!r} ({type(exc).__name__}: {exc})") from None
+        data, lines = parse_yaml(text, raw)
+        return recipe_from_dict(data, raw, lines)
+    names = builtin_names()
+    stem = _strip_suffix(raw)
+    if stem in names and "/" not in raw and "\\" not in raw:
+        resource = _builtin_dir().joinpath(f"{stem}.yaml")
+        where = f"{stem}.yaml"
+        data, lines = parse_yaml(resource.read_text(encoding="utf-8"), where)
+        return recipe_from_dict(data, where, lines)
+    close = difflib.get_close_matches(Path(stem).name, names, n=3, cutoff=0.5)
+    looks_like_path = raw.endswith((".yaml", ".yml")) or "/" in raw or "\\" in raw
+    what = f"recipe file {raw!r} does not exist" if looks_like_path else f"unknown recipe {raw!r}"
+    hint = (f"did you mean {', '.join(close)}? " if close else "") + f"built-in recipes: {', '.join(names)}"
+    raise UsageError(what, hint=hint)
+
+
+def list_recipes() -> list[tuple[str, str]]:
+    """``(name, one-line summary)`` of every built-in recipe, sorted by name."""
+    return [(name, load_recipe(name).description) for name in builtin_names()]
+
+
+def builtin_text(name: str) -> str:
+    """The YAML of a built-in recipe as shipped, comments included."""
+    stem = _strip_suffix(name)
+    if stem not in builtin_names():
+        raise UsageError(f"unknown recipe {name!r}", hint=f"built-in recipes: {', '.join(builtin_names())}")
+    return _builtin_dir().joinpath(f"{stem}.yaml").read_text(encoding="utf-8")
+
+
+# -- overrides -----------------------------------------------------------------------------
+def parse_override(pair: str) -> tuple[str, Any]:
+    """``"key=value"`` → ``(key, value)``; the value is read as YAML (``1e-3``, ``[a, b]``, ``false``, ``null``)."""
+    if "=" not in pair:
+        raise UsageError(f"--set {pair!r} is not key=value", hint="write it like --set lambda_dz=0.05")
+    key, _, text = pair.partition("=")
+    key = key.strip().replace("-", "_")
+    if not key:
+        raise UsageError(f"--set {pair!r} has no key before '='", hint="write it like --set lambda_dz=0.05")
+    text = text.strip()
+    if key == "description":
+        return key, text
+    try:
+        value = yaml.load(text, Loader=_Loader) if text else None
+    except yaml.YAMLError:
+        # Shell-friendly lists of patterns: [*.fc, layer1*] is not valid YAML (aliases).
+        if text.startswith("[") and text.endswith("]"):
+            value = [p.strip().strip("'\"") for p in text[1:-1].split(",") if p.strip()]
+        else:
+            value = text  # validation says what the key wants
+    return key, value
+
+
+def apply_overrides(recipe: Recipe, overrides: list[str] | tuple[str, ...], origin: str = "--set") -> Recipe:
+    """``recipe`` with ``key=value`` pairs applied (later pairs win), validated like a file."""
+    if not overrides:
+        return recipe
+    data = recipe.to_dict()
+    for pair in overrides:
+        key, value = parse_override(pair)
+        if key not in KEYS:
+            raise RecipeError(f"{origin}: unknown recipe key {key!r}; {_suggest(key)}")
+        data[key] = value
+    return recipe_from_dict(data, origin)
+
+
+# -- writing -------------------------------------------------------------------------------
+def recipe_to_yaml(recipe: Recipe, header: str | None = None) -> str:
+    """The recipe as YAML, every key spelled out; it loads back to an equal :class:`Recipe`.
+
+    ``header`` becomes a ``#`` comment on top (say where the recipe came from).
+    """
+    body = yaml.safe_dump(recipe.to_dict(), sort_keys=False, default_flow_style=None, allow_unicode=True, width=10**6)
+    if header:
+        body = "".join(f"# {line}\n" for line in header.splitlines()) + body
+    return body
