@@ -78,13 +78,12 @@ def default_run_dir(out: Path) -> Path:
 def resolve_recipe(opts: CompressOptions):
     from codeq_cli.recipe import apply_overrides, load_recipe
 
-    recipe = load_recipe(opts.recipe)
-    shortcuts = []
+    recipe = apply_overrides(load_recipe(opts.recipe), opts.overrides)
     if opts.batch_size is not None:
-        shortcuts.append(f"batch_size={opts.batch_size}")
+        recipe = apply_overrides(recipe, [f"batch_size={opts.batch_size}"], origin="--batch-size")
     if opts.epochs is not None:
-        shortcuts.append(f"epochs={opts.epochs}")
-    return apply_overrides(recipe, [*opts.overrides, *shortcuts])
+        recipe = apply_overrides(recipe, [f"epochs={opts.epochs}"], origin="--epochs")
+    return recipe
 
 
 def _check_paths(opts: CompressOptions, run_dir: Path) -> None:
@@ -277,6 +276,9 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     if progress.fp_top1 is not None:
         metrics["top1_drop"] = progress.fp_top1 - final.top1
     on_event({"event": "final", **metrics, **{k: totals[k] for k in ("sparsity", "avg_bits", "rel_bops")}})
+    for ds in (train_set, val_set):
+        if ds.stats.skipped or getattr(ds.stats, "ignored", 0):
+            on_event({"event": "note", "text": ds.stats.summary()})
 
     file_bytes = 0
     if info.is_main:
@@ -288,6 +290,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         file_bytes = int(getattr(saved, "file_bytes", 0) or opts.out.stat().st_size)
         result = CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes,
                                 time.monotonic() - t0, resumed_from)
-        write_json(run_dir / "summary.json", result.to_dict())
+        write_json(run_dir / "summary.json", {**result.to_dict(), "data": {
+            "train": train_set.stats.to_dict(), "val": val_set.stats.to_dict()}})
     dist.barrier()
     return CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes, time.monotonic() - t0, resumed_from)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -268,7 +269,9 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             raise ModelError(f"{p} is not a readable safetensors file ({_short(exc)})") from exc
     else:
         try:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+                obj = torch.load(str(p), map_location="cpu", weights_only=True)
         except Exception as exc:
             raise ModelError(
                 f"{p} cannot be read as a state dict ({_short(exc)})",

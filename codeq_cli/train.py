@@ -357,6 +357,11 @@ class Fit:
             if p.step >= self.total_steps:
                 return False
             if images.numel() == 0:  # every image of this batch was unreadable
+                if s.info.distributed:  # skipping on one rank would stall the others' all-reduce
+                    from codeq_cli.errors import DataError
+
+                    raise DataError(f"every image of a training batch on rank {s.info.rank} is unreadable",
+                                    hint="fix or remove the broken files")
                 p.batch += 1
                 continue
             images = images.to(s.device, non_blocking=True)
