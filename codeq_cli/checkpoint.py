@@ -1,0 +1,476 @@
+"""The compressed checkpoint: one self-describing file of plain data.
+
+Layout (all integers little-endian; ``docs/format.md`` is the full reference)::
+
+    offset  size
+    0       8    magic  b"CODEQ\\r\\n\\x1a"
+    8       2    format version (uint16)
+    10      2    flags (uint16, 0)
+    12      4    metadata length M (uint32)
+    16      8    payload length P (uint64)
+    24      32   SHA-256 of bytes 0-23, the metadata and the payload
+    56      M    metadata: UTF-8 JSON
+    56+M    P    payload: entropy-coded layers and raw tensors, at offsets the metadata gives
+
+Reading parses a fixed header, JSON and raw numbers, nothing else, so opening a
+file can never run code (a pickle is refused before any of it is looked at).
+The metadata carries the model spec, data config, class names, the resolved
+recipe, provenance, metrics, MACs and the per-layer BOPs rows, so a report
+needs no model build. Each quantized weight is stored only as its codes
+(:mod:`codeq_cli.entropy`), step, shift and bit-width; every other entry of the
+state dict is stored as float32 (integer buffers keep their type), under the
+names the plain, unwrapped model uses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import zlib
+from dataclasses import asdict, dataclass, fields
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from codeq_cli import entropy
+from codeq_cli._io import _json_default, write_with
+from codeq_cli.bops import LayerRow, bops_rows
+from codeq_cli.errors import CheckpointError, CodeqError
+from codeq_cli.insert import quantized_weights
+from codeq_cli.models import DataConfig, ModelSpec
+from codeq_cli.quantizer import B_MAX, B_MIN, dequantize
+
+MAGIC = b"CODEQ\r\n\x1a"
+FORMAT_VERSION = 1
+_HEAD = struct.Struct("<8sHHIQ")
+HEADER_BYTES = _HEAD.size + 32
+
+# Stored dtypes: numpy's little-endian names.
+_INT_DTYPES = {
+    torch.int64: "<i8",
+    torch.int32: "<i4",
+    torch.int16: "<i2",
+    torch.int8: "|i1",
+    torch.uint8: "|u1",
+    torch.bool: "|b1",
+}
+_STORED = {"<f4", *_INT_DTYPES.values()}
+_TORCH_OF = {"<f4": torch.float32, **{v: k for k, v in _INT_DTYPES.items()}}
+
+
+@dataclass(frozen=True)
+class SaveInfo:
+    """What :func:`save` wrote; sizes in bytes."""
+
+    path: Path
+    file_bytes: int
+    weight_bytes: int  # the quantized weights: entropy-coded codes and their frequency tables
+    entropy_bound_bytes: float  # Σ n·H(codes) / 8 over the quantized layers
+    tensor_bytes: int  # every other state-dict tensor (float32 / integer)
+    meta_bytes: int
+    layers: int
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+# -- writing -------------------------------------------------------------------
+
+
+def _param_key(module_name: str, param_name: str) -> str:
+    return f"{module_name}.{param_name}" if module_name else param_name
+
+
+def _plain_tensor(key: str, value) -> tuple[np.ndarray, str]:
+    if not isinstance(value, Tensor):
+        raise CodeqError(
+            f"state dict entry {key!r} is a {type(value).__name__}, not a tensor",
+            hint="codeq checkpoints hold tensors only; remove the module's extra state",
+        )
+    t = value.detach().to("cpu")
+    if t.is_floating_point():
+        return t.to(torch.float32).contiguous().numpy().astype("<f4", copy=False), "<f4"
+    dtype = _INT_DTYPES.get(t.dtype)
+    if dtype is None:
+        raise CodeqError(f"state dict entry {key!r} has dtype {t.dtype}, which codeq cannot store",
+                         hint="keep complex or quantized tensors out of the model")
+    return t.contiguous().numpy().astype(dtype, copy=False), dtype
+
+
+def save(
+    path: str | os.PathLike,
+    model: nn.Module,
+    *,
+    spec: ModelSpec,
+    data_config: DataConfig,
+    class_names: list[str] | None,
+    recipe: dict,
+    provenance: dict,
+    metrics: dict,
+    macs: dict[str, int],
+    data_dir: str | None = None,
+) -> SaveInfo:
+    """Write the compressed checkpoint of a live quantized model (after :func:`quantize_` and training).
+
+    Each quantizer's :meth:`~codeq_cli.quantizer.DeadZoneQuantizer.encode` of
+    its trained weight is entropy coded (and decoded once to prove it). The
+    rest of the state dict goes in under the plain model's names
+    (``layer1.0.conv1.weight``, never ``parametrizations.weight.original``);
+    the quantizers' logits are training state and are not stored. The BOPs
+    rows are ``bops_rows(model, macs)``. Written atomically.
+    """
+    qws = list(quantized_weights(model))
+    if not qws:
+        raise CodeqError("the model has no codeq quantizers, so there is nothing to compress",
+                         hint="call codeq_cli.quantize_(model) (and train it) before saving")
+    payload = bytearray()
+    layers, bound_bits = [], 0.0
+    renamed: dict[str, str | None] = {}  # parametrized state-dict key -> plain key (None: dropped)
+    for qw in qws:
+        enc = qw.quantizer.encode(qw.original)
+        codes = enc.codes.detach().to("cpu").contiguous()
+        flat = codes.reshape(-1).numpy()
+        blob = entropy.encode(flat)
+        if not np.array_equal(entropy.decode(blob, flat.size), flat):  # pragma: no cover - a coder bug
+            raise CodeqError(f"entropy coding of layer {qw.name} did not round-trip", hint="please report this as a codeq bug")
+        key = _param_key(qw.module_name, qw.param_name)
+        layers.append({
+            "name": qw.name, "param": key, "shape": list(codes.shape), "bits": int(enc.bits),
+            "step": float(enc.step), "shift": float(enc.shift),
+            "offset": len(payload), "nbytes": len(blob), "crc32": zlib.crc32(flat.tobytes()),
+        })
+        payload += blob
+        bound_bits += entropy.entropy_bound_bits(flat)
+        prefix = f"{qw.module_name}.parametrizations.{qw.param_name}." if qw.module_name else f"parametrizations.{qw.param_name}."
+        for k in qw.module.parametrizations[qw.param_name].state_dict():
+            renamed[prefix + k] = key if k == "original" else None
+    weight_bytes = len(payload)
+
+    # The plain model lists a module's weight before its other entries (bias, ...);
+    # parametrize moved it behind them. Put each one back where the plain model has it.
+    pending: dict[str, list[str]] = {}
+    for layer in layers:
+        pending.setdefault(layer["param"].rpartition(".")[0], []).append(layer["param"])
+    tensors, state_keys = [], []
+
+    def place(*keys: str | None) -> None:
+        state_keys.extend(k for k in keys if k is not None and k not in placed)
+        placed.update(keys)
+
+    placed: set[str | None] = set()
+    for k, value in model.state_dict().items():
+        if k in renamed:
+            place(renamed[k])
+            continue
+        place(*pending.pop(k.rpartition(".")[0], ()))
+        arr, dtype = _plain_tensor(k, value)
+        data = arr.tobytes()
+        tensors.append({"key": k, "dtype": dtype, "shape": list(arr.shape), "offset": len(payload), "nbytes": len(data)})
+        payload += data
+        place(k)
+
+    meta = {
+        "format": "codeq",
+        "format_version": FORMAT_VERSION,
+        "model": spec.to_dict(),
+        "data_config": data_config.to_dict(),
+        "class_names": list(class_names) if class_names is not None else None,
+        "recipe": recipe,
+        "provenance": provenance,
+        "metrics": metrics,
+        "macs": {str(k): int(v) for k, v in macs.items()},
+        "rows": [r.to_dict() for r in bops_rows(model, macs)],
+        "data_dir": None if data_dir is None else str(data_dir),
+        "coder": entropy.coder_info(),
+        "state_keys": state_keys,
+        "layers": layers,
+        "tensors": tensors,
+    }
+    try:
+        meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False, default=_json_default).encode("utf-8")
+    except (TypeError, ValueError) as exc:
+        raise CodeqError(f"checkpoint metadata is not plain data ({exc})",
+                         hint="pass recipe, provenance and metrics as dicts of numbers, strings and lists") from exc
+    head = _HEAD.pack(MAGIC, FORMAT_VERSION, 0, len(meta_bytes), len(payload))
+    digest = hashlib.sha256(head)
+    digest.update(meta_bytes)
+    digest.update(payload)
+
+    def writer(fh) -> None:
+        fh.write(head)
+        fh.write(digest.digest())
+        fh.write(meta_bytes)
+        fh.write(payload)
+
+    write_with(path, writer)
+    total = HEADER_BYTES + len(meta_bytes) + len(payload)
+    return SaveInfo(Path(path), total, weight_bytes, bound_bits / 8.0, len(payload) - weight_bytes, len(meta_bytes), len(layers))
+
+
+# -- reading -------------------------------------------------------------------
+
+
+class QuantizedLayer:
+    """One quantized weight as stored: codes (decoded on first use), step, shift, bits."""
+
+    def __init__(self, ckpt_path: Path, entry: dict, blob: memoryview) -> None:
+        self.name: str = entry["name"]
+        self.param: str = entry["param"]  # the state-dict key of the plain model
+        self.shape: tuple[int, ...] = tuple(entry["shape"])
+        self.bits: int = entry["bits"]
+        self.step: float = entry["step"]
+        self.shift: float = entry["shift"]
+        self.nbytes: int = len(blob)
+        self._crc = entry["crc32"]
+        self._blob = blob
+        self._path = ckpt_path
+        self.counts, _ = entropy.read_table(blob)  # {code: count}, read without decoding
+        qmax = 2 ** (self.bits - 1) - 1
+        _check(sum(self.counts.values()) == self.numel, f"layer {self.name}: the frequency table does not count its {self.numel} codes")
+        _check(all(abs(c) <= qmax for c in self.counts), f"layer {self.name}: codes outside ±{qmax} for {self.bits} bits")
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def sparsity(self) -> float:
+        return self.counts.get(0, 0) / self.numel if self.numel else 0.0
+
+    @property
+    def entropy_bound_bits(self) -> float:
+        return entropy.bound_bits_from_counts(self.counts)
+
+    @cached_property
+    def codes(self) -> Tensor:
+        """The int8 codes, shaped like the weight."""
+        try:
+            flat = entropy.decode(self._blob, self.numel)
+        except ValueError as exc:
+            raise CheckpointError(f"{self._path}: layer {self.name} does not decode ({exc})",
+                                  hint="the file is damaged or was written by an incompatible coder; compress again") from None
+        if zlib.crc32(flat.tobytes()) != self._crc:
+            raise CheckpointError(
+                f"{self._path}: layer {self.name} decodes to different codes than were saved",
+                hint="the entropy coder's version differs from the one that wrote it; install the constriction version in the file's metadata",
+            )
+        return entropy.to_tensor(flat, self.shape)
+
+    def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The dequantized weight, bit for bit what the trained quantizer's forward gave."""
+        return dequantize(self.codes, self.step, self.shift, dtype)
+
+    def __repr__(self) -> str:
+        return f"QuantizedLayer({self.name!r}, shape={self.shape}, bits={self.bits}, sparsity={self.sparsity:.3f})"
+
+
+class CompressedModel:
+    """A loaded checkpoint: metadata at once, codes and tensors when first used."""
+
+    def __init__(self, path: Path, meta: dict, payload: memoryview, file_bytes: int) -> None:
+        self.path = path
+        self.meta = meta
+        self.file_bytes = file_bytes
+        self.format_version: int = meta["format_version"]
+        self.spec = ModelSpec.from_dict(meta["model"])
+        self.data_config = DataConfig.from_dict(meta["data_config"])
+        self.class_names: list[str] | None = meta["class_names"]
+        self.rows = [LayerRow(**r) for r in meta["rows"]]
+        self.macs: dict[str, int] = meta["macs"]
+        self.data_dir: str | None = meta["data_dir"]
+        self._payload = payload
+        self.layers: dict[str, QuantizedLayer] = {
+            e["name"]: QuantizedLayer(path, e, payload[e["offset"] : e["offset"] + e["nbytes"]]) for e in meta["layers"]
+        }
+
+    recipe = property(lambda self: self.meta["recipe"])
+    provenance = property(lambda self: self.meta["provenance"])
+    metrics = property(lambda self: self.meta["metrics"])
+
+    @cached_property
+    def tensors(self) -> dict[str, Tensor]:
+        """Every state-dict entry other than the quantized weights, as stored."""
+        out = {}
+        for e in self.meta["tensors"]:
+            n = math.prod(e["shape"])
+            arr = np.frombuffer(self._payload, dtype=e["dtype"], count=n, offset=e["offset"]).copy()
+            out[e["key"]] = torch.from_numpy(arr).reshape(e["shape"])
+        return out
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(layer.nbytes for layer in self.layers.values())
+
+    @property
+    def entropy_bound_bits(self) -> float:
+        """``Σ n·H(codes)`` over the quantized layers (order-0 bound), from the frequency tables."""
+        return sum(layer.entropy_bound_bits for layer in self.layers.values())
+
+    @property
+    def fp32_bytes(self) -> int:
+        """Bytes of the dense state dict in float32 (integer buffers at their own size)."""
+        total = sum(4 * layer.numel for layer in self.layers.values())
+        for e in self.meta["tensors"]:
+            total += math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize
+        return total
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The plain model's state dict with dequantized weights (float32, CPU)."""
+        by_param = {layer.param: layer for layer in self.layers.values()}
+        tensors = self.tensors
+        return {k: by_param[k].decode() if k in by_param else tensors[k].clone() for k in self.meta["state_keys"]}
+
+    def build_model(self) -> nn.Module:
+        """The plain architecture (no parametrizations) holding the decoded weights, in eval mode."""
+        from codeq_cli.models import create
+
+        model = create(self.spec, pretrained=False)
+        try:
+            model.load_state_dict(self.state_dict(), strict=True)
+        except RuntimeError as exc:
+            prov = self.provenance if isinstance(self.provenance, dict) else {}
+            versions = ", ".join(f"{k} {prov[k]}" for k in ("torch", "torchvision", "timm") if k in prov)
+            first = " ".join(str(exc).split())[:160]
+            raise CheckpointError(
+                f"{self.path} does not fit {self.spec.label} as this installation builds it ({first})",
+                hint=f"install the versions that wrote it ({versions})" if versions else "compress the model again",
+            ) from None
+        return model.eval()
+
+    def __repr__(self) -> str:
+        return f"CompressedModel({str(self.path)!r}, {self.spec.label}, {len(self.layers)} quantized layers, {self.file_bytes} bytes)"
+
+
+def _foreign(p: Path, data: bytes) -> CheckpointError:
+    hint = "pass a file written by `codeq compress`"
+    if data[:4] == b"PK\x03\x04":
+        return CheckpointError(f"{p} is a zip archive (a PyTorch file saved with torch.save?), not a codeq checkpoint; it was not opened", hint=hint)
+    if data[:1] == b"\x80" and len(data) > 1 and 2 <= data[1] <= 5:
+        return CheckpointError(f"{p} is a Python pickle, not a codeq checkpoint; it was not opened, since unpickling can run code", hint=hint)
+    if len(data) >= 10 and data[8:9] == b"{" and 8 + int.from_bytes(data[:8], "little") <= len(data):
+        return CheckpointError(f"{p} is a safetensors file, not a codeq checkpoint", hint=hint)
+    return CheckpointError(f"{p} is not a codeq checkpoint (it does not start with the CODEQ signature)", hint=hint)
+
+
+def _read(p: Path) -> bytes:
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {str(p)!r} does not exist", hint="check the path (codeq compress writes it with --out)")
+    if p.is_dir():
+        raise CheckpointError(f"checkpoint path {str(p)!r} is a folder", hint="pass the checkpoint file itself")
+    try:
+        return p.read_bytes()
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {str(p)!r} ({exc.strerror})", hint="check the file's permissions") from None
+
+
+def load(path: str | os.PathLike) -> CompressedModel:
+    """Open a checkpoint written by :func:`save`; refuses, in one line, anything else.
+
+    Missing, empty, truncated, damaged (checksum), foreign (a pickle, a
+    PyTorch zip, safetensors, anything without the signature) and
+    newer-format files raise :class:`CheckpointError`. Nothing in the file is
+    ever executed: the reader parses a fixed header, JSON and raw numbers.
+    """
+    p = Path(path)
+    data = _read(p)
+    size = len(data)
+    if size == 0:
+        raise CheckpointError(f"{p} is empty (0 bytes)", hint="the write did not finish or the copy failed; copy it again or compress again")
+    if not MAGIC.startswith(data[: len(MAGIC)]):
+        raise _foreign(p, data)
+    if size < HEADER_BYTES:
+        raise CheckpointError(f"{p} is truncated ({size} bytes, shorter than the header)", hint="copy it again or compress again")
+    _, version, _flags, meta_len, payload_len = _HEAD.unpack_from(data)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p} uses checkpoint format {version}, newer than this codeq reads (up to {FORMAT_VERSION})",
+            hint="upgrade codeq (pip install -U codeq); if the file should be older, it is damaged",
+        )
+    if version < 1:
+        raise CheckpointError(f"{p} claims checkpoint format {version}, which no codeq writes", hint="the file is damaged; copy it again or compress again")
+    expected = HEADER_BYTES + meta_len + payload_len
+    if size < expected:
+        raise CheckpointError(f"{p} is truncated ({size} of {expected} bytes)", hint="the write or the copy was cut short; copy it again or compress again")
+    if size > expected:
+        raise CheckpointError(f"{p} has {size - expected} unexpected bytes after the end of the checkpoint",
+                              hint="the file is damaged or was appended to; copy it again or compress again")
+    view = memoryview(data)
+    digest = hashlib.sha256(view[: _HEAD.size])
+    digest.update(view[HEADER_BYTES:])
+    if digest.digest() != data[_HEAD.size : HEADER_BYTES]:
+        raise CheckpointError(f"{p} is damaged: its checksum does not match its contents",
+                              hint="copy it again from the original or compress again")
+    try:
+        meta = json.loads(bytes(view[HEADER_BYTES : HEADER_BYTES + meta_len]).decode("utf-8"))
+        payload = view[HEADER_BYTES + meta_len :]
+        _validate(meta, len(payload))
+        return CompressedModel(p, meta, payload, size)
+    except (ValueError, KeyError, TypeError) as exc:
+        detail = " ".join(str(exc).split())[:120]
+        raise CheckpointError(f"{p} has malformed metadata ({detail})",
+                              hint="it was not written by codeq or was edited; compress again") from None
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(what)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _shape_ok(shape) -> bool:
+    return isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
+
+
+def _validate(meta, payload_len: int) -> None:
+    """Types and bounds of everything the reader uses, so later code cannot trip over the file."""
+    _check(isinstance(meta, dict) and meta.get("format") == "codeq", "not a codeq metadata object")
+    for key in ("model", "data_config", "recipe", "provenance", "metrics", "macs", "coder"):
+        _check(isinstance(meta.get(key), dict), f"{key} is not an object")
+    for key in ("rows", "state_keys", "layers", "tensors"):
+        _check(isinstance(meta.get(key), list), f"{key} is not a list")
+    _check(meta.get("class_names") is None or isinstance(meta["class_names"], list), "class_names is not a list")
+    _check(meta.get("data_dir") is None or isinstance(meta["data_dir"], str), "data_dir is not a string")
+    meta.setdefault("class_names", None)
+    meta.setdefault("data_dir", None)
+    ModelSpec.from_dict(meta["model"])
+    DataConfig.from_dict(meta["data_config"])
+    names = {f.name for f in fields(LayerRow)}
+    for r in meta["rows"]:
+        _check(isinstance(r, dict) and set(r) == names, "a BOPs row has the wrong fields")
+
+    def span(e) -> None:
+        _check(_is_int(e.get("offset")) and _is_int(e.get("nbytes")), "offset/nbytes missing")
+        _check(0 <= e["offset"] and 0 <= e["nbytes"] and e["offset"] + e["nbytes"] <= payload_len, "an entry points outside the payload")
+
+    keys = set()
+    for e in meta["layers"]:
+        _check(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("param"), str), "a layer lacks name/param")
+        _check(_shape_ok(e.get("shape")), f"layer {e['name']}: bad shape")
+        _check(_is_int(e.get("bits")) and B_MIN <= e["bits"] <= B_MAX, f"layer {e['name']}: bits outside {B_MIN}-{B_MAX}")
+        for k in ("step", "shift"):
+            v = e.get(k)
+            _check(isinstance(v, (int, float)) and math.isfinite(v) and float(np.float32(v)) == v, f"layer {e['name']}: {k} is not a float32 value")
+            e[k] = float(v)
+        _check(_is_int(e.get("crc32")), f"layer {e['name']}: crc32 missing")
+        span(e)
+        keys.add(e["param"])
+    for e in meta["tensors"]:
+        _check(isinstance(e, dict) and isinstance(e.get("key"), str), "a tensor lacks its key")
+        _check(e.get("dtype") in _STORED, f"tensor {e['key']}: dtype {e.get('dtype')!r} not allowed")
+        _check(_shape_ok(e.get("shape")), f"tensor {e['key']}: bad shape")
+        span(e)
+        _check(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize == e["nbytes"], f"tensor {e['key']}: size does not match its shape")
+        keys.add(e["key"])
+    _check(all(isinstance(k, str) for k in meta["state_keys"]) and set(meta["state_keys"]) == keys, "state_keys do not match the stored tensors")
+    _check(len(meta["state_keys"]) == len(keys) == len(meta["layers"]) + len(meta["tensors"]), "a state-dict key is stored twice")

@@ -1,0 +1,242 @@
+"""What a compressed checkpoint holds, as data first and text second.
+
+:func:`report_data` turns a loaded checkpoint into one plain dict (the JSON
+that ``codeq report --json`` prints; schema in ``docs/report.md``) from the
+metadata alone: no model is built and no data is read, so it answers in the
+time it takes to read the file. The renderers (:func:`render_table`,
+:func:`to_csv`, :func:`to_markdown`) take only that dict.
+
+BOPs follow ``shared/codeq-method.md`` §4 (:mod:`codeq_cli.bops`): products of
+two activations (attention's ``QKᵀ`` and ``AV``) are in neither sum.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import TYPE_CHECKING
+
+from codeq_cli.bops import A_BITS, FP_BITS, bops_totals
+
+if TYPE_CHECKING:  # pragma: no cover
+    from rich.console import Console
+
+    from codeq_cli.checkpoint import CompressedModel
+
+LAYER_KEYS = ("name", "kind", "shape", "params", "macs", "bits", "sparsity", "bops", "bops_share", "quantized")
+NOTES = ("BOPs count the weight × activation products of convolution and linear layers at 32-bit activations; "
+         "products of two activations (attention's QKᵀ and AV) are in neither sum",)
+
+
+def report_data(ckpt: CompressedModel) -> dict:
+    """The report of a checkpoint as plain data (see ``docs/report.md``)."""
+    rows = ckpt.rows
+    t = bops_totals(rows)
+    bops = t["bops"]
+    layers = [
+        {
+            "name": r.name,
+            "kind": r.kind,
+            "shape": list(r.shape),
+            "params": r.params,
+            "macs": r.macs,
+            "bits": r.bits,
+            "sparsity": r.sparsity,
+            "bops": r.bops,
+            "bops_share": 100.0 * r.bops / bops if bops else 0.0,
+            "quantized": r.quantized,
+        }
+        for r in rows
+    ]
+    bound = ckpt.entropy_bound_bits / 8.0
+    weight_bytes = ckpt.weight_bytes
+    fp32 = ckpt.fp32_bytes
+    totals = {
+        "layers": t["layers"],
+        "quantized_layers": t["quantized_layers"],
+        "params": t["params"],
+        "quantized_params": t["quantized_params"],
+        "macs": t["macs"],
+        "bops": bops,
+        "dense_bops": t["macs"] * FP_BITS * A_BITS,
+        "rel_bops": t["rel_bops"],
+        "sparsity": t["sparsity"],
+        "avg_bits": t["avg_bits"],
+        "mean_layer_sparsity": t["mean_layer_sparsity"],
+        "mean_layer_bits": t["mean_layer_bits"],
+        "file_bytes": ckpt.file_bytes,
+        "fp32_bytes": fp32,
+        "weight_bytes": weight_bytes,
+        "entropy_bound_bytes": bound,
+        "compression_ratio": fp32 / ckpt.file_bytes if ckpt.file_bytes else 0.0,
+        "file_vs_bound": ckpt.file_bytes / bound if bound else None,
+        "weights_vs_bound": weight_bytes / bound if bound else None,
+    }
+    spec = ckpt.spec
+    model = {
+        "label": spec.label,
+        **spec.to_dict(),
+        "input_size": list(ckpt.data_config.input_size),
+        "classes": len(ckpt.class_names) if ckpt.class_names is not None else None,
+    }
+    return {
+        "file": str(ckpt.path),
+        "format_version": ckpt.format_version,
+        "model": model,
+        "layers": layers,
+        "totals": totals,
+        "metrics": dict(ckpt.metrics),
+        "recipe": dict(ckpt.recipe),
+        "provenance": dict(ckpt.provenance),
+        "notes": list(NOTES),
+    }
+
+
+# -- formatting helpers -----------------------------------------------------------
+
+
+def _si(n: float) -> str:
+    """``11689512`` → ``11.69M``."""
+    n = float(n)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+def _shape(shape) -> str:
+    return "×".join(str(d) for d in shape)
+
+
+def _flat(d: dict, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out += _flat(v, key + ".")
+        else:
+            out.append((key, v))
+    return out
+
+
+def _value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ",".join(_value(x) for x in v) if v else "[]"
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "none" if v is None else str(v)
+
+
+def recipe_line(recipe: dict) -> str:
+    """The recipe as ``key=value`` pairs on one line (nested keys dotted)."""
+    return " ".join(f"{k}={_value(v)}" for k, v in _flat(recipe)) or "(none recorded)"
+
+
+def summary_lines(data: dict) -> list[str]:
+    """The summary under the table, also used by :func:`to_markdown`."""
+    t, m = data["totals"], data["metrics"]
+    lines = [
+        f"params {_si(t['params'])} ({_si(t['quantized_params'])} quantized in {t['quantized_layers']} of {t['layers']} layers), "
+        f"MACs {_si(t['macs'])}, relative BOPs {t['rel_bops']:.2f}%",
+        f"sparsity {t['sparsity']:.3f}, bits {t['avg_bits']:.2f} (parameter-weighted; layer means "
+        f"{t['mean_layer_sparsity']:.3f} and {t['mean_layer_bits']:.2f})",
+    ]
+    size = f"file {_mb(t['file_bytes'])}, fp32 {_mb(t['fp32_bytes'])}: {t['compression_ratio']:.1f}× smaller"
+    if t["file_vs_bound"] is not None:
+        size += (f"; entropy bound of the codes {_mb(t['entropy_bound_bytes'])} (file {t['file_vs_bound']:.3f}×, "
+                 f"coded weights {t['weights_vs_bound']:.4f}× the bound)")
+    lines.append(size)
+    top1, fp = m.get("top1"), m.get("fp_top1")
+    if top1 is not None or fp is not None:
+        parts = []
+        if top1 is not None:
+            parts.append(f"top-1 {top1:.2f}% (compressed)")
+        if fp is not None:
+            parts.append(f"{fp:.2f}% (FP)")
+        if top1 is not None and fp is not None:
+            parts.append(f"change {top1 - fp:+.2f}")
+        lines.append(", ".join(parts))
+    lines.append(f"recipe: {recipe_line(data['recipe'])}")
+    return lines
+
+
+def _cells(layer: dict) -> list[str]:
+    return [
+        layer["name"],
+        layer["kind"],
+        _shape(layer["shape"]),
+        _si(layer["params"]),
+        _si(layer["macs"]),
+        str(layer["bits"]) if layer["quantized"] else "fp32",
+        f"{layer['sparsity']:.3f}",
+        _si(layer["bops"]),
+        f"{layer['bops_share']:.2f}%",
+    ]
+
+
+def _total_cells(data: dict) -> list[str]:
+    t = data["totals"]
+    return ["total", "", "", _si(t["params"]), _si(t["macs"]), f"{t['avg_bits']:.2f}", f"{t['sparsity']:.3f}",
+            _si(t["bops"]), "100.00%" if t["bops"] else "0.00%"]
+
+
+_HEADERS = ("layer", "kind", "shape", "params", "MACs", "bits", "sparsity", "BOPs", "share")
+
+
+# -- renderers --------------------------------------------------------------------
+
+
+def render_table(data: dict, console: Console) -> None:
+    """A rich table of the layers with a totals row, then the summary."""
+    from rich.table import Table
+
+    m = data["model"]
+    title = f"{m['label']}  {_shape(m['input_size'])}  ({data['file']})"
+    table = Table(title=title, title_justify="left")
+    for i, h in enumerate(_HEADERS):
+        table.add_column(h, justify="left" if i < 3 else "right", no_wrap=i == 0)
+    layers = data["layers"]
+    for i, layer in enumerate(layers):
+        table.add_row(*_cells(layer), end_section=i == len(layers) - 1)
+    table.add_row(*_total_cells(data), style="bold")
+    console.print(table)
+    for line in summary_lines(data):
+        console.print(line, markup=False, highlight=False)
+    for note in data.get("notes", ()):
+        console.print(f"note: {note}", markup=False, highlight=False, style="dim")
+
+
+def to_csv(data: dict) -> str:
+    """One row per layer, the columns of ``layers`` in the JSON (shape as ``64x3x7x7``)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(LAYER_KEYS)
+    for layer in data["layers"]:
+        w.writerow([
+            layer["name"], layer["kind"], "x".join(str(d) for d in layer["shape"]), layer["params"], layer["macs"],
+            layer["bits"], repr(float(layer["sparsity"])), repr(float(layer["bops"])), repr(float(layer["bops_share"])),
+            layer["quantized"],
+        ])
+    return buf.getvalue()
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(data: dict) -> str:
+    """A heading, the summary as a list, and the per-layer table with a totals row."""
+    m = data["model"]
+    out = [f"## {m['label']} ({_shape(m['input_size'])})", ""]
+    out += [f"- {_md_escape(line)}" for line in summary_lines(data)]
+    out += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "|".join(":---" if i < 3 else "---:" for i in range(len(_HEADERS))) + "|"]
+    for layer in data["layers"]:
+        out.append("| " + " | ".join(_md_escape(c) for c in _cells(layer)) + " |")
+    out.append("| " + " | ".join(f"**{c}**" if c else "" for c in _total_cells(data)) + " |")
+    for note in data.get("notes", ()):
+        out += ["", f"Note: {note}."]
+    return "\n".join(out) + "\n"
