@@ -26,6 +26,20 @@ _EXPORTS = {
     "measure_macs": "codeq_cli.bops",
     "bops_rows": "codeq_cli.bops",
     "bops_totals": "codeq_cli.bops",
+    "dequantized_state_dict": "codeq_cli.insert",
+    "save": "codeq_cli.checkpoint",
+    "load": "codeq_cli.checkpoint",
+    "CompressedModel": "codeq_cli.checkpoint",
+    "SaveInfo": "codeq_cli.checkpoint",
+    "report_data": "codeq_cli.report",
+    "export_state_dict": "codeq_cli.export",
+    "export_onnx": "codeq_cli.export",
+    "entropy_bound_bits": "codeq_cli.entropy",
+    "load_recipe": "codeq_cli.recipe",
+    "Recipe": "codeq_cli.recipe",
+    "load_model": "codeq_cli.models",
+    "ModelSpec": "codeq_cli.models",
+    "CheckpointError": "codeq_cli.errors",
     "CodeqError": "codeq_cli.errors",
     "UsageError": "codeq_cli.errors",
 }
@@ -34,8 +48,14 @@ __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
     from codeq_cli.bops import bops_rows, bops_totals, measure_macs
-    from codeq_cli.errors import CodeqError, UsageError
-    from codeq_cli.insert import bake_, plan, quantize_, quantized_weights, quantizer_parameters
+    from codeq_cli.checkpoint import CompressedModel, SaveInfo, load, save
+    from codeq_cli.entropy import entropy_bound_bits
+    from codeq_cli.errors import CheckpointError, CodeqError, UsageError
+    from codeq_cli.export import export_onnx, export_state_dict
+    from codeq_cli.insert import bake_, dequantized_state_dict, plan, quantize_, quantized_weights, quantizer_parameters
+    from codeq_cli.models import ModelSpec, load_model
+    from codeq_cli.recipe import Recipe, load_recipe
+    from codeq_cli.report import report_data
     from codeq_cli.quantizer import DeadZoneQuantizer, Encoded, dequantize
 
 

@@ -229,14 +229,158 @@ def _recipes_show(
     _output(json_, False).result(recipe.to_dict(), recipe_to_yaml(recipe).rstrip())
 
 
+@app.command()
+def report(
+    file: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `codeq compress`.")],
+    json_: JsonOpt = False,
+    csv_: Annotated[bool, typer.Option("--csv", help="Print the per-layer rows as CSV.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print the report as a Markdown table.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON/CSV/Markdown to this file.")] = None,
+) -> None:
+    """Per-layer sparsity, bits and BOPs of a checkpoint (no data, no model build)."""
+    if sum((json_, csv_, markdown)) > 1:
+        raise typer.BadParameter("choose one of --json, --csv and --markdown")
+    from codeq_cli.checkpoint import load
+    from codeq_cli.report import render_table, report_data, to_csv, to_markdown
+
+    data = report_data(load(file))
+    output = _output(json_, False)
+    text = None
+    if json_:
+        import json
+
+        text = json.dumps(data, indent=2) + "\n"
+        output.result(data)
+    elif csv_:
+        text = to_csv(data)
+        sys.stdout.write(text)
+    elif markdown:
+        text = to_markdown(data)
+        sys.stdout.write(text)
+    else:
+        render_table(data, output.out)
+    if out is not None:
+        from codeq_cli._io import write_text
+
+        if text is None:
+            import json
+
+            text = json.dumps(data, indent=2) + "\n"
+        write_text(out, text)
+
+
+@app.command("eval")
+def eval_(
+    file: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `codeq compress`.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="DIR with val/ class folders, or a folder of class folders [default: the one recorded at compress time].")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")] = 128,
+    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Data-loading processes.")] = 4,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N [default: cuda when present].")] = None,
+    compare_fp: Annotated[bool, typer.Option("--compare-fp", help="Also evaluate the original FP model and print the drop.")] = False,
+    weights: Annotated[Optional[Path], typer.Option("--weights", help="With --compare-fp: the FP state dict [default: pretrained].")] = None,
+    min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Exit 1 when top-1 (percent) is below this (CI gate).")] = None,
+    subset: Annotated[Optional[str], typer.Option("--subset", help="Evaluate on part of the data: a fraction or images per class.")] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Top-1/top-5 of the decoded compressed model."""
+    from codeq_cli.evaluate import EvalOptions, run
+
+    output = _output(json_, quiet)
+    opts = EvalOptions(file, data, batch_size, workers, device, compare_fp, weights, subset)
+    progress = _BatchProgress(output)
+
+    def on_event(e: dict) -> None:
+        if e.get("event") == "data":
+            how = "recorded at compress time" if e["recorded"] else "from --data"
+            output.info(f"evaluating on {e['folder']} ({how})")
+
+    with progress:
+        res = run(opts, on_batch=progress, on_event=on_event)
+    lines = [f"{res['model']}: top-1 {res['top1']:.2f}%  top-5 {res['top5']:.2f}%  ({res['samples']} images)"]
+    if "fp_top1" in res:
+        lines.append(f"FP model ({res['fp_weights']}): top-1 {res['fp_top1']:.2f}%  drop {res['fp_top1'] - res['top1']:.2f} points")
+        res["drop"] = res["fp_top1"] - res["top1"]
+    if min_top1 is not None:
+        res["min_top1"] = min_top1
+        res["passed"] = res["top1"] >= min_top1
+        lines.append(f"gate --min-top1 {min_top1}: {'passed' if res['passed'] else 'FAILED'}")
+    output.result(res, "\n".join(lines))
+    if min_top1 is not None and not res["passed"]:
+        raise typer.Exit(1)
+
+
+class _BatchProgress:
+    """A progress bar over batches on a terminal; nothing otherwise."""
+
+    def __init__(self, output) -> None:
+        self.output = output
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        if self.output.animated:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                console=self.output.err, transient=True)
+            self.bar.start()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.task = self.bar.add_task("eval", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+@app.command()
+def export(
+    file: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `codeq compress`.")],
+    to: Annotated[Path, typer.Option("--to", help="Output: .safetensors or .pt (dense state dict) or .onnx.")],
+    format_: Annotated[Optional[str], typer.Option("--format", help="safetensors, pt or onnx [default: from the suffix of --to].")] = None,
+    opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Dense dequantized weights for deployment (loads with strict=True), or ONNX."""
+    from codeq_cli.checkpoint import load
+    from codeq_cli.errors import UsageError
+    from codeq_cli.export import export_onnx, export_state_dict
+
+    fmt = (format_ or to.suffix.lstrip(".")).lower()
+    suffixes = {"safetensors": ".safetensors", "pt": ".pt", "pth": ".pth", "onnx": ".onnx"}
+    if fmt not in suffixes:
+        raise UsageError(f"--format {fmt!r} is not supported", hint="use safetensors, pt or onnx")
+    if to.suffix.lower() != suffixes[fmt] and not (fmt == "pt" and to.suffix.lower() == ".pth"):
+        to = to.with_name(to.name + suffixes[fmt])
+    if to.exists() and not overwrite:
+        raise UsageError(f"{str(to)!r} exists", hint="pass --overwrite to replace it")
+    ckpt = load(file)
+    path = export_onnx(ckpt, to, opset=opset) if fmt == "onnx" else export_state_dict(ckpt, to)
+    size = Path(path).stat().st_size
+    _output(json_, False).result(
+        {"path": str(path), "format": fmt, "bytes": size, "model": ckpt.spec.label},
+        f"wrote {path} ({size / 1e6:.2f} MB, {fmt}); load it into {ckpt.spec.label} with strict=True"
+        if fmt != "onnx" else f"wrote {path} ({size / 1e6:.2f} MB, ONNX opset {opset})",
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``codeq`` console script and ``python -m codeq_cli``."""
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     try:
-        app(args=args, prog_name="codeq", standalone_mode=False)
+        rc = app(args=args, prog_name="codeq", standalone_mode=False)
+        if isinstance(rc, int) and rc:  # typer.Exit(code) comes back as a return value here
+            sys.exit(rc)
     except typer.Exit as exc:
-        sys.exit(exc.exit_code)
+        sys.exit(exc.args[0] if exc.args else 0)
     except typer.Abort:
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)

@@ -33,11 +33,15 @@ class Output:
 
     def __post_init__(self) -> None:
         plain = _plain()
+        # Off a terminal rich would assume 80 columns and cut table cells; files and
+        # pipes get a wide page instead.
         self.err = Console(stderr=True, no_color=plain, highlight=False, soft_wrap=True,
-                           force_terminal=None if not plain else False)
+                           force_terminal=None if not plain else False,
+                           width=None if sys.stderr.isatty() else 240)
         out_plain = bool(os.environ.get("NO_COLOR")) or not sys.stdout.isatty()
         self.out = Console(no_color=out_plain, highlight=False, soft_wrap=True,
-                           force_terminal=None if not out_plain else False)
+                           force_terminal=None if not out_plain else False,
+                           width=None if sys.stdout.isatty() else 240)
 
     @property
     def animated(self) -> bool:

@@ -131,9 +131,30 @@ def _value(v) -> str:
     return "none" if v is None else str(v)
 
 
+_RECIPE_CORE = ("mode", "bits", "b_min", "b_max", "lambda_dz", "lambda_bit", "optimizer", "lr", "lr_dz", "lr_bit",
+                "epochs", "schedule", "batch_size")
+
+
 def recipe_line(recipe: dict) -> str:
-    """The recipe as ``key=value`` pairs on one line (nested keys dotted)."""
-    return " ".join(f"{k}={_value(v)}" for k, v in _flat(recipe)) or "(none recorded)"
+    """The recipe's essentials on one line: precision, λ, optimizer, regime (and patterns if any)."""
+    if not recipe:
+        return "(none recorded)"
+    if not all(k in recipe for k in _RECIPE_CORE):  # not a codeq recipe: show it all
+        return " ".join(f"{k}={_value(v)}" for k, v in _flat(recipe))
+    r = recipe
+    mixed = r["mode"] == "mixed"
+    parts = [f"mixed {r['b_min']}-{r['b_max']} bits" if mixed else f"fixed {r['bits']} bits",
+             f"lambda_dz={_value(r['lambda_dz'])}"]
+    if mixed:
+        parts.append(f"lambda_bit={_value(r['lambda_bit'])}")
+    lrs = f"{r['optimizer']} lr={_value(r['lr'])} lr_dz={_value(r['lr_dz'])}"
+    if mixed:
+        lrs += f" lr_bit={_value(r['lr_bit'])}"
+    parts += [lrs, f"{r['epochs']} epochs {r['schedule']}", f"batch {r['batch_size']}"]
+    for key in ("include", "exclude"):
+        if r.get(key):
+            parts.append(f"{key}={_value(r[key])}")
+    return ", ".join(parts)
 
 
 def summary_lines(data: dict) -> list[str]:

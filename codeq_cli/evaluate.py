@@ -1,0 +1,88 @@
+"""``codeq eval``: top-1/top-5 of the decoded model a checkpoint ships.
+
+The model is rebuilt from the file alone (:meth:`CompressedModel.build_model`)
+and evaluated with the checkpoint's own data config on ``DIR/val`` (or on DIR
+itself when it is a folder of class folders). Without ``--data`` the
+validation folder recorded at compress time is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from codeq_cli.errors import UsageError
+
+
+@dataclass
+class EvalOptions:
+    checkpoint: Path
+    data: Path | None = None
+    batch_size: int = 128
+    workers: int = 4
+    device: str | None = None
+    compare_fp: bool = False
+    weights: Path | None = None
+    subset: str | None = None
+
+
+def data_folder(requested: Path | None, recorded: str | None) -> tuple[Path, bool]:
+    """The folder to evaluate on and whether it came from the checkpoint."""
+    if requested is not None:
+        return Path(requested), False
+    if not recorded:
+        raise UsageError("the checkpoint records no data folder", hint="pass --data DIR (a folder with val/ class folders)")
+    path = Path(recorded)
+    if not path.is_dir():
+        raise UsageError(f"the validation folder recorded at compress time ({recorded}) is gone", hint="pass --data DIR")
+    return path, True
+
+
+def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, on_event=lambda e: None) -> dict:
+    """Evaluate the checkpoint; returns ``{"top1", "top5", "samples", "loss", "data", ...}`` (percent)."""
+    from codeq_cli import dist
+    from codeq_cli.checkpoint import load
+    from codeq_cli.data import build_loader, eval_folder
+    from codeq_cli.train import evaluate
+
+    if opts.batch_size < 1:
+        raise UsageError(f"--batch-size {opts.batch_size} must be at least 1")
+    ckpt = load(opts.checkpoint)
+    folder, recorded = data_folder(opts.data, ckpt.data_dir)
+    on_event({"event": "data", "folder": str(folder), "recorded": recorded})
+    device = dist.resolve_device(opts.device)
+    dataset = eval_folder(folder, ckpt.data_config, class_names=ckpt.class_names, subset=opts.subset)
+    if len(dataset) == 0:
+        raise UsageError(f"no images to evaluate in {str(folder)!r}", hint="pass a folder with val/<class>/ images")
+    loader = build_loader(dataset, opts.batch_size, workers=opts.workers, pin_memory=device.type == "cuda")
+    model = ckpt.build_model().to(device)
+    res = evaluate(model, loader, device, on_batch=on_batch)
+    out = {
+        "checkpoint": str(opts.checkpoint),
+        "model": ckpt.spec.label,
+        "data": str(folder),
+        "data_recorded": recorded,
+        **res.to_dict(),
+        "compress_fp_top1": (ckpt.metrics or {}).get("fp_top1"),
+        "skipped_images": dataset.stats.skipped,
+    }
+    if opts.compare_fp:
+        out.update(_compare_fp(ckpt, opts, dataset, device, on_batch))
+    return out
+
+
+def _compare_fp(ckpt, opts: EvalOptions, dataset, device: torch.device, on_batch) -> dict:
+    """The original FP model (``--weights`` or the pretrained weights) on the same images."""
+    from codeq_cli.data import build_loader
+    from codeq_cli.models import load_model
+    from codeq_cli.train import evaluate
+
+    spec = ckpt.spec
+    loaded = load_model(spec.label, weights=opts.weights, pretrained=opts.weights is None,
+                        num_classes=spec.num_classes, in_chans=spec.in_chans)
+    loader = build_loader(dataset, opts.batch_size, workers=opts.workers, pin_memory=device.type == "cuda")
+    fp = evaluate(loaded.model.to(device), loader, device, on_batch=on_batch)
+    return {"fp_top1": fp.top1, "fp_top5": fp.top5, "fp_weights": loaded.weights}
