@@ -140,7 +140,6 @@ def compress(
 
         raise typer.Exit(launch(nproc, sys.argv[1:]))
     from codeq_cli.compress import CompressOptions, run
-    from codeq_cli.console import TrainingProgress
 
     output = _output(json_, quiet)
     opts = CompressOptions(
@@ -156,34 +155,15 @@ def compress(
     is_main = dist.DistInfo(rank=int(os.environ.get("RANK", "0"))).is_main
     if not is_main:
         output.quiet = True
-    progress = TrainingProgress(output)
-
-    def on_event(e: dict) -> None:
-        kind = e.get("event")
-        if kind == "note":
-            output.info(e["text"])
-        elif kind == "data":
-            output.info(f"data: {e['train']} training and {e['val']} validation images, {e['classes']} classes, "
-                        f"input {'x'.join(str(x) for x in e['input_size'][1:])}")
-        elif kind == "baseline":
-            output.info(f"FP baseline: top-1 {e['top1']:.2f}%  top-5 {e['top5']:.2f}% ({e['samples']} images)")
-        elif kind == "quantized":
-            output.info(f"quantizers inserted into {e['layers']} layers")
-        elif kind == "resumed":
-            output.info(f"resumed at step {e['step']} (epoch {e['epoch'] + 1})")
-        elif kind == "final":
-            output.info(f"compressed model: top-1 {e['top1']:.2f}%  sparsity {e['sparsity']:.3f}  "
-                        f"bits {e['avg_bits']:.2f}  rel BOPs {e['rel_bops']:.2f}%")
-        else:
-            progress(e)
-
+    on_event = _compress_events(output)
     try:
-        with _StopOnSignal(output) as stop, progress:
+        with _StopOnSignal(output) as stop:
             result = run(opts, on_event=on_event, should_stop=stop)
     except Interrupted as exc:
         raise CodeqError(f"interrupted after step {exc.step}; the run state is saved",
                          hint=f"resume with: {_resume_command()}") from None
     finally:
+        on_event.close()
         dist.shutdown()
     if not is_main:
         return
@@ -369,6 +349,159 @@ def export(
         f"wrote {path} ({size / 1e6:.2f} MB, {fmt}); load it into {ckpt.spec.label} with strict=True"
         if fmt != "onnx" else f"wrote {path} ({size / 1e6:.2f} MB, ONNX opset {opset})",
     )
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="Folder for everything the demo writes.")] = Path("codeq-demo"),
+    model: Annotated[str, typer.Option("--model", help="Model to train and compress.")] = "timm:resnet10t",
+    epochs: Annotated[int, typer.Option("--epochs", min=1, help="CoDeQ fine-tuning epochs.")] = 4,
+    fp_epochs: Annotated[int, typer.Option("--fp-epochs", min=1, help="Epochs of the FP32 starting point.")] = 3,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Batch size.")] = 64,
+    img_size: Annotated[int, typer.Option("--img-size", min=8, help="Input resolution.")] = 32,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed (the demo is deterministic).")] = 0,
+    subset: Annotated[Optional[str], typer.Option("--subset", help="Images per class (or a fraction) for a quicker run.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key of the mixed recipe (repeatable).")] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N [default: cuda when present].")] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Train a small model on bundled Fashion-MNIST, compress it with CoDeQ, report and evaluate it."""
+    from codeq_cli.demo import DemoOptions, run
+    from codeq_cli.train import Interrupted
+
+    output = _output(json_, quiet)
+    opts = DemoOptions(out_dir=out_dir, model=model, img_size=img_size, fp_epochs=fp_epochs, epochs=epochs,
+                       batch_size=batch_size, seed=seed, subset=subset, overrides=list(set_ or []), device=device)
+    on_event = _compress_events(output)
+    try:
+        with _StopOnSignal(output) as stop:
+            res = run(opts, on_event=on_event, should_stop=stop)
+    except Interrupted as exc:
+        raise CodeqError(f"interrupted after step {exc.step}", hint="run `codeq demo` again to start over") from None
+    finally:
+        on_event.close()
+    if not json_ and not quiet:
+        from codeq_cli.checkpoint import load
+        from codeq_cli.report import render_table, report_data
+
+        render_table(report_data(load(res.checkpoint)), output.err)
+    ratio = res.fp32_bytes / res.file_bytes if res.file_bytes else float("nan")
+    human = "\n".join([
+        "",
+        f"codeq demo: {res.model} on Fashion-MNIST ({res.seconds:.0f} s, everything in {res.out_dir}/)",
+        f"  FP32 top-1        {res.fp_top1:6.2f}%",
+        f"  compressed top-1  {res.top1:6.2f}%   (drop {res.fp_top1 - res.top1:+.2f} points)",
+        f"  relative BOPs     {res.rel_bops:6.2f}%   (of FP32)",
+        f"  sparsity          {res.sparsity:6.3f}    mean bits {res.avg_bits:.2f}",
+        f"  file size         {res.file_bytes / 1e6:6.2f} MB vs {res.fp32_bytes / 1e6:.2f} MB fp32 ({ratio:.1f}x smaller)",
+        "",
+        "the same on your own data (ImageNet-style folder with train/ and val/):",
+        *(f"  {c}" for c in res.commands),
+    ])
+    output.result(res.to_dict(), human)
+
+
+def _compress_events(output):
+    """An event handler for compress runs: log lines plus the training progress display."""
+    from codeq_cli.console import TrainingProgress
+
+    progress = TrainingProgress(output)
+    state = {"open": False}
+
+    def on_event(e: dict) -> None:
+        kind = e.get("event")
+        if kind in ("note", "stage"):
+            if state["open"]:
+                progress.__exit__(None, None, None)
+                state["open"] = False
+            output.info(e["text"])
+        elif kind == "data":
+            output.info(f"data: {e['train']} training and {e['val']} validation images, {e['classes']} classes, "
+                        f"input {'x'.join(str(x) for x in e['input_size'][1:])}")
+        elif kind == "baseline":
+            output.info(f"FP baseline: top-1 {e['top1']:.2f}%  top-5 {e['top5']:.2f}% ({e['samples']} images)")
+        elif kind == "quantized":
+            output.info(f"quantizers inserted into {e['layers']} layers")
+        elif kind == "resumed":
+            output.info(f"resumed at step {e['step']} (epoch {e['epoch'] + 1})")
+        elif kind == "final":
+            if state["open"]:
+                progress.__exit__(None, None, None)
+                state["open"] = False
+            output.info(f"compressed model: top-1 {e['top1']:.2f}%  sparsity {e['sparsity']:.3f}  "
+                        f"bits {e['avg_bits']:.2f}  rel BOPs {e['rel_bops']:.2f}%")
+        else:
+            if kind == "start" and not state["open"]:
+                progress.__enter__()
+                state["open"] = True
+            progress(e)
+
+    def close() -> None:
+        if state["open"]:
+            progress.__exit__(None, None, None)
+            state["open"] = False
+
+    on_event.close = close  # type: ignore[attr-defined]
+    return on_event
+
+
+@app.command()
+def batch(
+    jobs_file: Annotated[Path, typer.Argument(help="YAML file with jobs and/or a models x recipes matrix (docs/batch.md).")],
+    resume: Annotated[bool, typer.Option("--resume", help="Skip jobs whose outputs are complete; resume interrupted ones.")] = False,
+    summary_dir: Annotated[Optional[Path], typer.Option("--summary-dir", help="Where to write <jobs>.summary.json/.csv [default: beside the jobs file].")] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run many compressions in a row, each isolated; summary table, JSON and CSV; exit 1 if any job failed a gate."""
+    from codeq_cli.batch import load_jobs, run_batch, summary, write_summary
+
+    output = _output(json_, quiet)
+    jobs = load_jobs(jobs_file)
+
+    def on_job(i: int, job: dict) -> None:
+        output.info(f"[{i + 1}/{len(jobs)}] {job['name']}: codeq compress {job['model']} --recipe {job['recipe']}")
+
+    def on_row(row: dict) -> None:
+        msg = row["status"] + (f" ({row['error']})" if row.get("error") else "")
+        output.info(f"    {row['name']}: {msg}")
+
+    rows = run_batch(jobs, resume=resume, on_job=on_job, on_row=on_row,
+                     stderr=subprocess_devnull() if quiet or json_ else None)
+    data = summary(rows)
+    json_path, csv_path = write_summary(data, summary_dir or jobs_file.parent, jobs_file.stem)
+    data["summary_files"] = [str(json_path), str(csv_path)]
+    if json_:
+        output.result(data)
+    else:
+        _batch_table(rows, output)
+        output.info(f"summary: {json_path}, {csv_path}")
+    if not data["passed"]:
+        raise typer.Exit(1)
+
+
+def subprocess_devnull():
+    import subprocess
+
+    return subprocess.DEVNULL
+
+
+def _batch_table(rows: list[dict], output) -> None:
+    from rich.table import Table
+
+    def pct(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    table = Table(title="codeq batch", title_justify="left")
+    for col in ("job", "model", "recipe", "FP top-1", "top-1", "drop", "rel BOPs %", "size MB", "time s", "status"):
+        table.add_column(col, justify="right" if col not in ("job", "model", "recipe", "status") else "left")
+    for r in rows:
+        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
+        table.add_row(r["name"], r["model"], r["recipe"], pct(r["fp_top1"]), pct(r["top1"]), pct(r["drop"]),
+                      pct(r["rel_bops"]), "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}",
+                      f"{r['seconds']:.0f}", status)
+    output.out.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -191,8 +191,6 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         opts.model, weights=opts.weights, pretrained=opts.pretrained, num_classes=opts.num_classes, img_size=opts.img_size
     )
     model, spec = loaded.model, loaded.spec
-    for note in loaded.notes:
-        on_event({"event": "note", "text": note})
     train_set, val_set, classes = build_datasets(
         opts.data, loaded.data, subset=opts.subset, seed=opts.seed, crop_scale=recipe.crop_scale, hflip=recipe.hflip
     )
@@ -202,6 +200,10 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
             f"batch_size {recipe.batch_size} is larger than the {len(train_set)} training images",
             hint=f"pass --batch-size {max(1, len(train_set))} or fewer",
         )
+    # Everything the user gave is checked: from here on, report progress (a
+    # mistake above is one error line with nothing printed before it).
+    for note in loaded.notes:
+        on_event({"event": "note", "text": note})
     on_event({"event": "data", "train": len(train_set), "val": len(val_set), "classes": len(classes),
               "input_size": list(loaded.data.input_size)})
 

@@ -52,11 +52,11 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
         raise UsageError(f"--batch-size {opts.batch_size} must be at least 1")
     ckpt = load(opts.checkpoint)
     folder, recorded = data_folder(opts.data, ckpt.data_dir)
-    on_event({"event": "data", "folder": str(folder), "recorded": recorded})
     device = dist.resolve_device(opts.device)
     dataset = eval_folder(folder, ckpt.data_config, class_names=ckpt.class_names, subset=opts.subset)
     if len(dataset) == 0:
         raise UsageError(f"no images to evaluate in {str(folder)!r}", hint="pass a folder with val/<class>/ images")
+    on_event({"event": "data", "folder": str(folder), "recorded": recorded, "images": len(dataset)})
     loader = build_loader(dataset, opts.batch_size, workers=opts.workers, pin_memory=device.type == "cuda")
     model = ckpt.build_model().to(device)
     res = evaluate(model, loader, device, on_batch=on_batch)
