@@ -103,11 +103,19 @@ def _slug(text: str) -> str:
 
 
 def _one_line(exc: ValidationError, where: str) -> UsageError:
-    err = exc.errors()[0]
+    # An unknown key usually explains the rest (a misspelt required key is also "missing").
+    errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+    err = errors[0]
     loc = ".".join(str(x) for x in err["loc"])
     msg = err["msg"].rstrip(".")
     if err["type"] == "extra_forbidden":
-        return UsageError(f"{where}: unknown key {loc!r}", hint="see docs/batch.md for the keys a jobs file takes")
+        import difflib
+
+        key = str(err["loc"][-1])
+        known = set(JobSpec.model_fields) | set(MatrixSpec.model_fields) | set(JobsFile.model_fields)
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {near[0]!r}?" if near else "see docs/batch.md for the keys a jobs file takes"
+        return UsageError(f"{where}: unknown key {key!r} (at {loc})", hint=hint)
     return UsageError(f"{where}: {loc}: {msg}", hint="see docs/batch.md")
 
 
