@@ -178,3 +178,26 @@ def test_compress_off_a_terminal_prints_plain_lines(tmp_path):
         capture_output=True, text=True, env=ENV,
     )
     assert quiet.returncode == 0 and quiet.stderr == "" and "top-1" in quiet.stdout
+
+
+def test_eval_compare_fp_with_local_weights(tmp_path, capsys):
+    """--compare-fp evaluates the FP model from --weights on the same images and prints the drop."""
+    from safetensors.torch import save_file
+
+    from codeq_cli.models import ModelSpec, create
+
+    data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=3, size=36)
+    fp = create(ModelSpec("timm", "test_resnet", num_classes=3))
+    weights = tmp_path / "fp.safetensors"
+    save_file({k: v.contiguous() for k, v in fp.state_dict().items()}, str(weights))
+    out = tmp_path / "c.pt"
+    code, _, err = cli(["compress", "timm:test_resnet", "--weights", str(weights), "--img-size", "32", "--workers", "0",
+                        "--num-classes", "3", "--data", str(data), "--out", str(out), "--max-steps", "1",
+                        "--batch-size", "4", "--quiet"], capsys)
+    assert code == 0, err
+    code, stdout, _ = cli(["eval", str(out), "--compare-fp", "--weights", str(weights), "--workers", "0", "--json"],
+                          capsys)
+    res = json.loads(stdout)
+    assert code == 0 and res["fp_weights"] == str(weights)
+    assert res["drop"] == pytest.approx(res["fp_top1"] - res["top1"])
+    assert res["fp_top1"] == pytest.approx(res["compress_fp_top1"])  # the same FP model, the same images
