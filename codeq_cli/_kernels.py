@@ -49,7 +49,8 @@ def _build(numba, np):
             m = np.rint(t / s)
             if m > qmax:
                 m = qmax
-            level = m * s + shift if m > zero else zero
+            # m != 0 rather than m > 0: a NaN weight stays NaN, as on the eager path
+            level = m * s + shift if m != zero else zero
             out[i] = np.copysign(level, x)
 
     @njit(parallel=True, cache=True, nogil=True)

@@ -115,7 +115,10 @@ class QuantileCache:
         if k + margin >= n:
             return exact_quantile(w_flat.abs(), q)
         idx = self.idx
-        if idx is not None and (self.numel != n or idx.device != w_flat.device or idx.is_inference()):
+        # A set remembered for another size, device or a larger quantile is too small to hold the k largest.
+        if idx is not None and (
+            self.numel != n or idx.numel() < k or idx.device != w_flat.device or idx.is_inference()
+        ):
             idx = None
         if idx is not None and _kernels.usable(w_flat):
             lo_f, hi_f, ok = _kernels.cached_order_stats(w_flat, idx, idx.numel() - k, need_next)

@@ -117,12 +117,18 @@ def plan(
     targets: list[Target] = []
     seen: set[int] = set()
     for mname, module in model.named_modules():
-        if _is_norm(module):
+        if _is_norm(module) or isinstance(module, parametrize.ParametrizationList):
+            # A ParametrizationList holds the ``original`` of a weight listed at its owner.
             continue
         candidates = _candidate_weights(module)
         for pname in candidates:
             if parametrize.is_parametrized(module, pname):
-                tensor = module.parametrizations[pname].original  # no need to run the parametrization
+                plist = module.parametrizations[pname]
+                if hasattr(plist, "original"):
+                    tensor = plist.original  # no need to run the parametrization
+                else:  # several originals (weight_norm: original0, original1): evaluate it
+                    with torch.no_grad():
+                        tensor = getattr(module, pname)
                 if _quantizer_of(module, pname) is not None:
                     reason = "already quantized by codeq"
                 else:
@@ -152,7 +158,9 @@ def plan(
             targets.append(Target(name, mname, pname, layer_kind(module), shape, reason))
         # Other weight-like tensors: listed so a user sees what stays in float.
         for pname, p in module.named_parameters(recurse=False):
-            if pname in candidates or id(p) in seen or p.dim() < 2:
+            if pname in candidates or id(p) in seen or isinstance(p, nn.parameter.UninitializedParameter):
+                continue  # (a lazy module's bias has no dim() yet)
+            if p.dim() < 2:
                 continue
             seen.add(id(p))
             targets.append(

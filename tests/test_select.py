@@ -1,0 +1,157 @@
+"""Exact quantiles of |w| (``codeq_cli._select``): bit for bit ``torch.quantile``,
+with and without the cached top set, on the numba and the eager path."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from codeq_cli import _kernels
+from codeq_cli._select import _SMALL, QuantileCache, exact_quantile, quantile_rank
+
+
+@pytest.fixture(params=["numba", "eager"])
+def path(request, monkeypatch):
+    """The cache's proof runs in numba loops or in torch ops: test both."""
+    monkeypatch.delenv("CODEQ_KERNELS", raising=False)
+    _kernels._numba.cache_clear()
+    assert _kernels._numba() is not None, "numba is a dependency: the fused path must be available"
+    if request.param == "eager":
+        monkeypatch.setattr(_kernels, "usable", lambda t: False)
+    yield request.param
+    _kernels._numba.cache_clear()
+
+
+SIZES = [1, 2, 3, 7, 100, 101, 201, 1000, _SMALL - 1, _SMALL, _SMALL + 1, 20_000, 65_537, 100_003]
+QS = [0.0, 0.37, 0.5, 0.9, 0.99, 1.0]
+
+
+@pytest.mark.parametrize("n", SIZES)
+def test_equals_torch_quantile(path, n):
+    g = torch.Generator().manual_seed(n)
+    for ties in (False, True):
+        # ties: small integers, so equal values sit at and around the selected ranks
+        w = torch.randint(-4, 5, (n,), generator=g).float() if ties else torch.randn(n, generator=g)
+        for q in QS:
+            expected = torch.quantile(w.abs(), q)
+            assert torch.equal(exact_quantile(w.abs(), q), expected), (n, q, ties)
+            assert torch.equal(exact_quantile(w.abs().view(1, -1, 1), q), expected)  # any shape
+            cache = QuantileCache()
+            assert torch.equal(cache.quantile_abs(w, q), expected), (n, q, ties)  # signs allowed
+            assert torch.equal(cache.quantile_abs(w, q), expected)  # second call: from the cache
+
+
+def test_quantile_rank_by_hand():
+    # float32(0.99) = 0.99000000953674316; rank = q32·(n − 1) in double
+    below, above, weight = quantile_rank(201, 0.99)  # 198.0000019073
+    assert (below, above) == (198, 199)
+    assert weight == pytest.approx(1.9073486e-06, rel=1e-6)
+    below, above, weight = quantile_rank(101, 0.99)  # 99.00000095
+    assert (below, above) == (99, 100) and weight == pytest.approx(9.5367432e-07, rel=1e-6)
+    assert quantile_rank(4, 0.5) == (1, 2, 0.5)  # rank 1.5
+    assert quantile_rank(5, 0.5) == (2, 2, 0.0)  # rank 2: one order statistic
+    assert quantile_rank(10, 1.0) == (9, 9, 0.0)
+    assert quantile_rank(1, 0.99) == (0, 0, 0.0)
+
+
+def test_small_and_empty():
+    assert exact_quantile(torch.tensor([-3.0]).abs(), 0.99).item() == 3.0
+    # n = 2: rank 0.99 → 1 + 0.99·(4 − 1) in float32 arithmetic, as torch.quantile
+    two = torch.tensor([1.0, 4.0])
+    assert torch.equal(exact_quantile(two, 0.99), torch.quantile(two, 0.99))
+    assert exact_quantile(two, 0.99).item() == pytest.approx(3.97, rel=1e-6)
+    assert exact_quantile(torch.empty(0), 0.99).item() == 0.0
+
+
+def test_cache_stays_exact_under_small_steps_and_rebuilds_after_a_jump(path):
+    n = 60_000
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(n, generator=g)
+    # one cache asked for several quantiles: the set kept for 0.99 (the top 1%
+    # and a margin) cannot hold the top half, so 0.5 must rebuild, not index past it
+    cache = QuantileCache()
+    for q in (0.99, 0.5, 0.99, 0.9):
+        assert torch.equal(cache.quantile_abs(w, q), torch.quantile(w.abs(), q))
+    assert (cache.hits, cache.rebuilds) == (2, 2)
+    cache = QuantileCache()
+    cache.quantile_abs(w, 0.99)
+    assert (cache.hits, cache.rebuilds) == (0, 1)
+
+    # small optimizer-like steps: the top set barely moves, every call is a proven hit
+    for _ in range(40):
+        w.add_(torch.randn(n, generator=g), alpha=1e-3)
+        assert torch.equal(cache.quantile_abs(w, 0.99), torch.quantile(w.abs(), 0.99))
+    assert (cache.hits, cache.rebuilds) == (40, 1)
+
+    # one weight from far below jumps above R: the proof fails, the set is rebuilt
+    small = int(w.abs().argmin())
+    w[small] = 50.0
+    assert torch.equal(cache.quantile_abs(w, 0.99), torch.quantile(w.abs(), 0.99))
+    assert (cache.hits, cache.rebuilds) == (40, 2)
+
+    # a big jump: completely new weights
+    w = torch.randn(n, generator=g) * 3
+    assert torch.equal(cache.quantile_abs(w, 0.99), torch.quantile(w.abs(), 0.99))
+    assert cache.rebuilds == 3
+    for _ in range(5):  # and hits again from the new set
+        w.mul_(1.0001)
+        assert torch.equal(cache.quantile_abs(w, 0.99), torch.quantile(w.abs(), 0.99))
+    assert (cache.hits, cache.rebuilds) == (45, 3)
+
+    # ties at the selected rank: many copies of the same magnitude
+    w = torch.randn(n, generator=g)
+    w[w.abs() > 2.0] = -2.5
+    for _ in range(3):
+        assert torch.equal(cache.quantile_abs(w, 0.99), torch.quantile(w.abs(), 0.99))
+    assert cache.hits == 47  # a rebuild for the new set, then two hits
+
+    # another size: rebuilt, never mixed up
+    w = torch.randn(n + 1, generator=g)
+    assert torch.equal(cache.quantile_abs(w, 0.99), torch.quantile(w.abs(), 0.99))
+    assert cache.rebuilds == 5
+
+
+def test_cache_in_inference_mode(path):
+    w = torch.randn(30_000)
+    cache = QuantileCache()
+    with torch.inference_mode():
+        assert torch.equal(cache.quantile_abs(w, 0.99), torch.quantile(w.abs(), 0.99))
+    assert cache.idx is None  # inference tensors are not kept
+    cache.quantile_abs(w, 0.99)
+    with torch.inference_mode():  # an index built outside is used inside
+        assert torch.equal(cache.quantile_abs(w, 0.99), torch.quantile(w.abs(), 0.99))
+    assert (cache.hits, cache.rebuilds) == (1, 2)
+    cache.clear()
+    assert cache.idx is None
+
+
+def _sorted_quantile(w: torch.Tensor, q: float, floor: float) -> torch.Tensor:
+    """The linear-interpolation quantile of |w| by sorting, for ranks among the values ≥ floor.
+
+    Sorting only the tail keeps this fast; the elements below ``floor`` are
+    counted, not sorted. Ranks as ``torch.quantile``: float32(q)·(n − 1).
+    """
+    a = w.abs()
+    n = a.numel()
+    tail = a[a >= floor].sort().values
+    offset = n - tail.numel()
+    rank = float(np.float32(q)) * (n - 1)
+    below, above = math.floor(rank), math.ceil(rank)
+    assert below >= offset, "floor too high for this quantile"
+    weight = float(np.float32(rank - below))
+    return torch.lerp(tail[below - offset], tail[above - offset], weight)
+
+
+def test_more_than_2_pow_24_elements():
+    n = 2**24 + 3  # torch.quantile used to refuse inputs larger than 2**24
+    w = torch.randn(n, generator=torch.Generator().manual_seed(5))
+    expected = _sorted_quantile(w, 0.99, floor=2.0)
+    assert torch.equal(exact_quantile(w.abs(), 0.99), expected)
+    cache = QuantileCache()
+    assert torch.equal(cache.quantile_abs(w, 0.99), expected)
+    w.mul_(1.5)
+    assert torch.equal(cache.quantile_abs(w, 0.99), _sorted_quantile(w, 0.99, floor=3.0))
+    assert (cache.hits, cache.rebuilds) == (1, 1)
