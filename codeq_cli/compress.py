@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,8 +91,17 @@ def _check_paths(opts: CompressOptions, run_dir: Path) -> None:
         raise UsageError(f"--out {str(opts.out)!r} is a folder", hint="give a file path such as out.pt")
     if not opts.out.parent.exists():
         raise UsageError(f"the folder of --out {str(opts.out)!r} does not exist", hint="create it first")
-    if not os.access(opts.out.parent, os.W_OK):
-        raise UsageError(f"cannot write to {str(opts.out.parent)!r}", hint="choose an --out path in a folder you can write to")
+    if not opts.out.parent.is_dir():
+        raise UsageError(f"--out {str(opts.out)!r}: {str(opts.out.parent)!r} is a file, not a folder",
+                         hint="choose an --out path in a folder")
+    # Try it (os.access says yes to root, and on read-only or special file systems):
+    # finding out after hours of training that the result cannot be written loses the run.
+    try:
+        with tempfile.TemporaryFile(dir=opts.out.parent):
+            pass
+    except OSError as exc:
+        raise UsageError(f"--out {str(opts.out)!r}: cannot write to {str(opts.out.parent)!r} ({exc.strerror or exc})",
+                         hint="choose an --out path in a folder you can write to") from None
     state = run_dir / "state.pt"
     if opts.resume:
         if not state.exists():
@@ -105,6 +114,53 @@ def _check_paths(opts: CompressOptions, run_dir: Path) -> None:
             f"an interrupted run is saved in {str(run_dir)!r}",
             hint="pass --resume to continue it or --overwrite to start over",
         )
+
+
+def _make_run_dir(run_dir: Path, out: Path) -> None:
+    from codeq_cli._io import remove_stale_temps
+
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the run folder {str(run_dir)!r} ({exc.strerror or exc})",
+                         hint="pass --run-dir in a folder you can write to") from None
+    for path in (run_dir / "state.pt", out):  # temporary files of a run killed while saving
+        remove_stale_temps(path)
+
+
+def _first_forward(model: torch.nn.Module, input_size, opts: CompressOptions, spec) -> dict[str, int]:
+    """The MACs pass, the model's first forward: an input size it cannot take is a usage error, said once."""
+    from codeq_cli.bops import measure_macs
+    from codeq_cli.models import data_config
+
+    try:
+        return measure_macs(model, input_size)
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        raise
+    except Exception as exc:
+        size = "x".join(str(int(d)) for d in input_size[1:])
+        why = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
+        why = why if len(why) <= 120 else why[:117] + "..."
+        if opts.img_size is None:
+            raise UsageError(f"{spec.label} fails on its own input size {size} ({type(exc).__name__}: {why})",
+                             hint="pass --img-size N with a size the model accepts") from exc
+        native = "x".join(str(d) for d in data_config(model, spec).input_size[1:])
+        raise UsageError(f"--img-size {opts.img_size}: {spec.label} cannot take {size} inputs ({type(exc).__name__}: {why})",
+                         hint=f"choose another --img-size (the model's own input size is {native}) or leave it out") from exc
+
+
+def _load_run_state(model: torch.nn.Module, state: dict, run_dir: Path, label: str) -> None:
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as exc:
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        detail = " ".join((lines[1] if len(lines) > 1 else lines[0] if lines else "").split())
+        detail = detail if len(detail) <= 120 else detail[:117] + "..."
+        raise UsageError(
+            f"--resume: the run state in {str(run_dir)!r} does not fit {label} as now configured ({detail})",
+            hint="--force resumes only changes that keep the layers and quantizers (lr, epochs, λ); "
+            "start over with --overwrite",
+        ) from None
 
 
 def _check_classes(model_classes: int | None, data_classes: int, opts: CompressOptions, label: str) -> None:
@@ -165,8 +221,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     """Compress ``opts.model`` as ``opts`` say; returns where the result went and its figures."""
     from codeq_cli import checkpoint, train
     from codeq_cli._io import write_json, write_text
-    from codeq_cli.bops import bops_rows, bops_totals, measure_macs
-    from codeq_cli.data import build_datasets, collate
+    from codeq_cli.bops import bops_rows, bops_totals
+    from codeq_cli.data import build_datasets, check_root, collate, parse_subset
     from codeq_cli.insert import dequantized_state_dict, quantize_
     from codeq_cli.models import create, load_model, num_outputs
     from codeq_cli.recipe import quantizer_kwargs, recipe_to_yaml
@@ -181,10 +237,22 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
             f"batch_size {recipe.batch_size} does not split over {info.world_size} processes",
             hint=f"use a multiple of {info.world_size} (the recipe's batch size is global)",
         )
+    dist.check_sync_bn(info, recipe.sync_bn)
+    refusal = None
     if info.is_main:
-        _check_paths(opts, run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
+        try:
+            _check_paths(opts, run_dir)
+            _make_run_dir(run_dir, opts.out)
+        except UsageError as exc:
+            refusal = exc
+    # Every rank stops on rank 0's refusal (the others would wait for it forever).
+    refusal = dist.broadcast_object(None if refusal is None else (refusal.message, refusal.hint))
+    if refusal is not None:
+        raise UsageError(refusal[0], hint=refusal[1])
+
+    # --data and --subset are cheap to check: a typo should not wait for a model download.
+    check_root(opts.data)
+    parse_subset(opts.subset)
 
     # Model and data: the data config follows the model.
     loaded = load_model(
@@ -200,14 +268,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
             f"batch_size {recipe.batch_size} is larger than the {len(train_set)} training images",
             hint=f"pass --batch-size {max(1, len(train_set))} or fewer",
         )
-    # Everything the user gave is checked: from here on, report progress (a
-    # mistake above is one error line with nothing printed before it).
-    for note in loaded.notes:
-        on_event({"event": "note", "text": note})
-    on_event({"event": "data", "train": len(train_set), "val": len(val_set), "classes": len(classes),
-              "input_size": list(loaded.data.input_size)})
-
     model.to(info.device)
+    macs = _first_forward(model, loaded.data.input_size, opts, spec)  # before the baseline: no time lost on a bad size
     state = None
     if opts.resume:
         state = train.load_state(run_dir / "state.pt")
@@ -220,6 +282,12 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
                 f"--resume: the saved run differs in {', '.join(diff[:4])}",
                 hint="resume with the same model, recipe and data, or pass --force",
             )
+    # Everything the user gave is checked: from here on, report progress (a
+    # mistake above is one error line with nothing printed before it).
+    for note in loaded.notes:
+        on_event({"event": "note", "text": note})
+    on_event({"event": "data", "train": len(train_set), "val": len(val_set), "classes": len(classes),
+              "input_size": list(loaded.data.input_size)})
 
     # FP baseline, before any quantizer.
     progress = train.progress_from_state(state) if state is not None else train.Progress()
@@ -229,8 +297,6 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         progress.fp_top1 = res.top1
         on_event({"event": "baseline", **res.to_dict()})
 
-    input_shape = loaded.data.input_size
-    macs = measure_macs(model, input_shape)
     wrapped = quantize_(model, **quantizer_kwargs(recipe), include=recipe.include, exclude=recipe.exclude)
     if not wrapped:
         raise UsageError("no layer was quantized", hint="check the recipe's include/exclude patterns")
@@ -238,20 +304,18 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     on_event({"event": "quantized", "layers": len(wrapped)})
 
     if state is not None:
-        model.load_state_dict(state["model"])
+        _load_run_state(model, state, run_dir, spec.label)
         train.set_rng_state(state["rng"])
         on_event({"event": "resumed", "step": progress.step, "epoch": progress.epoch})
     if recipe.channels_last and info.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
-    net = model
-    if info.distributed:
-        if getattr(recipe, "sync_bn", False):
-            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[info.device.index] if info.device.type == "cuda" else None
-        )
+    net = dist.wrap(model, info, sync_bn=recipe.sync_bn)
     if opts.compile:
-        net = torch.compile(net)
+        try:
+            net = torch.compile(net)
+        except Exception as exc:  # e.g. no dynamo on this Python; failures while compiling come at the first step
+            raise UsageError(f"--compile: torch.compile is not available here ({' '.join(str(exc).split())[:120]})",
+                             hint="run without --compile") from exc
 
     setup = train.FitSetup(
         model=net, recipe=recipe, train_set=train_set, val_set=val_set, collate=collate, device=info.device,
@@ -272,8 +336,10 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     decoded = create(spec)
     decoded.load_state_dict(dequantized_state_dict(plain))
     decoded.to(info.device)
+    if recipe.channels_last and info.device.type == "cuda":
+        decoded.to(memory_format=torch.channels_last)
     loader = train.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
-    final = train.evaluate(decoded, loader, info.device, amp=recipe.amp)
+    final = train.evaluate(decoded, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
     metrics = {"top1": final.top1, "top5": final.top5, "val_samples": final.samples, "fp_top1": progress.fp_top1}
     if progress.fp_top1 is not None:
         metrics["top1_drop"] = progress.fp_top1 - final.top1

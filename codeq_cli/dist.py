@@ -3,18 +3,29 @@
 Under ``torchrun`` the environment carries ``RANK``/``WORLD_SIZE``/
 ``LOCAL_RANK``; :func:`init` then joins the process group (NCCL on GPU, gloo
 on CPU). Without it everything here degrades to the single-process case.
+
+Two kinds of collectives are used. Device collectives (DDP's gradient
+all-reduce, :func:`all_reduce_sum` for evaluation) run on the main backend.
+Small per-step agreements between the ranks (mean loss, "is any loss
+non-finite", "did any rank get a stop signal") go through :func:`host_sum`, a
+gloo all-reduce of a few host numbers: it never touches the GPU stream, so it
+costs a network round trip and no device synchronisation.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as td
 
 from codeq_cli.errors import UsageError
+
+# gloo group for host-side agreements when the main backend is NCCL (None: the default group).
+_host_group = None
 
 
 @dataclass(frozen=True)
@@ -49,45 +60,115 @@ def resolve_device(spec: str | None, local_rank: int = 0) -> torch.device:
     return dev
 
 
+def _limit_cpu_threads() -> None:
+    """Size numba's thread pool like torch's before numba starts it.
+
+    torchrun sets ``OMP_NUM_THREADS`` (1 unless given) so that N processes do
+    not oversubscribe the cores; numba's pool would otherwise start one
+    thread per core in every process, and its idle threads spin against the
+    others' work (a 2-process CPU run on 2 cores trained several times slower).
+    """
+    if "numba" not in sys.modules:
+        os.environ.setdefault("NUMBA_NUM_THREADS", str(max(1, torch.get_num_threads())))
+
+
 def init(device: str | None = None) -> DistInfo:
     """Join the process group when launched by torchrun; otherwise a single process."""
+    global _host_group
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local)
     if world > 1 and not td.is_initialized():
+        _limit_cpu_threads()
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         td.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        _host_group = td.new_group(backend="gloo") if backend != "gloo" else None
     return DistInfo(rank, world, local, dev)
 
 
 def shutdown() -> None:
+    global _host_group
     if td.is_available() and td.is_initialized():
         td.destroy_process_group()
+    _host_group = None
+
+
+def _active() -> bool:
+    return td.is_available() and td.is_initialized()
 
 
 def barrier() -> None:
-    if td.is_available() and td.is_initialized():
+    if _active():
         td.barrier()
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Element-wise sum of a list of numbers across ranks (float64)."""
-    if not (td.is_available() and td.is_initialized()):
+    """Element-wise sum of a list of numbers across ranks (float64, on the main backend)."""
+    if not _active():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     td.all_reduce(t)
     return t.tolist()
 
 
+def host_sum(values: list[float]) -> list[float]:
+    """Element-wise sum across ranks of a few host numbers (gloo; no device synchronisation)."""
+    if not _active():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    td.all_reduce(t, group=_host_group)
+    return t.tolist()
+
+
 def broadcast_object(obj, src: int = 0):
-    if not (td.is_available() and td.is_initialized()):
+    if not _active():
         return obj
     box = [obj]
     td.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Give every rank ``src``'s buffers (BatchNorm running statistics).
+
+    DDP broadcasts them at the start of each training forward, so after the
+    last step each rank still holds the statistics of its own last batch.
+    Evaluation and the saved model use rank 0's.
+    """
+    if not _active():
+        return
+    for buf in unwrap(model).buffers():
+        td.broadcast(buf.data, src)
+
+
+def check_sync_bn(info: DistInfo, sync_bn: bool) -> None:
+    """``sync_bn: true`` needs a GPU backend: PyTorch's SyncBatchNorm has no CPU kernel."""
+    if sync_bn and info.distributed and info.device.type != "cuda":
+        raise UsageError(
+            "sync_bn: true needs GPUs (PyTorch's SyncBatchNorm does not run on CPU)",
+            hint="pass --set sync_bn=false for a CPU run (every process then normalizes over its own share of the batch)",
+        )
+
+
+def wrap(model: torch.nn.Module, info: DistInfo, sync_bn: bool = False) -> torch.nn.Module:
+    """``model`` for training on ``info``: DDP (and SyncBatchNorm with ``sync_bn``) when distributed.
+
+    As the torchvision reference: BatchNorm stays per process unless asked
+    (``sync_bn``); DDP broadcasts rank 0's parameters and buffers at
+    construction and its buffers (BN running statistics) before every
+    training forward, so every rank holds the same model.
+    """
+    if not info.distributed:
+        return model
+    check_sync_bn(info, sync_bn)
+    if sync_bn:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[info.device.index] if info.device.type == "cuda" else None
+    )
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -14,6 +14,16 @@ stop after any step and resume, on any number of processes, with the same
 samples and augmentations it would have seen; on one CPU process the resumed
 run ends with exactly the codes of an uninterrupted one.
 
+Under DDP every rank computes the same update (gradients are averaged) and
+the ranks agree once per step, on the host, about the mean loss, a non-finite
+loss and a stop request (:func:`codeq_cli.dist.host_sum`), so they stop,
+save and fail together. Per step the only device synchronisation is the read
+of the loss values. Two environment variables help debugging (see
+``docs/distributed.md``): ``CODEQ_DEBUG_DUMP_DIR`` makes every rank write its
+quantizer logits and codes there when training ends, and
+``CODEQ_DEBUG_STOP_AFTER=N`` makes the last rank ask to stop after step
+``N`` as a SIGTERM would.
+
 The library never prints: progress goes to an ``on_event`` callback and to
 ``metrics.jsonl`` in the run directory.
 """
@@ -22,10 +32,12 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,8 +61,14 @@ OnEvent = Callable[[Event], None]
 # -- the objective and the optimizer ----------------------------------------
 def regularizer(model: nn.Module, lambda_dz: float, lambda_bit: float) -> torch.Tensor:
     """``λ_dz Σ θ_dz² + λ_bit Σ θ_bit²``: one scalar per layer, a plain sum."""
-    dz, bit = quantizer_parameters(dist.unwrap(model))
-    total = torch.zeros((), device=dz[0].device if dz else None)
+    return penalty(*quantizer_parameters(dist.unwrap(model)), lambda_dz, lambda_bit)
+
+
+def penalty(
+    dz: list[torch.Tensor], bit: list[torch.Tensor], lambda_dz: float, lambda_bit: float, device=None
+) -> torch.Tensor:
+    """:func:`regularizer` of logits already collected (the training step collects them once)."""
+    total = torch.zeros((), device=dz[0].device if dz else device)
     if dz and lambda_dz:
         total = total + lambda_dz * torch.stack([p.square() for p in dz]).sum()
     if bit and lambda_bit:
@@ -183,30 +201,39 @@ def evaluate(
     device: torch.device,
     *,
     amp: bool = False,
+    channels_last: bool = False,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
-    """Top-1/top-5 (percent) and mean loss over the loader, summed across ranks."""
+    """Top-1/top-5 (percent) and mean loss over the loader, summed across ranks.
+
+    ``model`` must be a plain module, not DDP: the ranks' shares of the
+    validation set differ by up to one image, so they run different numbers
+    of batches and DDP's per-forward buffer broadcast would not pair up.
+    The sums stay on the device until the end (one synchronisation).
+    """
     was_training = model.training
     model.eval()
-    correct1 = correct5 = loss_sum = 0.0
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, loss
     count = 0
     total = len(loader)
+    to_cl = channels_last and device.type == "cuda"
     for i, batch in enumerate(loader):
         images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if images.numel() == 0:
             continue
+        if to_cl:
+            images = images.contiguous(memory_format=torch.channels_last)
         with autocast_for(device, amp):
             logits = _logits(model(images)).float()
-        loss_sum += float(F.cross_entropy(logits, target, reduction="sum"))
         k = min(5, logits.shape[1])
-        top = logits.topk(k, dim=1).indices
-        hit = top.eq(target[:, None])
-        correct1 += float(hit[:, 0].sum())
-        correct5 += float(hit.any(dim=1).sum())
+        hit = logits.topk(k, dim=1).indices.eq(target[:, None])
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        sums += torch.stack([hit[:, 0].sum().double(), hit.any(dim=1).sum().double(), loss.double()])
         count += int(target.numel())
         if on_batch is not None:
             on_batch(i + 1, total)
     model.train(was_training)
+    correct1, correct5, loss_sum = sums.tolist()
     c1, c5, ls, n = dist.all_reduce_sum([correct1, correct5, loss_sum, float(count)], device)
     n = int(n)
     if n == 0:
@@ -293,25 +320,43 @@ class Fit:
         self.scheduler = build_scheduler(self.optimizer, r, self.total_steps, self.steps_per_epoch)
         self.progress = progress or Progress()
         if state is not None:
+            wanted = [(g["initial_lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
+            # The saved state brings the moments and the step; the recipe keeps the learning
+            # rates and weight decays (they differ only when --force resumes a changed recipe).
+            for g, (lr, wd), factor in zip(self.optimizer.param_groups, wanted, self.scheduler.lr_lambdas):
+                g["initial_lr"], g["weight_decay"], g["lr"] = lr, wd, lr * factor(self.scheduler.last_epoch)
+            self.scheduler.base_lrs = [lr for lr, _ in wanted]
+        # Every sample carries its own augmentation seed, so worker processes
+        # hold no state that matters: they can persist across epochs (the
+        # batch sampler is re-read at each epoch) and a resumed run still sees
+        # the same images. The loader's own generator keeps it from drawing
+        # its worker base seed from the global RNG (saved with the run state).
         self.loader = DataLoader(
             setup.train_set,
             batch_sampler=self.sampler,
             num_workers=setup.workers,
             collate_fn=setup.collate,
             pin_memory=setup.device.type == "cuda",
-            persistent_workers=False,
+            persistent_workers=setup.workers > 0,
+            generator=torch.Generator().manual_seed(setup.seed),
         )
         self.last_save = time.monotonic()
+        self.saved_step = self.progress.step if state is not None else None  # the step of the state on disk
         self.metrics_path = setup.run_dir / "metrics.jsonl"
+        if setup.info.is_main and state is None and self.metrics_path.exists():
+            self.metrics_path.unlink()  # a fresh run (--overwrite) starts a fresh log
+        self.debug_stop_after = int(os.environ.get("CODEQ_DEBUG_STOP_AFTER", "0") or 0)
+        self.logits = quantizer_parameters(dist.unwrap(setup.model))
 
     # ---------------------------------------------------------------- logging
     def log(self, event: Event) -> None:
         event = {"time": round(time.time(), 3), **event}
         if self.s.info.is_main:
-            with open(self.metrics_path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(event) + "\n")
+            from codeq_cli._io import append_line
+
+            append_line(self.metrics_path, json.dumps(event))  # a failed write (disk full) is one error line
         self.s.on_event(event)
 
     # ---------------------------------------------------------------- state
@@ -331,15 +376,43 @@ class Fit:
         }
 
     def save(self, reason: str) -> None:
+        """Rank 0 writes the run state (every rank holds the same one); the others wait for it.
+
+        Weights that overflowed are not written: they would replace the last
+        good state with one that no change of recipe can resume.
+        """
         from codeq_cli._io import torch_save_atomic
 
+        if not self._weights_finite():
+            self.last_save = time.monotonic()
+            self.log({"event": "not saved", "reason": "non-finite weights", "step": self.progress.step})
+            return
         if self.s.info.is_main:
             torch_save_atomic(self.state_dict(), self.s.run_dir / "state.pt")
         dist.barrier()
         self.last_save = time.monotonic()
+        self.saved_step = self.progress.step
         self.log({"event": "saved", "reason": reason, "step": self.progress.step})
 
+    def _weights_finite(self) -> bool:
+        tensors = [t for t in dist.unwrap(self.s.model).state_dict().values() if t.is_floating_point()]
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all()) if tensors else True
+        return dist.host_sum([float(finite)])[0] == self.s.info.world_size  # every rank decides the same
+
     # ---------------------------------------------------------------- training
+    def _stop_requested(self) -> bool:
+        """This rank's wish to stop after the current step (Ctrl-C, SIGTERM, or the debug hook)."""
+        info, n = self.s.info, self.debug_stop_after
+        debug = n > 0 and info.rank == info.world_size - 1 and self.progress.step + 1 == n
+        return bool(self.s.should_stop()) or debug
+
+    def _forward_loss(self, images, target, amp: bool, label_smoothing: float, lambda_bit: float):
+        s, r = self.s, self.s.recipe
+        with autocast_for(s.device, amp):
+            task = F.cross_entropy(_logits(s.model(images)).float(), target, label_smoothing=label_smoothing)
+        reg = penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
+        return task + reg, task, reg
+
     def train_one_epoch(self, epoch: int) -> bool:
         """Train until the epoch ends, ``max_steps`` is reached or a stop is asked; True when stopped early."""
         s, p, r = self.s, self.progress, self.s.recipe
@@ -347,9 +420,11 @@ class Fit:
         model.train()
         self.sampler.set_epoch(epoch, p.batch)
         amp = bool(getattr(r, "amp", True))
+        channels_last = bool(getattr(r, "channels_last", False)) and s.device.type == "cuda"
         label_smoothing = float(getattr(r, "label_smoothing", 0.0) or 0.0)
         grad_clip = getattr(r, "grad_clip", None)
         lambda_bit = r.lambda_bit if r.mode == "mixed" else 0.0
+        world = s.info.world_size
         from codeq_cli.data import track
 
         batches = track(self.loader, s.train_set.stats, total=len(self.sampler) * self.sampler.local)
@@ -366,17 +441,21 @@ class Fit:
                 continue
             images = images.to(s.device, non_blocking=True)
             target = target.to(s.device, non_blocking=True)
-            if getattr(r, "channels_last", False) and s.device.type == "cuda":
+            if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with autocast_for(s.device, amp):
-                task = F.cross_entropy(_logits(model(images)).float(), target, label_smoothing=label_smoothing)
-            reg = regularizer(model, r.lambda_dz, lambda_bit)
-            loss = task + reg
-            loss_value = float(loss.detach())
-            if not math.isfinite(loss_value):
-                raise NonFiniteLoss(p.step, loss_value)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            with _compile_errors():
+                loss, task, reg = self._forward_loss(images, target, amp, label_smoothing, lambda_bit)
+                # The step's one device synchronisation: the three loss values together.
+                values = torch.stack([loss.detach(), task.detach(), reg.detach()]).tolist()
+                # One host all-reduce: the mean loss, a non-finite loss anywhere, a stop asked
+                # anywhere, a periodic save due (rank 0's clock): the ranks must not disagree.
+                save_due = s.info.is_main and time.monotonic() - self.last_save >= s.save_every_s
+                *totals, stops, saves = dist.host_sum([*values, float(self._stop_requested()), float(save_due)])
+                loss_value, task_value, reg_value = (v / world for v in totals)
+                if not math.isfinite(loss_value):
+                    raise NonFiniteLoss(p.step, loss_value, task_ok=math.isfinite(task_value))
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             self.optimizer.step()
@@ -389,8 +468,8 @@ class Fit:
                 "step": p.step,
                 "total_steps": self.total_steps,
                 "loss": loss_value,
-                "task_loss": float(task.detach()),
-                "reg_loss": float(reg.detach()),
+                "task_loss": task_value,
+                "reg_loss": reg_value,
                 "lr": self.optimizer.param_groups[0]["lr"],
             }
             if p.step % s.log_every == 0 or p.step == self.total_steps:
@@ -399,9 +478,9 @@ class Fit:
                 self.log(event)
             else:
                 s.on_event(event)
-            if time.monotonic() - self.last_save >= s.save_every_s:
+            if saves:
                 self.save("time")
-            if s.should_stop():
+            if stops:
                 return True
         return False
 
@@ -413,15 +492,16 @@ class Fit:
             try:
                 stopped = self.train_one_epoch(p.epoch)
             except NonFiniteLoss as exc:
-                # The weights are still those before the bad step: keep them.
-                self.save("non-finite loss")
-                raise TrainingError(
-                    f"the loss became {exc.value} at step {exc.step + 1}",
-                    hint="the learning rate or a λ is probably too large: lower lr/lr_dz/lr_bit or lambda_dz/lambda_bit with --set, "
-                    "then rerun (the last good state is saved)",
-                ) from None
+                # The weights are still those before the bad step. Keep them when the task loss
+                # was finite (a λ too large: lower it, resume from them); weights that overflow
+                # the model's output must not replace the last good state.
+                if exc.task_ok:
+                    self.save("non-finite loss")
+                raise TrainingError(f"the loss became {exc.value} at step {exc.step + 1}",
+                                    hint=_non_finite_hint(self.saved_step, p.step, exc.task_ok)) from None
             if stopped:
                 self.save("interrupted")
+                self.finish()
                 raise Interrupted(p.step)
             epoch_done = p.batch >= self.steps_per_epoch
             if epoch_done:
@@ -432,17 +512,94 @@ class Fit:
                 self.save("epoch")
             elif p.step >= self.total_steps:
                 self.save("end")
+        self.finish()
         return p
+
+    def finish(self) -> None:
+        """Stop the loader's worker processes, give every rank rank 0's buffers; the debug dump when asked."""
+        self.loader = None  # persistent workers exit with their iterator
+        dist.broadcast_buffers(self.s.model)
+        folder = os.environ.get("CODEQ_DEBUG_DUMP_DIR")
+        if folder:
+            debug_dump(self.s.model, self.s.info, self.progress.step, Path(folder))
 
     def epoch_eval(self, epoch: int) -> None:
         s = self.s
+        dist.broadcast_buffers(s.model)  # every rank evaluates rank 0's model
         loader = eval_loader(s.val_set, self.global_batch, s.info, s.collate, s.workers, s.device)
-        res = evaluate(s.model, loader, s.device, amp=bool(getattr(s.recipe, "amp", True)))
+        res = evaluate(dist.unwrap(s.model), loader, s.device, amp=bool(getattr(s.recipe, "amp", True)),
+                       channels_last=bool(getattr(s.recipe, "channels_last", False)))
         event = {"event": "eval", "epoch": epoch, "step": self.progress.step, **res.to_dict()}
         if s.info.is_main:
             event.update(compression_stats(s.model, s.macs))
         self.progress.history.append({k: event[k] for k in event if k != "event"})
         self.log(event)
+
+
+@contextmanager
+def _compile_errors() -> Iterator[None]:
+    """Turn a ``torch.compile`` failure (met at the first forward or backward) into one clear error.
+
+    A failure while compiling is a dynamo exception, or any exception raised
+    from inside dynamo's frame conversion or inductor (an internal assertion,
+    a C++ compiler error). Errors of the compiled code itself pass unchanged.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not _compile_failure(exc):
+            raise
+        first = " ".join(str(exc).split())[:160]
+        raise TrainingError(f"torch.compile failed on this model ({type(exc).__name__}: {first})",
+                            hint="run without --compile") from exc
+
+
+# Frames that are on the stack while compiling (not while running compiled code).
+_COMPILER_FILES = ("torch/_dynamo/convert_frame.py", "torch/_inductor/compile_fx.py", "torch/_inductor/codecache.py",
+                   "torch/_inductor/async_compile.py")
+
+
+def _compile_failure(exc: BaseException) -> bool:
+    dynamo = sys.modules.get("torch._dynamo.exc")
+    if dynamo is None:  # nothing was ever compiled
+        return False
+    if isinstance(exc, dynamo.TorchDynamoException):
+        return True
+    tb = exc.__traceback__
+    while tb is not None:
+        name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
+        if any(part in name for part in _COMPILER_FILES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def debug_dump(model: nn.Module, info: dist.DistInfo, step: int, folder: Path) -> Path:
+    """Write this rank's quantizer state to ``folder/rank{R}.pt`` (a debugging aid).
+
+    Holds, per quantized layer, ``theta_dz``, ``theta_bit`` (or None) and the
+    int8 codes, plus the whole plain state dict: comparing the files of two
+    ranks shows whether DDP kept them identical.
+    """
+    from codeq_cli._io import torch_save_atomic
+    from codeq_cli.insert import quantized_weights
+
+    plain = dist.unwrap(model)
+    layers = {}
+    with torch.no_grad():
+        for qw in quantized_weights(plain):
+            q = qw.quantizer
+            layers[qw.name] = {
+                "theta_dz": q.theta_dz.detach().cpu().clone(),
+                "theta_bit": None if q.theta_bit is None else q.theta_bit.detach().cpu().clone(),
+                "codes": q.encode(qw.original).codes.cpu(),
+            }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank{info.rank}.pt"
+    state = {k: v.detach().cpu() for k, v in plain.state_dict().items()}
+    torch_save_atomic({"rank": info.rank, "world_size": info.world_size, "step": step, "layers": layers,
+                       "state_dict": state}, path)
+    return path
 
 
 def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, collate, workers: int, device):
@@ -458,9 +615,20 @@ def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, collat
     )
 
 
+def _non_finite_hint(saved_step: int | None, step: int, saved_now: bool) -> str:
+    cause = "the learning rate or a λ is probably too large: lower lr/lr_dz/lr_bit or lambda_dz/lambda_bit with --set"
+    if saved_step == step and saved_now:
+        return f"{cause}, then resume with --resume --force (the state before the bad step is saved) or start over with --overwrite"
+    if saved_step is not None and saved_step < step:
+        return f"{cause}; the last good state (step {saved_step}) is kept: resume from it with --resume --force or start over with --overwrite"
+    if saved_step is not None:
+        return f"{cause}; the state saved at step {saved_step} holds the weights that overflowed: start over with --overwrite"
+    return f"{cause}; no run state was saved before it: start over with --overwrite"
+
+
 class NonFiniteLoss(Exception):
-    def __init__(self, step: int, value: float):
-        self.step, self.value = step, value
+    def __init__(self, step: int, value: float, task_ok: bool = True):
+        self.step, self.value, self.task_ok = step, value, task_ok  # task_ok: only the regularizer overflowed
 
 
 class Interrupted(TrainingError):
