@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -57,9 +59,45 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         if isinstance(exc, OSError):
-            why = "the disk is full" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-            raise CodeqError(f"writing {str(target)!r} failed: {why}", hint="the previous file, if any, is unchanged") from exc
+            raise CodeqError(f"writing {str(target)!r} failed: {_why(exc)}", hint="the previous file, if any, is unchanged") from exc
         raise
+
+
+def _why(exc: OSError) -> str:
+    return "the disk is full" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append one line to a log such as ``metrics.jsonl``.
+
+    One ``write`` with ``O_APPEND``, so a kill leaves whole lines; a failure
+    (disk full) raises :class:`CodeqError` naming the file, the earlier lines kept.
+    """
+    data = (line.rstrip("\n") + "\n").encode("utf-8")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise CodeqError(f"writing {str(path)!r} failed: {_why(exc)}", hint="the lines written before are kept") from exc
+
+
+def remove_stale_temps(path: str | os.PathLike) -> int:
+    """Delete the temporary files a killed writer of ``path`` left beside it; returns how many.
+
+    Call it only when nothing else is writing ``path`` (at the start of a run).
+    """
+    target = Path(path)
+    removed = 0
+    for tmp in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+            removed += 1
+    return removed
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -102,8 +140,57 @@ def torch_save_atomic(obj, path: str | os.PathLike) -> None:
     write_bytes(path, buf.getvalue())
 
 
+class UnsafeFile(ValueError):
+    """A file that :func:`torch_load_safe` refused: loading it would mean unpickling Python objects."""
+
+
+class UnreadableFile(ValueError):
+    """A file :func:`torch_load_safe` could not read (empty, truncated, another format)."""
+
+
 def torch_load_safe(path: str | os.PathLike):
-    """``torch.load`` that can only build tensors and plain containers (``weights_only``)."""
+    """``torch.load`` that can only build tensors and plain containers (``weights_only``).
+
+    Failures are :class:`UnsafeFile` (the file asks to import code; nothing of
+    it ran) or :class:`UnreadableFile`, each with a one-line reason short
+    enough to quote in an error message.
+    """
+    import pickle
+    import warnings
+
     import torch
 
-    return torch.load(str(path), map_location="cpu", weights_only=True)
+    with open(path, "rb") as fh:  # a missing or unreadable path fails here, as an OSError
+        head = fh.read(8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise UnsafeFile(f"it holds Python objects other than tensors ({found.group(1)}); unpickling them "
+                             "could run code, so it was not loaded") from exc
+        if head[:1] == b"\x80":
+            raise UnsafeFile("it is a plain Python pickle, not a torch.save file of tensors; unpickling it could "
+                             "run code, so it was not loaded") from exc
+        raise UnreadableFile(_load_failure(head, exc)) from exc
+    except Exception as exc:
+        raise UnreadableFile(_load_failure(head, exc)) from exc
+
+
+def _load_failure(head: bytes, exc: BaseException) -> str:
+    if not head:
+        return "the file is empty (0 bytes)"
+    if head.startswith(b"CODEQ"):
+        return "it is a compressed codeq checkpoint, not a torch.save file"
+    if head.startswith(b"PK\x03\x04"):
+        return "the PyTorch archive is damaged or truncated"
+    return f"it is not a file written by torch.save ({_short(exc)})"
+
+
+def _short(exc: BaseException, limit: int = 80) -> str:
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    text = " ".join((lines[-2] if len(lines) > 2 and lines[-1].startswith("Check the documentation") else
+                     (lines[-1] if lines else "")).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from codeq_cli import entropy
 from codeq_cli._io import _json_default, write_with
 from codeq_cli.bops import LayerRow, bops_rows
-from codeq_cli.errors import CheckpointError, CodeqError
+from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError
 from codeq_cli.insert import quantized_weights
 from codeq_cli.models import DataConfig, ModelSpec
 from codeq_cli.quantizer import B_MAX, B_MIN, dequantize
@@ -362,9 +362,9 @@ def _foreign(p: Path, data: bytes) -> CheckpointError:
 
 def _read(p: Path) -> bytes:
     if not p.exists():
-        raise CheckpointError(f"checkpoint {str(p)!r} does not exist", hint="check the path (codeq compress writes it with --out)")
+        raise CheckpointPathError(f"checkpoint {str(p)!r} does not exist", hint="check the path (codeq compress writes it with --out)")
     if p.is_dir():
-        raise CheckpointError(f"checkpoint path {str(p)!r} is a folder", hint="pass the checkpoint file itself")
+        raise CheckpointPathError(f"checkpoint path {str(p)!r} is a folder", hint="pass the checkpoint file itself")
     try:
         return p.read_bytes()
     except OSError as exc:
@@ -428,6 +428,10 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _shape_ok(shape) -> bool:
     return isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
 
@@ -443,11 +447,32 @@ def _validate(meta, payload_len: int) -> None:
     _check(meta.get("data_dir") is None or isinstance(meta["data_dir"], str), "data_dir is not a string")
     meta.setdefault("class_names", None)
     meta.setdefault("data_dir", None)
-    ModelSpec.from_dict(meta["model"])
-    DataConfig.from_dict(meta["data_config"])
+    spec = meta["model"]
+    _check(spec.get("source") in ("timm", "torchvision") and isinstance(spec.get("name"), str) and spec["name"].strip(),
+           "model source/name missing")
+    _check(spec.get("num_classes") is None or (_is_int(spec["num_classes"]) and spec["num_classes"] >= 1), "model num_classes is not a count")
+    _check(_is_int(spec.get("in_chans", 3)) and spec.get("in_chans", 3) >= 1, "model in_chans is not a count")
+    ModelSpec.from_dict(spec)
+    dc = meta["data_config"]
+    size = dc.get("input_size")
+    _check(isinstance(size, list) and len(size) == 3 and all(_is_int(d) and 1 <= d <= 65536 for d in size),
+           "data_config input_size is not [C, H, W]")
+    _check(all(isinstance(dc.get(k), list) and dc[k] and all(_is_number(x) for x in dc[k]) for k in ("mean", "std")),
+           "data_config mean/std are not lists of numbers")
+    DataConfig.from_dict(dc)
+    _check(meta["class_names"] is None or all(isinstance(c, str) for c in meta["class_names"]), "class_names are not strings")
     names = {f.name for f in fields(LayerRow)}
     for r in meta["rows"]:
         _check(isinstance(r, dict) and set(r) == names, "a BOPs row has the wrong fields")
+        # The report formats these without further checks: a file whose checksum
+        # matches can still be crafted, so the types are checked here.
+        _check(isinstance(r["name"], str) and isinstance(r["kind"], str) and _shape_ok(r["shape"]),
+               "a BOPs row has a bad name, kind or shape")
+        _check(all(_is_int(r[k]) and r[k] >= 0 for k in ("params", "macs", "bits")), f"BOPs row {r['name']}: bad counts")
+        _check(all(_is_number(r[k]) for k in ("sparsity", "bops")) and isinstance(r["quantized"], bool),
+               f"BOPs row {r['name']}: bad figures")
+    _check(all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in meta["metrics"].values()),
+           "a metric is not a number")
 
     def span(e) -> None:
         _check(_is_int(e.get("offset")) and _is_int(e.get("nbytes")), "offset/nbytes missing")

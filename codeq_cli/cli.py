@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from codeq_cli._version import __version__
-from codeq_cli.errors import CodeqError
+from codeq_cli.errors import CodeqError, InterruptedRun, TrainingError, UsageError
 
 app = typer.Typer(
     name="codeq",
@@ -28,7 +28,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-_state = {"debug": False}
+_state: dict = {"debug": False, "argv": None}
 
 
 def _version(value: bool) -> None:
@@ -57,8 +57,17 @@ def _output(json_mode: bool, quiet: bool):
     return Output(json_mode=json_mode, quiet=quiet)
 
 
+def _argv() -> list[str]:
+    """The arguments this invocation was given (``main(argv)`` or the command line)."""
+    return list(_state["argv"]) if _state.get("argv") is not None else sys.argv[1:]
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def _resume_command() -> str:
-    args = [a for a in sys.argv[1:] if a != "--overwrite"]
+    args = [a for a in _argv() if a != "--overwrite"]
     if "--resume" not in args:
         args.append("--resume")
     return "codeq " + " ".join(_quote(a) for a in args)
@@ -90,9 +99,12 @@ class _StopOnSignal:
 
         if self.requested:
             signal.signal(signal.SIGINT, signal.default_int_handler)
+            _state["interrupted"] = ("stopped at once (second Ctrl-C); the run state saved last, if any, is kept: "
+                                     "resume with --resume or start over with --overwrite")
             raise KeyboardInterrupt
         self.requested = True
-        self.output.err.print("stopping after this step and saving the run state (Ctrl-C again to stop at once)", markup=False)
+        if _rank() == 0:
+            self.output.err.print("stopping after this step and saving the run state (Ctrl-C again to stop at once)", markup=False)
 
     def __exit__(self, *exc) -> None:
         import signal
@@ -138,7 +150,7 @@ def compress(
     if nproc is not None and nproc > 1:
         from codeq_cli.launch import launch
 
-        raise typer.Exit(launch(nproc, sys.argv[1:]))
+        raise typer.Exit(launch(nproc, _argv()))
     from codeq_cli.compress import CompressOptions, run
 
     output = _output(json_, quiet)
@@ -160,8 +172,8 @@ def compress(
         with _StopOnSignal(output) as stop:
             result = run(opts, on_event=on_event, should_stop=stop)
     except Interrupted as exc:
-        raise CodeqError(f"interrupted after step {exc.step}; the run state is saved",
-                         hint=f"resume with: {_resume_command()}") from None
+        raise InterruptedRun(f"interrupted after step {exc.step}; the run state is saved",
+                             hint=f"resume with: {_resume_command()}") from None
     finally:
         on_event.close()
         dist.shutdown()
@@ -378,7 +390,7 @@ def demo(
         with _StopOnSignal(output) as stop:
             res = run(opts, on_event=on_event, should_stop=stop)
     except Interrupted as exc:
-        raise CodeqError(f"interrupted after step {exc.step}", hint="run `codeq demo` again to start over") from None
+        raise InterruptedRun(f"interrupted after step {exc.step}", hint="run `codeq demo` again to start over") from None
     finally:
         on_event.close()
     if not json_ and not quiet:
@@ -507,9 +519,12 @@ def _batch_table(rows: list[dict], output) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``codeq`` console script and ``python -m codeq_cli``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _state["argv"] = args
     debug = "--debug" in args
     try:
         rc = app(args=args, prog_name="codeq", standalone_mode=False)
+        if rc == 130:  # typer turns a KeyboardInterrupt into exit code 130, silently
+            print(f"error: {_state.get('interrupted', 'interrupted')}", file=sys.stderr)
         if isinstance(rc, int) and rc:  # typer.Exit(code) comes back as a return value here
             sys.exit(rc)
     except typer.Exit as exc:
@@ -531,8 +546,19 @@ def main(argv: list[str] | None = None) -> None:
     except CodeqError as exc:
         if debug or _state["debug"]:
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        rank = _rank()
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
+        elif not isinstance(exc, (UsageError, TrainingError)):  # those are raised on every rank together
+            print(f"error: (rank {rank}) {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except (OSError, MemoryError) as exc:  # last resort: still one line
+        if debug or _state["debug"]:
+            raise
+        what = "out of memory" if isinstance(exc, MemoryError) else (exc.strerror or str(exc))
+        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
+        print(f"error: {what}{where}; rerun with --debug for details", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         if debug:
             raise

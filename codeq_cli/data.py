@@ -31,7 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from codeq_cli.errors import DataError, UsageError
+from codeq_cli.errors import DataError, DataPathError, UsageError
 from codeq_cli.models import DataConfig
 
 # torchvision's list (datasets.folder.IMG_EXTENSIONS), compared case-insensitively.
@@ -456,7 +456,7 @@ def _read_split(split_dir: Path, label: str) -> tuple[list[str], dict[str, list[
         if not images:
             empty.append(c)
     if stats.images == 0:
-        extra = f" ({stats.ignored} other files)" if stats.ignored else ""
+        extra = f" ({_count(stats.ignored, 'other file')})" if stats.ignored else ""
         raise DataError(
             f"{label} holds no images{extra}", hint=f"codeq reads {', '.join(IMG_EXTENSIONS)} files in {label}/<class>/"
         )
@@ -513,11 +513,35 @@ def _samples(files: dict[str, list[str]], classes: list[str], subset, seed: int,
     return [(p, index[c]) for c in sorted(files) for p in _take(files[c], subset, seed, split, c)]
 
 
-def _check_dir(path: Path, what: str) -> None:
+def _check_dir(path: Path, what: str, hint: str = "pass a folder with train/ and val/ class folders") -> None:
+    # A path that is not there is a usage error (exit 2); what a folder holds is a DataError (exit 1).
     if not path.exists():
-        raise DataError(f"{what} {str(path)!r} does not exist", hint="pass a folder with train/ and val/ class folders")
+        raise DataPathError(f"{what} {str(path)!r} does not exist", hint=hint)
     if not path.is_dir():
-        raise DataError(f"{what} {str(path)!r} is a file, not a folder", hint="pass a folder with train/ and val/ class folders")
+        raise DataPathError(f"{what} {str(path)!r} is a file, not a folder", hint=hint)
+
+
+def check_root(data_dir: str | os.PathLike | None) -> Path:
+    """The ``--data`` folder, once it is known to hold ``train/`` and ``val/``.
+
+    Cheap, so callers run it before anything slow (a model download): a typo
+    in the path is one error line at once.
+    """
+    if data_dir is None or str(data_dir).strip() == "":
+        raise UsageError("--data is required", hint="pass a folder with train/ and val/ class folders")
+    root = Path(data_dir).expanduser()
+    _check_dir(root, "--data")
+    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
+    if missing:
+        what = " or ".join(f"{s}/" for s in missing)
+        has_classes = bool(_class_dirs(root)) and not (root / "train").is_dir() and not (root / "val").is_dir()
+        hint = (
+            "it looks like a folder of class folders: split it into train/<class>/ and val/<class>/"
+            if has_classes and len(missing) == 2
+            else f"expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg"
+        )
+        raise DataError(f"--data {str(root)!r} has no {what} folder", hint=hint)
+    return root
 
 
 def build_datasets(
@@ -537,21 +561,8 @@ def build_datasets(
     :func:`parse_subset`) picks the same files for the same ``seed``, in both
     splits unless ``subset_val=False``.
     """
-    if data_dir is None or str(data_dir).strip() == "":
-        raise UsageError("--data is required", hint="pass a folder with train/ and val/ class folders")
-    root = Path(data_dir).expanduser()
-    _check_dir(root, "--data")
+    root = check_root(data_dir)
     subset = parse_subset(subset)
-    missing = [s for s in ("train", "val") if not (root / s).is_dir()]
-    if missing:
-        what = " or ".join(f"{s}/" for s in missing)
-        has_classes = bool(_class_dirs(root)) and not (root / "train").is_dir() and not (root / "val").is_dir()
-        hint = (
-            "it looks like a folder of class folders: split it into train/<class>/ and val/<class>/"
-            if has_classes and len(missing) == 2
-            else f"expected {root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg"
-        )
-        raise DataError(f"--data {str(root)!r} has no {what} folder", hint=hint)
     mode = image_mode(data_config)
     train_classes, train_files, train_stats = _read_split(root / "train", f"{root}/train")
     val_classes, val_files, val_stats = _read_split(root / "val", f"{root}/val")
@@ -591,7 +602,7 @@ def eval_folder(
     folder may hold a subset of those classes, but no others.
     """
     root = Path(path).expanduser()
-    _check_dir(root, "--data")
+    _check_dir(root, "--data", hint="pass a folder with val/<class>/ images, or a folder of class folders")
     if (root / "val").is_dir():
         split_dir = root / "val"
     elif (root / "train").is_dir():

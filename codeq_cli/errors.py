@@ -3,6 +3,12 @@
 The CLI catches :class:`CodeqError`, prints ``error: <message>`` as one line on
 stderr and exits with :attr:`CodeqError.exit_code`; a traceback is shown only
 with ``--debug``. Messages name the bad value and say what to do instead.
+
+Exit codes: 2 when the command line itself is wrong (an option value, a path
+that does not exist or is the wrong kind, a recipe key, a refused overwrite or
+resume), 1 when what it names is there but cannot be used (unreadable data,
+weights that do not fit, a damaged checkpoint) or the run fails (a non-finite
+loss, a failed write), 130 when the user interrupted the run.
 """
 
 from __future__ import annotations
@@ -47,3 +53,19 @@ class CheckpointError(CodeqError):
 
 class TrainingError(CodeqError):
     """Training stopped (non-finite loss, interrupted, ...)."""
+
+
+class InterruptedRun(CodeqError):
+    """The user stopped the run (Ctrl-C, SIGTERM) after its state was saved (exit code 130)."""
+
+    exit_code = 130
+
+
+# A path on the command line that does not exist or is the wrong kind is a
+# usage error (exit 2), and still the error of its area for callers that catch it.
+class DataPathError(UsageError, DataError):
+    """``--data`` names no folder (exit code 2)."""
+
+
+class CheckpointPathError(UsageError, CheckpointError):
+    """No checkpoint file at the path given (exit code 2)."""

@@ -16,7 +16,6 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -266,16 +265,24 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             sd = load_file(str(p), device="cpu")
         except Exception as exc:
-            raise ModelError(f"{p} is not a readable safetensors file ({_short(exc)})") from exc
+            raise ModelError(f"--weights {str(p)!r} is not a readable safetensors file ({_short(exc)})",
+                             hint="copy it again or save it again with safetensors.torch.save_file") from exc
     else:
+        from codeq_cli._io import UnsafeFile, torch_load_safe
+
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
-                obj = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as exc:
+            obj = torch_load_safe(p)
+        except UnsafeFile as exc:
+            raise ModelError(f"--weights {str(p)!r} cannot be read as a state dict: {exc}",
+                             hint="save the tensors alone: torch.save(model.state_dict(), path)") from exc
+        except OSError as exc:
+            raise ModelError(f"cannot read --weights {str(p)!r} ({exc.strerror or exc})", hint="check the file's permissions") from exc
+        except ValueError as exc:
+            codeq = "codeq checkpoint" in str(exc)
             raise ModelError(
-                f"{p} cannot be read as a state dict ({_short(exc)})",
-                hint="codeq loads only plain tensors (weights_only); re-save it with torch.save(model.state_dict(), path)",
+                f"--weights {str(p)!r} cannot be read as a state dict: {exc}",
+                hint="write its dense weights with `codeq export FILE --to weights.safetensors`" if codeq else
+                "pass a .pt/.pth/.safetensors state dict, saved with torch.save(model.state_dict(), path)",
             ) from exc
         sd = _unwrap(obj, p)
     return {_strip_prefix(k): v for k, v in sd.items()}
@@ -290,7 +297,9 @@ def _unwrap(obj, p: Path) -> dict:
             if inner is None:
                 break
             obj = inner
-    raise ModelError(f"{p} does not hold a state dict (a mapping of names to tensors)", hint="save one with torch.save(model.state_dict(), path)")
+    what = f"a {type(obj).__name__}" if not isinstance(obj, dict) else "a mapping that is not names to tensors"
+    raise ModelError(f"--weights {str(p)!r} does not hold a state dict (it holds {what})",
+                     hint="save one with torch.save(model.state_dict(), path)")
 
 
 def _strip_prefix(key: str) -> str:
@@ -329,7 +338,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, new_head: bool = 
         hint = "check that the file belongs to this architecture"
         if shape_bad and all(k in _head_like(shape_bad) for k in shape_bad):
             hint = "the classifier differs: pass --num-classes N to train a new head"
-        raise ModelError(f"weights in {path} do not fit {type(model).__name__}: {'; '.join(parts)}", hint=hint)
+        raise ModelError(f"the tensors in --weights {str(path)!r} do not fit {type(model).__name__}: {'; '.join(parts)}", hint=hint)
     skipped = [k for k in head_keys if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
     to_load = {k: v for k, v in sd.items() if k not in skipped}
     model.load_state_dict(to_load, strict=False)
