@@ -130,8 +130,15 @@ def flat(t: Tensor) -> Tensor | None:
     return None
 
 
+def _compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
+
+
 def usable(w: Tensor) -> bool:
     """True when the fused loops can serve this tensor."""
+    if _compiling():  # numba loops are opaque to dynamo: compiled graphs take the eager path
+        return False
     return (
         w.device.type == "cpu"
         and w.dtype == torch.float32

@@ -24,6 +24,7 @@ weight is rounded to float32 and the two order statistics are combined with
 from __future__ import annotations
 
 import math
+import struct
 from functools import lru_cache
 
 import torch
@@ -35,13 +36,18 @@ from codeq_cli import _kernels
 _SMALL = 1 << 14
 
 
+def _f32(x: float) -> float:
+    """``x`` rounded to float32 (plain Python: no tensor, so no graph break under torch.compile)."""
+    return struct.unpack("f", struct.pack("f", x))[0]
+
+
 @lru_cache(maxsize=4096)
 def quantile_rank(n: int, q: float) -> tuple[int, int, float]:
     """``(below, above, weight)`` of linear interpolation, as ``torch.quantile``."""
-    q32 = float(torch.tensor(q, dtype=torch.float32))
+    q32 = _f32(q)
     rank = q32 * (n - 1)
     below, above = math.floor(rank), math.ceil(rank)
-    weight = float(torch.tensor(rank - below, dtype=torch.float32))
+    weight = _f32(rank - below)
     return below, above, weight
 
 
