@@ -39,16 +39,23 @@ def _build(numba, np):
     njit, prange = numba.njit, numba.prange
     zero = np.float32(0.0)
 
+    @njit(inline="always", nogil=True)
+    def code(x, s, shift, qmax):  # pragma: no cover - compiled
+        # §1 step 7 on one weight: (|unrounded code| r, |q|), float32 throughout.
+        t = abs(x) - shift
+        if t < zero:
+            t = zero
+        r = t / s
+        m = np.rint(r)
+        if m > qmax:
+            m = qmax
+        return r, m
+
     @njit(parallel=True, cache=True, nogil=True)
     def forward(w, out, s, shift, qmax):  # pragma: no cover - compiled
         for i in prange(w.shape[0]):
             x = w[i]
-            t = abs(x) - shift
-            if t < zero:
-                t = zero
-            m = np.rint(t / s)
-            if m > qmax:
-                m = qmax
+            _, m = code(x, s, shift, qmax)
             # m != 0 rather than m > 0: a NaN weight stays NaN, as on the eager path
             level = m * s + shift if m != zero else zero
             out[i] = np.copysign(level, x)
@@ -57,12 +64,7 @@ def _build(numba, np):
     def encode(w, out, s, shift, qmax):  # pragma: no cover - compiled
         for i in prange(w.shape[0]):
             x = w[i]
-            t = abs(x) - shift
-            if t < zero:
-                t = zero
-            m = np.rint(t / s)
-            if m > qmax:
-                m = qmax
+            _, m = code(x, s, shift, qmax)
             out[i] = np.int8(m) if x >= zero else -np.int8(m)
 
     @njit(parallel=True, cache=True, nogil=True, fastmath={"reassoc"})
@@ -71,13 +73,7 @@ def _build(numba, np):
         acc_d = 0.0
         for i in prange(w.shape[0]):
             x = w[i]
-            t = abs(x) - shift
-            if t < zero:
-                t = zero
-            r = t / s
-            m = np.rint(r)
-            if m > qmax:
-                m = qmax
+            r, m = code(x, s, shift, qmax)
             gs = g[i] * np.sign(x)
             acc_s += gs * (r - m)
             acc_d += gs if m == zero else zero

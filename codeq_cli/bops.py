@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from codeq_cli.insert import _CONV, _LINEAR, layer_kind, layer_name, plan, quantized_weights
+from codeq_cli.insert import _CONV, _LINEAR, layer_name, plan, quantized_weights
 
 A_BITS = 32
 FP_BITS = 32

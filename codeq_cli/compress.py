@@ -20,7 +20,7 @@ import torch
 
 from codeq_cli import dist
 from codeq_cli._version import __version__
-from codeq_cli.errors import CheckpointError, UsageError
+from codeq_cli.errors import UsageError
 
 log = logging.getLogger(__name__)
 

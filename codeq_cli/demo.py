@@ -16,7 +16,6 @@ gives the same numbers.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Callable

@@ -52,3 +52,19 @@ def make_image_folder(
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     return make_image_folder(tmp_path / "data")
+
+
+TINY = ["timm:test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--num-classes", "3"]
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    """``codeq ARGS`` in this process: (exit code, stdout, stderr)."""
+    from codeq_cli.cli import main
+
+    try:
+        main(args)
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -39,7 +39,7 @@ def test_jobs_file_validation(tmp_path):
 
 
 def test_batch_records_a_failure_runs_the_rest_and_gates(tmp_path, capsys):
-    data = make_image_folder(tmp_path / "data", per_class=6, val_per_class=3, size=36)
+    make_image_folder(tmp_path / "data", per_class=6, val_per_class=3, size=36)
     common = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in COMMON.items())
     jobs = _write(tmp_path / "jobs.yaml", f"""
 defaults:

@@ -6,26 +6,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from codeq_cli import checkpoint
 from codeq_cli.cli import main
-from conftest import make_image_folder
+from conftest import make_image_folder, run_cli
 
 ENV = {**os.environ, "NO_COLOR": "1"}
 
 
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+cli = run_cli
 
 
 @pytest.fixture(scope="module")

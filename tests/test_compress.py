@@ -9,12 +9,10 @@ import pytest
 import torch
 
 from codeq_cli import checkpoint
-from codeq_cli.cli import main
 from codeq_cli.compress import CompressOptions, run
 from codeq_cli.train import Interrupted
-from conftest import make_image_folder
+from conftest import TINY, make_image_folder, run_cli
 
-TINY = ["timm:test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--num-classes", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -22,14 +20,7 @@ def data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("cmp") / "data", per_class=8, val_per_class=3, size=36)
 
 
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+cli = run_cli
 
 
 def test_end_to_end_writes_checkpoint_run_dir_and_json(data, tmp_path, capsys):

@@ -27,10 +27,9 @@ from codeq_cli import _io, checkpoint
 from codeq_cli.cli import main
 from codeq_cli.errors import CodeqError
 from codeq_cli.train import load_state
-from conftest import make_image_folder
+from conftest import TINY, make_image_folder, run_cli
 
 ENV = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
-TINY = ["timm:test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--num-classes", "3"]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +37,7 @@ def data(tmp_path_factory) -> Path:
     return make_image_folder(tmp_path_factory.mktemp("rel") / "data", per_class=4, val_per_class=2, size=32)
 
 
-def cli(args: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        main(args)
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out = capsys.readouterr()
-    return code, out.out, out.err
+cli = run_cli
 
 
 def error_lines(stderr: str) -> list[str]:
