@@ -18,6 +18,7 @@ import datetime
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as td
@@ -180,3 +181,31 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def debug_dump(model: torch.nn.Module, info: DistInfo, step: int, folder: Path) -> Path:
+    """Write this rank's quantizer state to ``folder/rank{R}.pt`` (a debugging aid).
+
+    Holds, per quantized layer, ``theta_dz``, ``theta_bit`` (or None) and the
+    int8 codes, plus the whole plain state dict: comparing the files of two
+    ranks shows whether DDP kept them identical.
+    """
+    from codeq_cli._io import torch_save_atomic
+    from codeq_cli.insert import quantized_weights
+
+    plain = unwrap(model)
+    layers = {}
+    with torch.no_grad():
+        for qw in quantized_weights(plain):
+            q = qw.quantizer
+            layers[qw.name] = {
+                "theta_dz": q.theta_dz.detach().cpu().clone(),
+                "theta_bit": None if q.theta_bit is None else q.theta_bit.detach().cpu().clone(),
+                "codes": q.encode(qw.original).codes.cpu(),
+            }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"rank{info.rank}.pt"
+    state = {k: v.detach().cpu() for k, v in plain.state_dict().items()}
+    torch_save_atomic({"rank": info.rank, "world_size": info.world_size, "step": step, "layers": layers,
+                       "state_dict": state}, path)
+    return path

@@ -33,26 +33,32 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
-import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from codeq_cli import dist
+from codeq_cli._compile import compile_errors
 from codeq_cli.bops import bops_rows, bops_totals
 from codeq_cli.errors import TrainingError
 from codeq_cli.insert import quantizer_parameters
-
-STATE_FORMAT = "codeq-run-state"
-STATE_VERSION = 1
+from codeq_cli.runstate import (  # noqa: F401  (the run state's API, also reachable from here)
+    STATE_FORMAT,
+    STATE_VERSION,
+    Progress,
+    load_state,
+    progress_from_state,
+    rng_state,
+    set_rng_state,
+)
+from codeq_cli.sampling import GlobalBatchSampler, ShardSampler, sample_seed  # noqa: F401
 
 Event = dict
 OnEvent = Callable[[Event], None]
@@ -113,57 +119,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe, total_steps: int, 
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, min(1.0, min_factor))
     )
-
-
-# -- data order ----------------------------------------------------------------
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 10_000_019 + index) % (2**63 - 1)
-
-
-class GlobalBatchSampler(Sampler):
-    """This rank's share of each global batch of the epoch's permutation.
-
-    Yields lists of ``(index, sample_seed)``. The permutation depends only on
-    ``(seed, epoch)``, global batch ``j`` is ``perm[j*B:(j+1)*B]`` and rank
-    ``r`` of ``W`` takes the ``r``-th of ``W`` equal slices, so the data
-    stream does not depend on the number of processes.
-    """
-
-    def __init__(self, n: int, global_batch: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
-        self.n, self.global_batch, self.seed = n, global_batch, seed
-        self.rank, self.world, self.shuffle = rank, world, shuffle
-        self.local = global_batch // world
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start = epoch, start_batch
-
-    def __len__(self) -> int:
-        return max(0, self.n // self.global_batch - self.start)
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 7919 + self.epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
-        else:
-            perm = list(range(self.n))
-        for j in range(self.start, self.n // self.global_batch):
-            chunk = perm[j * self.global_batch : (j + 1) * self.global_batch]
-            mine = chunk[self.rank * self.local : (self.rank + 1) * self.local]
-            yield [(i, sample_seed(self.seed, self.epoch, i)) for i in mine]
-
-
-class ShardSampler(Sampler):
-    """Every ``world``-th index from ``rank``: evaluation without padded duplicates."""
-
-    def __init__(self, n: int, rank: int = 0, world: int = 1):
-        self.indices = list(range(rank, n, world))
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
 
 
 # -- evaluation ------------------------------------------------------------------
@@ -245,38 +200,6 @@ def compression_stats(model: nn.Module, macs: dict[str, int]) -> dict:
     """Sparsity, bits and relative BOPs of the model as it stands."""
     t = bops_totals(bops_rows(dist.unwrap(model), macs))
     return {k: t[k] for k in ("sparsity", "avg_bits", "rel_bops", "mean_layer_sparsity", "mean_layer_bits")}
-
-
-# -- the run state ---------------------------------------------------------------
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
-
-
-def _as_tuple(x):
-    return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-@dataclass
-class Progress:
-    """Where a run stands: the next step to take is ``(epoch, batch)``."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    history: list = field(default_factory=list)
-    fp_top1: float | None = None
 
 
 @dataclass
@@ -443,7 +366,7 @@ class Fit:
             target = target.to(s.device, non_blocking=True)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
-            with _compile_errors():
+            with compile_errors():
                 loss, task, reg = self._forward_loss(images, target, amp, label_smoothing, lambda_bit)
                 # The step's one device synchronisation: the three loss values together.
                 values = torch.stack([loss.detach(), task.detach(), reg.detach()]).tolist()
@@ -521,7 +444,7 @@ class Fit:
         dist.broadcast_buffers(self.s.model)
         folder = os.environ.get("CODEQ_DEBUG_DUMP_DIR")
         if folder:
-            debug_dump(self.s.model, self.s.info, self.progress.step, Path(folder))
+            dist.debug_dump(self.s.model, self.s.info, self.progress.step, Path(folder))
 
     def epoch_eval(self, epoch: int) -> None:
         s = self.s
@@ -534,72 +457,6 @@ class Fit:
             event.update(compression_stats(s.model, s.macs))
         self.progress.history.append({k: event[k] for k in event if k != "event"})
         self.log(event)
-
-
-@contextmanager
-def _compile_errors() -> Iterator[None]:
-    """Turn a ``torch.compile`` failure (met at the first forward or backward) into one clear error.
-
-    A failure while compiling is a dynamo exception, or any exception raised
-    from inside dynamo's frame conversion or inductor (an internal assertion,
-    a C++ compiler error). Errors of the compiled code itself pass unchanged.
-    """
-    try:
-        yield
-    except Exception as exc:
-        if not _compile_failure(exc):
-            raise
-        first = " ".join(str(exc).split())[:160]
-        raise TrainingError(f"torch.compile failed on this model ({type(exc).__name__}: {first})",
-                            hint="run without --compile") from exc
-
-
-# Frames that are on the stack while compiling (not while running compiled code).
-_COMPILER_FILES = ("torch/_dynamo/convert_frame.py", "torch/_inductor/compile_fx.py", "torch/_inductor/codecache.py",
-                   "torch/_inductor/async_compile.py")
-
-
-def _compile_failure(exc: BaseException) -> bool:
-    dynamo = sys.modules.get("torch._dynamo.exc")
-    if dynamo is None:  # nothing was ever compiled
-        return False
-    if isinstance(exc, dynamo.TorchDynamoException):
-        return True
-    tb = exc.__traceback__
-    while tb is not None:
-        name = tb.tb_frame.f_code.co_filename.replace("\\", "/")
-        if any(part in name for part in _COMPILER_FILES):
-            return True
-        tb = tb.tb_next
-    return False
-
-
-def debug_dump(model: nn.Module, info: dist.DistInfo, step: int, folder: Path) -> Path:
-    """Write this rank's quantizer state to ``folder/rank{R}.pt`` (a debugging aid).
-
-    Holds, per quantized layer, ``theta_dz``, ``theta_bit`` (or None) and the
-    int8 codes, plus the whole plain state dict: comparing the files of two
-    ranks shows whether DDP kept them identical.
-    """
-    from codeq_cli._io import torch_save_atomic
-    from codeq_cli.insert import quantized_weights
-
-    plain = dist.unwrap(model)
-    layers = {}
-    with torch.no_grad():
-        for qw in quantized_weights(plain):
-            q = qw.quantizer
-            layers[qw.name] = {
-                "theta_dz": q.theta_dz.detach().cpu().clone(),
-                "theta_bit": None if q.theta_bit is None else q.theta_bit.detach().cpu().clone(),
-                "codes": q.encode(qw.original).codes.cpu(),
-            }
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"rank{info.rank}.pt"
-    state = {k: v.detach().cpu() for k, v in plain.state_dict().items()}
-    torch_save_atomic({"rank": info.rank, "world_size": info.world_size, "step": step, "layers": layers,
-                       "state_dict": state}, path)
-    return path
 
 
 def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, collate, workers: int, device):
@@ -639,31 +496,3 @@ class Interrupted(TrainingError):
     def __init__(self, step: int):
         self.step = step
         super().__init__(f"interrupted after step {step}; the run state is saved")
-
-
-def load_state(path: Path) -> dict:
-    """A run state written by :meth:`Fit.save` (weights_only: nothing in it can run)."""
-    from codeq_cli._io import torch_load_safe
-    from codeq_cli.errors import CheckpointError
-
-    try:
-        state = torch_load_safe(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"no run state at {str(path)!r}", hint="start without --resume") from None
-    except Exception as exc:
-        raise CheckpointError(
-            f"the run state {str(path)!r} is damaged or not codeq's ({' '.join(str(exc).split())[:120]})",
-            hint="start again without --resume, or with --overwrite",
-        ) from exc
-    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-        raise CheckpointError(f"{str(path)!r} is not a codeq run state", hint="start without --resume")
-    if int(state.get("version", 0)) > STATE_VERSION:
-        raise CheckpointError(
-            f"{str(path)!r} was written by a newer codeq (run state version {state['version']})", hint="upgrade codeq"
-        )
-    return state
-
-
-def progress_from_state(state: dict) -> Progress:
-    p = state["progress"]
-    return Progress(p["epoch"], p["batch"], p["step"], json.loads(state.get("history", "[]")), p.get("fp_top1"))
