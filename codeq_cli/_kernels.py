@@ -80,14 +80,6 @@ def _build(numba, np):
         return -acc_s, -acc_d
 
     @njit(parallel=True, cache=True, nogil=True)
-    def count_abs_gt(w, v):  # pragma: no cover - compiled
-        c = 0
-        for i in prange(w.shape[0]):
-            if abs(w[i]) > v:
-                c += 1
-        return c
-
-    @njit(parallel=True, cache=True, nogil=True)
     def cached_order_stats(w, idx, pos, need_next):  # pragma: no cover - compiled
         # |w| at the remembered indices, the pos-th (and next) smallest of them,
         # and the proof that nothing outside them is larger (see _select).
@@ -112,7 +104,7 @@ def _build(numba, np):
         return lo, hi, total == inside
 
     return {"np": np, "numba": numba, "forward": forward, "backward": backward,
-            "encode": encode, "count_abs_gt": count_abs_gt, "cached_order_stats": cached_order_stats}
+            "encode": encode, "cached_order_stats": cached_order_stats}
 
 
 def flat(t: Tensor) -> Tensor | None:
@@ -191,9 +183,3 @@ def cached_order_stats(w_flat: Tensor, idx: Tensor, pos: int, need_next: bool) -
     k = _ready()
     lo, hi, ok = k["cached_order_stats"](w_flat.numpy(), idx.numpy(), pos, need_next)
     return float(lo), float(hi), bool(ok)
-
-
-def count_abs_gt(w_flat: Tensor, v: float) -> int:
-    """``count(|w| > v)`` over a flat float32 CPU tensor."""
-    k = _ready()
-    return int(k["count_abs_gt"](w_flat.numpy(), _f32(k, v)))

@@ -83,12 +83,6 @@ def exact_quantile(a: Tensor, q: float) -> Tensor:
     return _finish(lo, hi, weight if need_next else 0.0)
 
 
-def _count_abs_gt(w_flat: Tensor, v: Tensor) -> int:
-    if _kernels.usable(w_flat):
-        return _kernels.count_abs_gt(w_flat, float(v))
-    return int((w_flat.abs() > v).count_nonzero())
-
-
 class QuantileCache:
     """Remembers where the largest magnitudes of one weight tensor live.
 
@@ -139,7 +133,7 @@ class QuantileCache:
             # Proof: the k-th largest of ``cand`` is the k-th largest overall
             # iff nothing outside ``cand`` is strictly larger than it (and then
             # the (k-1)-th largest is in ``cand`` as well).
-            if _count_abs_gt(w_flat, lo) == int((cand > lo).count_nonzero()):
+            if int((w_flat.abs() > lo).count_nonzero()) == int((cand > lo).count_nonzero()):
                 self.hits += 1
                 return _finish(lo, hi, weight if need_next else 0.0)
         self.rebuilds += 1

@@ -155,9 +155,14 @@ def make_row(name: str, kind: str, shape: Sequence[int], macs: int, bits: int | 
 
 
 @torch.no_grad()
-def bops_rows(model: nn.Module, macs: dict[str, int]) -> list[LayerRow]:
-    """Rows for every convolution and linear weight of a live model (quantized or not)."""
-    encoded = {qw.name: qw.quantizer.encode(qw.original) for qw in quantized_weights(model)}
+def bops_rows(model: nn.Module, macs: dict[str, int], encoded: dict | None = None) -> list[LayerRow]:
+    """Rows for every convolution and linear weight of a live model (quantized or not).
+
+    ``encoded`` (layer name → :class:`~codeq_cli.quantizer.Encoded`) reuses
+    encodings the caller already made instead of encoding every layer again.
+    """
+    if encoded is None:
+        encoded = {qw.name: qw.quantizer.encode(qw.original) for qw in quantized_weights(model)}
     rows = []
     for t in plan(model):
         if t.kind == "other":

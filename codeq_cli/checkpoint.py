@@ -133,9 +133,10 @@ def save(
                          hint="call codeq_cli.quantize_(model) (and train it) before saving")
     payload = bytearray()
     layers, bound_bits = [], 0.0
+    encodings = {}
     renamed: dict[str, str | None] = {}  # parametrized state-dict key -> plain key (None: dropped)
     for qw in qws:
-        enc = qw.quantizer.encode(qw.original)
+        enc = encodings[qw.name] = qw.quantizer.encode(qw.original)
         codes = enc.codes.detach().to("cpu").contiguous()
         flat = codes.reshape(-1).numpy()
         blob = entropy.encode(flat)
@@ -187,7 +188,7 @@ def save(
         "provenance": provenance,
         "metrics": metrics,
         "macs": {str(k): int(v) for k, v in macs.items()},
-        "rows": [r.to_dict() for r in bops_rows(model, macs)],
+        "rows": [r.to_dict() for r in bops_rows(model, macs, encoded=encodings)],
         "data_dir": None if data_dir is None else str(data_dir),
         "coder": entropy.coder_info(),
         "state_keys": state_keys,

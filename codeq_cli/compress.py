@@ -219,7 +219,7 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: False) -> CompressResult:
     """Compress ``opts.model`` as ``opts`` say; returns where the result went and its figures."""
-    from codeq_cli import checkpoint, train
+    from codeq_cli import checkpoint, runstate, train
     from codeq_cli._io import write_json, write_text
     from codeq_cli.bops import bops_rows, bops_totals
     from codeq_cli.data import build_datasets, check_root, collate, parse_subset
@@ -272,7 +272,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     macs = _first_forward(model, loaded.data.input_size, opts, spec)  # before the baseline: no time lost on a bad size
     state = None
     if opts.resume:
-        state = train.load_state(run_dir / "state.pt")
+        state = runstate.load_state(run_dir / "state.pt")
     fingerprint = _fingerprint(opts, spec, recipe, classes)
     if state is not None:
         old = json.loads(state["fingerprint"])
@@ -290,7 +290,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
               "input_size": list(loaded.data.input_size)})
 
     # FP baseline, before any quantizer.
-    progress = train.progress_from_state(state) if state is not None else train.Progress()
+    progress = runstate.progress_from_state(state) if state is not None else runstate.Progress()
     if not opts.skip_baseline and state is None:
         loader = train.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
         res = train.evaluate(model, loader, info.device, amp=recipe.amp)
@@ -305,7 +305,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
 
     if state is not None:
         _load_run_state(model, state, run_dir, spec.label)
-        train.set_rng_state(state["rng"])
+        runstate.set_rng_state(state["rng"])
         on_event({"event": "resumed", "step": progress.step, "epoch": progress.epoch})
     if recipe.channels_last and info.device.type == "cuda":
         model.to(memory_format=torch.channels_last)

@@ -32,7 +32,7 @@ from torch.utils.data._utils.collate import default_collate
 
 from codeq_cli.errors import DataError, DataPathError, UsageError
 from codeq_cli.models import DataConfig
-from codeq_cli.transforms import build_transform, eval_resize, image_mode  # noqa: F401
+from codeq_cli.transforms import build_transform, image_mode
 
 # torchvision's list (datasets.folder.IMG_EXTENSIONS), compared case-insensitively.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -249,6 +249,9 @@ class DeadZoneQuantizer(nn.Module):
         """Integer codes, step, shift and bit-width of ``w`` as the forward sees it."""
         w = w.detach()
         qmax, _, s, shift = self._scalars(self.absmax(w), w.dtype)
+        return self._encode(w, qmax, s, shift)
+
+    def _encode(self, w: Tensor, qmax, s: Tensor, shift: Tensor) -> Encoded:
         if _kernels.usable(w):
             codes = _kernels.encode(w, float(s), float(shift), float(qmax))
         else:
@@ -262,7 +265,7 @@ class DeadZoneQuantizer(nn.Module):
         w = w.detach()
         R = self.absmax(w)
         qmax, d, s, shift = self._scalars(R, w.dtype)
-        kept = int(torch.count_nonzero(self.encode(w).codes))
+        kept = int(torch.count_nonzero(self._encode(w, qmax, s, shift).codes))
         return {
             "R": float(R),
             "dead_zone": float(d),

@@ -49,16 +49,8 @@ from codeq_cli._compile import compile_errors
 from codeq_cli.bops import bops_rows, bops_totals
 from codeq_cli.errors import TrainingError
 from codeq_cli.insert import quantizer_parameters
-from codeq_cli.runstate import (  # noqa: F401  (the run state's API, also reachable from here)
-    STATE_FORMAT,
-    STATE_VERSION,
-    Progress,
-    load_state,
-    progress_from_state,
-    rng_state,
-    set_rng_state,
-)
-from codeq_cli.sampling import GlobalBatchSampler, ShardSampler, sample_seed  # noqa: F401
+from codeq_cli.runstate import STATE_FORMAT, STATE_VERSION, Progress, rng_state
+from codeq_cli.sampling import GlobalBatchSampler, ShardSampler
 
 Event = dict
 OnEvent = Callable[[Event], None]

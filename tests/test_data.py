@@ -22,7 +22,6 @@ from codeq_cli.data import (
     build_transform,
     collate,
     eval_folder,
-    eval_resize,
     image_mode,
     load_image,
     parse_subset,
@@ -30,6 +29,7 @@ from codeq_cli.data import (
 )
 from codeq_cli.errors import DataError, UsageError
 from codeq_cli.models import DataConfig
+from codeq_cli.transforms import eval_resize
 
 CFG = DataConfig((3, 16, 16), (0.5, 0.4, 0.3), (0.25, 0.2, 0.1), "bicubic", 0.8)
 COLOURS = [(200, 30, 30), (30, 180, 60), (40, 60, 220), (220, 200, 40), (150, 50, 200)]

@@ -21,7 +21,8 @@ from codeq_cli import checkpoint, dist
 from codeq_cli.compress import CompressOptions, run
 from codeq_cli.errors import TrainingError, UsageError
 from codeq_cli.launch import strip_nproc, threads_per_process
-from codeq_cli.train import GlobalBatchSampler, Interrupted, ShardSampler
+from codeq_cli.sampling import GlobalBatchSampler, ShardSampler
+from codeq_cli.train import Interrupted
 from conftest import make_image_folder
 
 TINY = ["timm:test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--num-classes", "3"]

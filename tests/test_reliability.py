@@ -26,7 +26,7 @@ import torch
 from codeq_cli import _io, checkpoint
 from codeq_cli.cli import main
 from codeq_cli.errors import CodeqError
-from codeq_cli.train import load_state
+from codeq_cli.runstate import load_state
 from conftest import TINY, make_image_folder, run_cli
 
 ENV = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
