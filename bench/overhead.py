@@ -23,7 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from codeq_cli import quantize_, quantizer_parameters
-from codeq_cli._reference import reference_dequantize
+from codeq_cli.testing.reference import reference_dequantize
 
 
 class _Plain(nn.Module):

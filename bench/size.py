@@ -2,7 +2,7 @@
 
 torchvision ResNet-18 (random weights, 1000 classes), every convolution and
 linear layer wrapped in mixed precision, then each quantizer set by hand to
-values like those training ends with (``shared/codeq-method.md`` §6: mean layer
+values like those training ends with (``docs/method.md``, "The paper's presets and results": mean layer
 sparsity about 0.63, about 3.4 bits, deeper layers sparser, 1×1 downsample
 convolutions sparsest, first and last layers with more bits and less
 sparsity). Prints the compressed file size, the order-0 entropy bound of the
@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from codeq_cli import checkpoint
-from codeq_cli.bops import bops_totals, measure_macs
-from codeq_cli.insert import quantize_, quantized_weights
-from codeq_cli.models import DataConfig, ModelSpec, create
+from codeq_cli.formats import checkpoint
+from codeq_cli.core.bops import bops_totals, measure_macs
+from codeq_cli.core.insert import quantize_, quantized_weights
+from codeq_cli.models.factory import DataConfig, ModelSpec, create
 
 
 def set_learned_values(model: torch.nn.Module, mean_sparsity: float) -> None:

@@ -25,7 +25,7 @@ import torchvision
 from torch import nn
 
 from codeq_cli import quantize_, quantizer_parameters
-from codeq_cli.train import penalty
+from codeq_cli.train.loop import penalty
 
 
 def _optimizer(model: nn.Module) -> torch.optim.Optimizer:

@@ -15,30 +15,30 @@ from typing import TYPE_CHECKING
 from codeq_cli._version import __version__
 
 _EXPORTS = {
-    "DeadZoneQuantizer": "codeq_cli.quantizer",
-    "Encoded": "codeq_cli.quantizer",
-    "dequantize": "codeq_cli.quantizer",
-    "quantize_": "codeq_cli.insert",
-    "bake_": "codeq_cli.insert",
-    "plan": "codeq_cli.insert",
-    "quantized_weights": "codeq_cli.insert",
-    "quantizer_parameters": "codeq_cli.insert",
-    "measure_macs": "codeq_cli.bops",
-    "bops_rows": "codeq_cli.bops",
-    "bops_totals": "codeq_cli.bops",
-    "dequantized_state_dict": "codeq_cli.insert",
-    "save": "codeq_cli.checkpoint",
-    "load": "codeq_cli.checkpoint",
-    "CompressedModel": "codeq_cli.checkpoint",
-    "SaveInfo": "codeq_cli.checkpoint",
-    "report_data": "codeq_cli.report",
-    "export_state_dict": "codeq_cli.export",
-    "export_onnx": "codeq_cli.export",
-    "entropy_bound_bits": "codeq_cli.entropy",
-    "load_recipe": "codeq_cli.recipe",
-    "Recipe": "codeq_cli.recipe",
-    "load_model": "codeq_cli.models",
-    "ModelSpec": "codeq_cli.models",
+    "DeadZoneQuantizer": "codeq_cli.core.quantizer",
+    "Encoded": "codeq_cli.core.quantizer",
+    "dequantize": "codeq_cli.core.quantizer",
+    "quantize_": "codeq_cli.core.insert",
+    "bake_": "codeq_cli.core.insert",
+    "plan": "codeq_cli.core.insert",
+    "quantized_weights": "codeq_cli.core.insert",
+    "quantizer_parameters": "codeq_cli.core.insert",
+    "measure_macs": "codeq_cli.core.bops",
+    "bops_rows": "codeq_cli.core.bops",
+    "bops_totals": "codeq_cli.core.bops",
+    "dequantized_state_dict": "codeq_cli.core.insert",
+    "save": "codeq_cli.formats.checkpoint",
+    "load": "codeq_cli.formats.checkpoint",
+    "CompressedModel": "codeq_cli.formats.checkpoint",
+    "SaveInfo": "codeq_cli.formats.checkpoint",
+    "report_data": "codeq_cli.commands.report",
+    "export_state_dict": "codeq_cli.formats.export",
+    "export_onnx": "codeq_cli.formats.export",
+    "entropy_bound_bits": "codeq_cli.formats.entropy",
+    "load_recipe": "codeq_cli.train.recipe",
+    "Recipe": "codeq_cli.train.recipe",
+    "load_model": "codeq_cli.models.factory",
+    "ModelSpec": "codeq_cli.models.factory",
     "CheckpointError": "codeq_cli.errors",
     "CodeqError": "codeq_cli.errors",
     "UsageError": "codeq_cli.errors",
@@ -47,16 +47,16 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from codeq_cli.bops import bops_rows, bops_totals, measure_macs
-    from codeq_cli.checkpoint import CompressedModel, SaveInfo, load, save
-    from codeq_cli.entropy import entropy_bound_bits
+    from codeq_cli.core.bops import bops_rows, bops_totals, measure_macs
+    from codeq_cli.formats.checkpoint import CompressedModel, SaveInfo, load, save
+    from codeq_cli.formats.entropy import entropy_bound_bits
     from codeq_cli.errors import CheckpointError, CodeqError, UsageError
-    from codeq_cli.export import export_onnx, export_state_dict
-    from codeq_cli.insert import bake_, dequantized_state_dict, plan, quantize_, quantized_weights, quantizer_parameters
-    from codeq_cli.models import ModelSpec, load_model
-    from codeq_cli.recipe import Recipe, load_recipe
-    from codeq_cli.report import report_data
-    from codeq_cli.quantizer import DeadZoneQuantizer, Encoded, dequantize
+    from codeq_cli.formats.export import export_onnx, export_state_dict
+    from codeq_cli.core.insert import bake_, dequantized_state_dict, plan, quantize_, quantized_weights, quantizer_parameters
+    from codeq_cli.models.factory import ModelSpec, load_model
+    from codeq_cli.train.recipe import Recipe, load_recipe
+    from codeq_cli.commands.report import report_data
+    from codeq_cli.core.quantizer import DeadZoneQuantizer, Encoded, dequantize
 
 
 def __getattr__(name: str):

@@ -59,7 +59,7 @@ TINY = ["timm:test_resnet", "--no-pretrained", "--img-size", "32", "--workers", 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """``codeq ARGS`` in this process: (exit code, stdout, stderr)."""
-    from codeq_cli.cli import main
+    from codeq_cli.cli.app import main
 
     try:
         main(args)

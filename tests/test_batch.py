@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from codeq_cli.batch import load_jobs
-from codeq_cli.cli import main
+from codeq_cli.commands.batch import load_jobs
+from codeq_cli.cli.app import main
 from codeq_cli.errors import UsageError
 from conftest import make_image_folder
 

@@ -1,4 +1,4 @@
-"""MACs and BOPs (``shared/codeq-method.md`` §4) against hand-computed numbers."""
+"""MACs and BOPs (``docs/method.md``, "BOPs") against hand-computed numbers."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
-from codeq_cli.bops import A_BITS, LayerRow, bops_rows, bops_totals, input_shape_of, make_row, measure_macs
-from codeq_cli.insert import quantize_, quantized_weights
+from codeq_cli.core.bops import A_BITS, LayerRow, bops_rows, bops_totals, input_shape_of, make_row, measure_macs
+from codeq_cli.core.insert import quantize_, quantized_weights
 
 
 @pytest.mark.parametrize(

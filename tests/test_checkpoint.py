@@ -13,11 +13,13 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from codeq_cli import checkpoint, entropy
-from codeq_cli.bops import bops_rows, measure_macs
+from codeq_cli.formats import checkpoint
+
+from codeq_cli.formats import entropy
+from codeq_cli.core.bops import bops_rows, measure_macs
 from codeq_cli.errors import CheckpointError, CodeqError
-from codeq_cli.insert import quantize_, quantized_weights
-from codeq_cli.models import DataConfig, ModelSpec, create
+from codeq_cli.core.insert import quantize_, quantized_weights
+from codeq_cli.models.factory import DataConfig, ModelSpec, create
 
 MODELS = {
     "timm-resnet": (ModelSpec("timm", "test_resnet", num_classes=5), 32),

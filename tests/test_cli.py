@@ -10,8 +10,8 @@ import sys
 import pytest
 import torch
 
-from codeq_cli import checkpoint
-from codeq_cli.cli import main
+from codeq_cli.formats import checkpoint
+from codeq_cli.cli.app import main
 from conftest import make_image_folder, run_cli
 
 ENV = {**os.environ, "NO_COLOR": "1"}
@@ -38,7 +38,7 @@ def trained(tmp_path_factory):
 def test_help_answers_without_importing_torch():
     code = (
         "import sys, io, contextlib\n"
-        "from codeq_cli.cli import main\n"
+        "from codeq_cli.cli.app import main\n"
         "for args in (['--help'], ['compress', '--help'], ['eval', '--help'], ['report', '--help'],\n"
         "             ['export', '--help'], ['demo', '--help'], ['batch', '--help'], ['recipes', '--help'], ['--version']):\n"
         "    with contextlib.redirect_stdout(io.StringIO()):\n"
@@ -86,7 +86,7 @@ def test_report_formats(trained, capsys):
 
 
 def test_eval_top1_equals_a_hand_count(trained, capsys):
-    from codeq_cli.data import eval_folder
+    from codeq_cli.data.folders import eval_folder
 
     data, out = trained
     ck = checkpoint.load(out)
@@ -137,7 +137,7 @@ def test_eval_refuses_classes_the_model_does_not_know(trained, tmp_path, capsys)
 def test_export_loads_strictly_and_matches(trained, tmp_path, capsys):
     from safetensors.torch import load_file
 
-    from codeq_cli.models import create
+    from codeq_cli.models.factory import create
 
     _, out = trained
     target = tmp_path / "dense.safetensors"
@@ -176,7 +176,7 @@ def test_eval_compare_fp_with_local_weights(tmp_path, capsys):
     """--compare-fp evaluates the FP model from --weights on the same images and prints the drop."""
     from safetensors.torch import save_file
 
-    from codeq_cli.models import ModelSpec, create
+    from codeq_cli.models.factory import ModelSpec, create
 
     data = make_image_folder(tmp_path / "data", per_class=4, val_per_class=3, size=36)
     fp = create(ModelSpec("timm", "test_resnet", num_classes=3))

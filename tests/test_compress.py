@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from codeq_cli import checkpoint
-from codeq_cli.compress import CompressOptions, run
-from codeq_cli.train import Interrupted
+from codeq_cli.formats import checkpoint
+from codeq_cli.commands.compress import CompressOptions, run
+from codeq_cli.train.loop import Interrupted
 from conftest import TINY, make_image_folder, run_cli
 
 

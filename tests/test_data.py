@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
-from codeq_cli.data import (
+from codeq_cli.data.folders import (
     Batch,
     Broken,
     ImageFolder,
@@ -28,8 +28,8 @@ from codeq_cli.data import (
     track,
 )
 from codeq_cli.errors import DataError, UsageError
-from codeq_cli.models import DataConfig
-from codeq_cli.transforms import eval_resize
+from codeq_cli.models.factory import DataConfig
+from codeq_cli.data.transforms import eval_resize
 
 CFG = DataConfig((3, 16, 16), (0.5, 0.4, 0.3), (0.25, 0.2, 0.1), "bicubic", 0.8)
 COLOURS = [(200, 30, 30), (30, 180, 60), (40, 60, 220), (220, 200, 40), (150, 50, 200)]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from codeq_cli.cli import main
-from codeq_cli.demo_data import CLASSES, load_split
+from codeq_cli.cli.app import main
+from codeq_cli.data.fashion_mnist import CLASSES, load_split
 
 SMALL = ["--subset", "8", "--epochs", "1", "--fp-epochs", "1", "--batch-size", "16", "--model", "timm:test_resnet"]
 

@@ -17,12 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from codeq_cli import checkpoint, dist
-from codeq_cli.compress import CompressOptions, run
+from codeq_cli.formats import checkpoint
+
+from codeq_cli.train import dist
+from codeq_cli.commands.compress import CompressOptions, run
 from codeq_cli.errors import TrainingError, UsageError
-from codeq_cli.launch import strip_nproc, threads_per_process
-from codeq_cli.sampling import GlobalBatchSampler, ShardSampler
-from codeq_cli.train import Interrupted
+from codeq_cli.train.launch import strip_nproc, threads_per_process
+from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
+from codeq_cli.train.loop import Interrupted
 from conftest import make_image_folder
 
 TINY = ["timm:test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--num-classes", "3"]

@@ -141,11 +141,11 @@ def _tiny_checkpoint(path: Path, data: Path) -> None:
     """A valid compressed checkpoint of test_resnet (3 classes) without training: quantize and save."""
     import torch
 
-    from codeq_cli import checkpoint
-    from codeq_cli.bops import measure_macs
-    from codeq_cli.insert import quantize_
-    from codeq_cli.models import DataConfig, ModelSpec, create
-    from codeq_cli.recipe import Recipe, quantizer_kwargs
+    from codeq_cli.formats import checkpoint
+    from codeq_cli.core.bops import measure_macs
+    from codeq_cli.core.insert import quantize_
+    from codeq_cli.models.factory import DataConfig, ModelSpec, create
+    from codeq_cli.train.recipe import Recipe, quantizer_kwargs
 
     torch.manual_seed(0)
     spec = ModelSpec("timm", "test_resnet", num_classes=3)

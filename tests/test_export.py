@@ -7,11 +7,13 @@ import importlib.util
 import pytest
 import torch
 
-from codeq_cli import checkpoint, export
-from codeq_cli.bops import measure_macs
+from codeq_cli.formats import checkpoint
+
+from codeq_cli.formats import export
+from codeq_cli.core.bops import measure_macs
 from codeq_cli.errors import CodeqError, UsageError
-from codeq_cli.insert import quantize_
-from codeq_cli.models import DataConfig, ModelSpec, create
+from codeq_cli.core.insert import quantize_
+from codeq_cli.models.factory import DataConfig, ModelSpec, create
 
 SPECS = [ModelSpec("timm", "test_resnet", num_classes=4), ModelSpec("torchvision", "mobilenet_v3_small", num_classes=4)]
 

@@ -18,8 +18,8 @@ from torch.nn.utils.parametrizations import weight_norm
 from torch.testing import assert_close
 from torchvision import models as tvm
 
-from codeq_cli.insert import bake_, dequantized_state_dict, plan, quantize_, quantized_weights, quantizer_parameters
-from codeq_cli.quantizer import DeadZoneQuantizer
+from codeq_cli.core.insert import bake_, dequantized_state_dict, plan, quantize_, quantized_weights, quantizer_parameters
+from codeq_cli.core.quantizer import DeadZoneQuantizer
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 NORM = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)

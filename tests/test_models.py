@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from codeq_cli.errors import ModelError, UsageError
-from codeq_cli.models import (
+from codeq_cli.models.factory import (
     ModelSpec,
     create,
     data_config,

@@ -1,5 +1,5 @@
-"""The dead-zone quantizer (``shared/codeq-method.md`` §1) against hand-computed
-values, the literal transcription in ``codeq_cli._reference`` and finite
+"""The dead-zone quantizer (``docs/method.md``, "The quantizer") against hand-computed
+values, the literal transcription in ``codeq_cli.testing.reference`` and finite
 differences of the straight-through surrogate, on both execution paths (numba
 fused loops and eager PyTorch)."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from codeq_cli import _kernels
-from codeq_cli._reference import reference_dequantize
-from codeq_cli.quantizer import EPS, DeadZoneQuantizer, Encoded, dequantize
+from codeq_cli.core import _kernels
+from codeq_cli.testing.reference import reference_dequantize
+from codeq_cli.core.quantizer import EPS, DeadZoneQuantizer, Encoded, dequantize
 
 TANH3 = math.tanh(3.0)  # 0.9950547536867305
 

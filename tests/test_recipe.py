@@ -10,7 +10,7 @@ import yaml
 from torch import nn
 
 from codeq_cli.errors import RecipeError, UsageError
-from codeq_cli.recipe import (
+from codeq_cli.train.recipe import (
     ALLOWED,
     KEYS,
     Recipe,
@@ -301,7 +301,7 @@ def test_recipe_is_frozen_and_accepts_python_values():
 
 
 # -- built-ins ---------------------------------------------------------------------------------
-# The paper's table (shared/codeq-method.md §5): λ_dz, λ_bit, epochs, batch, logit lr.
+# The paper's table (docs/method.md, "The paper's presets and results"): λ_dz, λ_bit, epochs, batch, logit lr.
 PAPER = {
     "resnet18-imagenet-mixed": ("mixed", 0.02, 0.1, 120, 512, 1e-4),
     "resnet18-imagenet-fixed4": ("fixed", 0.02, None, 120, 512, 1e-4),
@@ -397,7 +397,7 @@ def test_quantizer_kwargs_fixed_and_mixed():
 
 
 def test_quantizer_kwargs_feed_quantize_():
-    from codeq_cli.insert import quantize_, quantized_weights
+    from codeq_cli.core.insert import quantize_, quantized_weights
 
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(2))
     model(__import__("torch").zeros(1, 3, 6, 6))

@@ -3,7 +3,7 @@
 The kill and Ctrl-C tests run the real CLI in a subprocess (``python -m
 codeq_cli``) on a tiny model; the others drive the library or ``main()`` in
 this process. On one CPU process a resumed run ends with exactly the codes of
-an uninterrupted one (see ``codeq_cli/train.py``), so "nothing lost" is
+an uninterrupted one (see ``codeq_cli/train/loop.py``), so "nothing lost" is
 checked code for code.
 """
 
@@ -23,10 +23,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from codeq_cli import _io, checkpoint
-from codeq_cli.cli import main
+from codeq_cli import _io
+
+from codeq_cli.formats import checkpoint
+from codeq_cli.cli.app import main
 from codeq_cli.errors import CodeqError
-from codeq_cli.runstate import load_state
+from codeq_cli.formats.runstate import load_state
 from conftest import TINY, make_image_folder, run_cli
 
 ENV = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
@@ -93,9 +95,9 @@ def test_disk_full_is_one_clear_error_and_the_previous_file_stays(tmp_path, monk
 
 
 def test_a_checkpoint_write_that_fails_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    from codeq_cli.bops import measure_macs
-    from codeq_cli.insert import quantize_
-    from codeq_cli.models import DataConfig, ModelSpec, create
+    from codeq_cli.core.bops import measure_macs
+    from codeq_cli.core.insert import quantize_
+    from codeq_cli.models.factory import DataConfig, ModelSpec, create
 
     spec = ModelSpec("timm", "test_resnet", num_classes=3)
     model = create(spec)

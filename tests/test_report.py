@@ -10,10 +10,16 @@ import pytest
 import torch
 from rich.console import Console
 
-from codeq_cli import checkpoint, entropy, models, report
-from codeq_cli.bops import bops_rows, bops_totals, measure_macs
-from codeq_cli.insert import quantize_
-from codeq_cli.models import DataConfig, ModelSpec, create
+from codeq_cli.formats import checkpoint
+
+from codeq_cli.formats import entropy
+
+from codeq_cli.models import factory as models
+
+from codeq_cli.commands import report
+from codeq_cli.core.bops import bops_rows, bops_totals, measure_macs
+from codeq_cli.core.insert import quantize_
+from codeq_cli.models.factory import DataConfig, ModelSpec, create
 
 SPEC = ModelSpec("timm", "test_resnet", num_classes=3)
 

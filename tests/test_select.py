@@ -1,4 +1,4 @@
-"""Exact quantiles of |w| (``codeq_cli._select``): bit for bit ``torch.quantile``,
+"""Exact quantiles of |w| (``codeq_cli.core._select``): bit for bit ``torch.quantile``,
 with and without the cached top set, on the numba and the eager path."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from codeq_cli import _kernels
-from codeq_cli._select import _SMALL, QuantileCache, exact_quantile, quantile_rank
+from codeq_cli.core import _kernels
+from codeq_cli.core._select import _SMALL, QuantileCache, exact_quantile, quantile_rank
 
 
 @pytest.fixture(params=["numba", "eager"])

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from codeq_cli.errors import UsageError
-from codeq_cli.models import DataConfig
+from codeq_cli.models.factory import DataConfig
 
 
 def _interpolation(name: str):

@@ -1,6 +1,6 @@
 """A literal transcription of the CoDeQ quantizer, the oracle for tests and benchmarks.
 
-Every step of ``shared/codeq-method.md`` §1 written out with separate
+Every step of ``docs/method.md``, "The quantizer" written out with separate
 straight-through autograd functions and ``torch.quantile``, as the reference
 code (github.com/saintslab/CoDeQ) does. It is slow and limited to tensors of
 at most 2**24 elements; :class:`codeq_cli.DeadZoneQuantizer` must agree with it.

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from codeq_cli.quantizer import DeadZoneQuantizer
+from codeq_cli.core.quantizer import DeadZoneQuantizer
 
 log = logging.getLogger(__name__)
 

@@ -52,7 +52,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the re
 
 
 def _output(json_mode: bool, quiet: bool):
-    from codeq_cli.console import Output
+    from codeq_cli.cli.console import Output
 
     return Output(json_mode=json_mode, quiet=quiet)
 
@@ -148,10 +148,10 @@ def compress(
 ) -> None:
     """Fine-tune MODEL with CoDeQ on --data and write the compressed checkpoint."""
     if nproc is not None and nproc > 1:
-        from codeq_cli.launch import launch
+        from codeq_cli.train.launch import launch
 
         raise typer.Exit(launch(nproc, _argv()))
-    from codeq_cli.compress import CompressOptions, run
+    from codeq_cli.commands.compress import CompressOptions, run
 
     output = _output(json_, quiet)
     opts = CompressOptions(
@@ -161,8 +161,8 @@ def compress(
         skip_baseline=skip_baseline, resume=resume, overwrite=overwrite, force=force, compile=compile_,
         save_every=save_every, log_every=log_every,
     )
-    from codeq_cli import dist
-    from codeq_cli.train import Interrupted
+    from codeq_cli.train import dist
+    from codeq_cli.train.loop import Interrupted
 
     is_main = dist.DistInfo(rank=int(os.environ.get("RANK", "0"))).is_main
     if not is_main:
@@ -200,7 +200,7 @@ def _recipes(ctx: typer.Context, json_: JsonOpt = False) -> None:
     """List the built-in recipes with a one-line summary."""
     if ctx.invoked_subcommand is not None:
         return
-    from codeq_cli.recipe import list_recipes
+    from codeq_cli.train.recipe import list_recipes
 
     items = list_recipes()
     width = max(len(n) for n, _ in items)
@@ -215,7 +215,7 @@ def _recipes_show(
     json_: JsonOpt = False,
 ) -> None:
     """Print one recipe (resolved and validated) as YAML."""
-    from codeq_cli.recipe import apply_overrides, load_recipe, recipe_to_yaml
+    from codeq_cli.train.recipe import apply_overrides, load_recipe, recipe_to_yaml
 
     recipe = apply_overrides(load_recipe(name), list(set_ or []))
     _output(json_, False).result(recipe.to_dict(), recipe_to_yaml(recipe).rstrip())
@@ -232,8 +232,8 @@ def report(
     """Per-layer sparsity, bits and BOPs of a checkpoint (no data, no model build)."""
     if sum((json_, csv_, markdown)) > 1:
         raise typer.BadParameter("choose one of --json, --csv and --markdown")
-    from codeq_cli.checkpoint import load
-    from codeq_cli.report import render_table, report_data, to_csv, to_markdown
+    from codeq_cli.formats.checkpoint import load
+    from codeq_cli.commands.report import render_table, report_data, to_csv, to_markdown
 
     data = report_data(load(file))
     output = _output(json_, False)
@@ -276,7 +276,7 @@ def eval_(
     quiet: QuietOpt = False,
 ) -> None:
     """Top-1/top-5 of the decoded compressed model."""
-    from codeq_cli.evaluate import EvalOptions, run
+    from codeq_cli.commands.evaluate import EvalOptions, run
 
     output = _output(json_, quiet)
     opts = EvalOptions(file, data, batch_size, workers, device, compare_fp, weights, subset)
@@ -341,9 +341,9 @@ def export(
     json_: JsonOpt = False,
 ) -> None:
     """Dense dequantized weights for deployment (loads with strict=True), or ONNX."""
-    from codeq_cli.checkpoint import load
+    from codeq_cli.formats.checkpoint import load
     from codeq_cli.errors import UsageError
-    from codeq_cli.export import export_onnx, export_state_dict
+    from codeq_cli.formats.export import export_onnx, export_state_dict
 
     fmt = (format_ or to.suffix.lstrip(".")).lower()
     suffixes = {"safetensors": ".safetensors", "pt": ".pt", "pth": ".pth", "onnx": ".onnx"}
@@ -379,8 +379,8 @@ def demo(
     quiet: QuietOpt = False,
 ) -> None:
     """Train a small model on bundled Fashion-MNIST, compress it with CoDeQ, report and evaluate it."""
-    from codeq_cli.demo import DemoOptions, run
-    from codeq_cli.train import Interrupted
+    from codeq_cli.commands.demo import DemoOptions, run
+    from codeq_cli.train.loop import Interrupted
 
     output = _output(json_, quiet)
     opts = DemoOptions(out_dir=out_dir, model=model, img_size=img_size, fp_epochs=fp_epochs, epochs=epochs,
@@ -394,8 +394,8 @@ def demo(
     finally:
         on_event.close()
     if not json_ and not quiet:
-        from codeq_cli.checkpoint import load
-        from codeq_cli.report import render_table, report_data
+        from codeq_cli.formats.checkpoint import load
+        from codeq_cli.commands.report import render_table, report_data
 
         render_table(report_data(load(res.checkpoint)), output.err)
     ratio = res.fp32_bytes / res.file_bytes if res.file_bytes else float("nan")
@@ -416,7 +416,7 @@ def demo(
 
 def _compress_events(output):
     """An event handler for compress runs: log lines plus the training progress display."""
-    from codeq_cli.console import TrainingProgress
+    from codeq_cli.cli.console import TrainingProgress
 
     progress = TrainingProgress(output)
     state = {"open": False}
@@ -467,7 +467,7 @@ def batch(
     quiet: QuietOpt = False,
 ) -> None:
     """Run many compressions in a row, each isolated; summary table, JSON and CSV; exit 1 if any job failed a gate."""
-    from codeq_cli.batch import load_jobs, run_batch, summary, write_summary
+    from codeq_cli.commands.batch import load_jobs, run_batch, summary, write_summary
 
     output = _output(json_, quiet)
     jobs = load_jobs(jobs_file)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from codeq_cli import dist
+from codeq_cli.train import dist
 from codeq_cli._version import __version__
 from codeq_cli.errors import UsageError
 
@@ -76,7 +76,7 @@ def default_run_dir(out: Path) -> Path:
 
 
 def resolve_recipe(opts: CompressOptions):
-    from codeq_cli.recipe import apply_overrides, load_recipe
+    from codeq_cli.train.recipe import apply_overrides, load_recipe
 
     recipe = apply_overrides(load_recipe(opts.recipe), opts.overrides)
     if opts.batch_size is not None:
@@ -130,8 +130,8 @@ def _make_run_dir(run_dir: Path, out: Path) -> None:
 
 def _first_forward(model: torch.nn.Module, input_size, opts: CompressOptions, spec) -> dict[str, int]:
     """The MACs pass, the model's first forward: an input size it cannot take is a usage error, said once."""
-    from codeq_cli.bops import measure_macs
-    from codeq_cli.models import data_config
+    from codeq_cli.core.bops import measure_macs
+    from codeq_cli.models.factory import data_config
 
     try:
         return measure_macs(model, input_size)
@@ -219,13 +219,15 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: False) -> CompressResult:
     """Compress ``opts.model`` as ``opts`` say; returns where the result went and its figures."""
-    from codeq_cli import checkpoint, runstate, train
+    from codeq_cli.formats import checkpoint
+    from codeq_cli.formats import runstate
+    from codeq_cli.train import loop
     from codeq_cli._io import write_json, write_text
-    from codeq_cli.bops import bops_rows, bops_totals
-    from codeq_cli.data import build_datasets, check_root, collate, parse_subset
-    from codeq_cli.insert import dequantized_state_dict, quantize_
-    from codeq_cli.models import create, load_model, num_outputs
-    from codeq_cli.recipe import quantizer_kwargs, recipe_to_yaml
+    from codeq_cli.core.bops import bops_rows, bops_totals
+    from codeq_cli.data.folders import build_datasets, check_root, collate, parse_subset
+    from codeq_cli.core.insert import dequantized_state_dict, quantize_
+    from codeq_cli.models.factory import create, load_model, num_outputs
+    from codeq_cli.train.recipe import quantizer_kwargs, recipe_to_yaml
 
     t0 = time.monotonic()
     info = dist.init(opts.device)
@@ -292,8 +294,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     # FP baseline, before any quantizer.
     progress = runstate.progress_from_state(state) if state is not None else runstate.Progress()
     if not opts.skip_baseline and state is None:
-        loader = train.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
-        res = train.evaluate(model, loader, info.device, amp=recipe.amp)
+        loader = loop.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
+        res = loop.evaluate(model, loader, info.device, amp=recipe.amp)
         progress.fp_top1 = res.top1
         on_event({"event": "baseline", **res.to_dict()})
 
@@ -317,7 +319,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
             raise UsageError(f"--compile: torch.compile is not available here ({' '.join(str(exc).split())[:120]})",
                              hint="run without --compile") from exc
 
-    setup = train.FitSetup(
+    setup = loop.FitSetup(
         model=net, recipe=recipe, train_set=train_set, val_set=val_set, collate=collate, device=info.device,
         info=info, run_dir=run_dir, macs=macs, seed=opts.seed, workers=opts.workers, max_steps=opts.max_steps,
         log_every=opts.log_every, save_every_s=opts.save_every, fingerprint=fingerprint,
@@ -325,7 +327,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     )
     if info.is_main and state is None:
         write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
-    fit = train.Fit(setup, progress, state)
+    fit = loop.Fit(setup, progress, state)
     resumed_from = progress.step if state is not None else None
     progress = fit.run()
 
@@ -338,8 +340,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     decoded.to(info.device)
     if recipe.channels_last and info.device.type == "cuda":
         decoded.to(memory_format=torch.channels_last)
-    loader = train.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
-    final = train.evaluate(decoded, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
+    loader = loop.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
+    final = loop.evaluate(decoded, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
     metrics = {"top1": final.top1, "top5": final.top5, "val_samples": final.samples, "fp_top1": progress.fp_top1}
     if progress.fp_top1 is not None:
         metrics["top1_drop"] = progress.fp_top1 - final.top1

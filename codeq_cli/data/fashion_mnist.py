@@ -9,7 +9,7 @@ ImageNet-style folder and runs the real pipeline on it.
 
 Maintainers rebuild the subset from the Debian package ``dataset-fashion-mnist``::
 
-    python -m codeq_cli.demo_data /usr/share/datasets/fashion-mnist
+    python -m codeq_cli.data.fashion_mnist /usr/share/datasets/fashion-mnist
 """
 
 from __future__ import annotations
@@ -103,4 +103,4 @@ def build(src: Path, dst: Path) -> None:
 
 
 if __name__ == "__main__":  # pragma: no cover - maintainers' tool
-    build(Path(sys.argv[1]), Path(__file__).parent / "data")
+    build(Path(sys.argv[1]), Path(__file__).parent)

@@ -2,7 +2,7 @@
 
 Equivalent to ``torchrun --standalone --nproc-per-node N -m codeq_cli compress …``
 on one machine; every process joins the group through the environment torchrun
-sets (see :mod:`codeq_cli.dist`). Several machines are torchrun's business
+sets (see :mod:`codeq_cli.train.dist`). Several machines are torchrun's business
 (``docs/distributed.md``).
 """
 

@@ -1,6 +1,6 @@
 """ImageNet-style image folders: ``DIR/train/<class>/*`` and ``DIR/val/<class>/*``.
 
-Preprocessing follows the model (:class:`codeq_cli.models.DataConfig`, from
+Preprocessing follows the model (:class:`codeq_cli.models.factory.DataConfig`, from
 timm's data config or torchvision's weights transforms), never hard-coded
 ImageNet numbers: training uses ``RandomResizedCrop`` at the model's input
 size and interpolation plus a horizontal flip, evaluation resizes to
@@ -31,8 +31,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
 from codeq_cli.errors import DataError, DataPathError, UsageError
-from codeq_cli.models import DataConfig
-from codeq_cli.transforms import build_transform, image_mode
+from codeq_cli.models.factory import DataConfig
+from codeq_cli.data.transforms import build_transform, image_mode
 
 # torchvision's list (datasets.folder.IMG_EXTENSIONS), compared case-insensitively.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")

@@ -30,7 +30,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from codeq_cli import _kernels
+from codeq_cli.core import _kernels
 
 # Below this size a plain selection is as fast as the cached one.
 _SMALL = 1 << 14

@@ -2,21 +2,21 @@
 
 Shaped like torchvision's reference ``train.py``: short :func:`train_one_epoch`
 and :func:`evaluate`, and :func:`fit` that reads top to bottom. The CoDeQ
-regularizer is one term in the loss (``shared/codeq-method.md`` §2)::
+regularizer is one term in the loss (``docs/method.md``, "The objective")::
 
     L = CE(ŵ) + λ_dz · Σ θ_dz² (+ λ_bit · Σ θ_bit² in mixed precision)
 
 Data order is a pure function of ``(seed, epoch)``: each epoch's permutation
 is cut into *global* batches, every rank takes its slice of each, and every
 sample's augmentation is seeded by ``(seed, epoch, index)`` (the dataset draws
-``ds[(index, seed)]``, see :class:`codeq_cli.data.ImageFolder`). A run can therefore
+``ds[(index, seed)]``, see :class:`codeq_cli.data.folders.ImageFolder`). A run can therefore
 stop after any step and resume, on any number of processes, with the same
 samples and augmentations it would have seen; on one CPU process the resumed
 run ends with exactly the codes of an uninterrupted one.
 
 Under DDP every rank computes the same update (gradients are averaged) and
 the ranks agree once per step, on the host, about the mean loss, a non-finite
-loss and a stop request (:func:`codeq_cli.dist.host_sum`), so they stop,
+loss and a stop request (:func:`codeq_cli.train.dist.host_sum`), so they stop,
 save and fail together. Per step the only device synchronisation is the read
 of the loss values. Two environment variables help debugging (see
 ``docs/distributed.md``): ``CODEQ_DEBUG_DUMP_DIR`` makes every rank write its
@@ -44,13 +44,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from codeq_cli import dist
-from codeq_cli._compile import compile_errors
-from codeq_cli.bops import bops_rows, bops_totals
+from codeq_cli.train import dist
+from codeq_cli.train._compile import compile_errors
+from codeq_cli.core.bops import bops_rows, bops_totals
 from codeq_cli.errors import TrainingError
-from codeq_cli.insert import quantizer_parameters
-from codeq_cli.runstate import STATE_FORMAT, STATE_VERSION, Progress, rng_state
-from codeq_cli.sampling import GlobalBatchSampler, ShardSampler
+from codeq_cli.core.insert import quantizer_parameters
+from codeq_cli.formats.runstate import STATE_FORMAT, STATE_VERSION, Progress, rng_state
+from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
 
 Event = dict
 OnEvent = Callable[[Event], None]
@@ -340,7 +340,7 @@ class Fit:
         grad_clip = getattr(r, "grad_clip", None)
         lambda_bit = r.lambda_bit if r.mode == "mixed" else 0.0
         world = s.info.world_size
-        from codeq_cli.data import track
+        from codeq_cli.data.folders import track
 
         batches = track(self.loader, s.train_set.stats, total=len(self.sampler) * self.sampler.local)
         for images, target in batches:
@@ -453,7 +453,7 @@ class Fit:
 
 def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, collate, workers: int, device):
     """This rank's share of ``dataset`` for evaluation (no padding), broken images counted."""
-    from codeq_cli.data import build_loader
+    from codeq_cli.data.folders import build_loader
 
     return build_loader(
         dataset,

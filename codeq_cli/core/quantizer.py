@@ -3,7 +3,7 @@ r"""The CoDeQ dead-zone quantizer.
 Wenshøj, Chen, Pepin, Selvan (2025), *CoDeQ: joint pruning and quantization
 through a learnable dead zone*, arXiv:2512.12981; reference code
 github.com/saintslab/CoDeQ. The specification codeq follows is
-``shared/codeq-method.md`` §1; this module is pure tensor code.
+``docs/method.md``, "The quantizer"; this module is pure tensor code.
 
 For one weight tensor ``w`` with learnable scalars ``θ_dz`` (and ``θ_bit`` in
 mixed precision):
@@ -29,7 +29,7 @@ and none through ``sign``. Hence ``∂ŵ/∂w = 1`` for every weight, and with
 from which autograd carries the gradient to ``θ_dz`` and ``θ_bit`` through
 ``d``, ``s`` and ``δ``. :class:`_DeadZoneSTE` computes ``ŵ`` and these two
 sums in one autograd node, without the chain of straight-through nodes a
-literal transcription builds (that one lives in :mod:`codeq_cli._reference`).
+literal transcription builds (that one lives in :mod:`codeq_cli.testing.reference`).
 
 **Decision** (the specification says ``∂ŵ/∂w ≈ 1`` for every weight): a weight
 that is exactly zero also gets gradient 1; in the reference code ``abs'(0) = 0``
@@ -44,8 +44,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from codeq_cli import _kernels
-from codeq_cli._select import QuantileCache
+from codeq_cli.core import _kernels
+from codeq_cli.core._select import QuantileCache
 
 EPS = 1e-8
 B_MIN, B_MAX = 2, 8
@@ -88,7 +88,7 @@ class _RoundSTE(torch.autograd.Function):
 
 class _FusedDeadZone(torch.autograd.Function):
     """Steps 2-8 and their gradients as one node, the elementwise work in fused
-    CPU loops (:mod:`codeq_cli._kernels`).
+    CPU loops (:mod:`codeq_cli.core._kernels`).
 
     The scalars ``s``, ``δ``, ``Q`` are computed exactly as on the eager path
     (same float32 operations, no graph); the backward applies the chain rule

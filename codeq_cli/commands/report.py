@@ -6,7 +6,7 @@ metadata alone: no model is built and no data is read, so it answers in the
 time it takes to read the file. The renderers (:func:`render_table`,
 :func:`to_csv`, :func:`to_markdown`) take only that dict.
 
-BOPs follow ``shared/codeq-method.md`` §4 (:mod:`codeq_cli.bops`): products of
+BOPs follow ``docs/method.md``, "BOPs" (:mod:`codeq_cli.core.bops`): products of
 two activations (attention's ``QKᵀ`` and ``AV``) are in neither sum.
 """
 
@@ -16,12 +16,12 @@ import csv
 import io
 from typing import TYPE_CHECKING
 
-from codeq_cli.bops import A_BITS, FP_BITS, bops_totals
+from codeq_cli.core.bops import A_BITS, FP_BITS, bops_totals
 
 if TYPE_CHECKING:  # pragma: no cover
     from rich.console import Console
 
-    from codeq_cli.checkpoint import CompressedModel
+    from codeq_cli.formats.checkpoint import CompressedModel
 
 LAYER_KEYS = ("name", "kind", "shape", "params", "macs", "bits", "sparsity", "bops", "bops_share", "quantized")
 NOTES = ("BOPs count the weight × activation products of convolution and linear layers at 32-bit activations; "

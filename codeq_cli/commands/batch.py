@@ -189,7 +189,7 @@ def _complete(out: Path) -> bool:
     if not out.is_file():
         return False
     try:
-        from codeq_cli.checkpoint import load
+        from codeq_cli.formats.checkpoint import load
 
         load(out)
         return True
@@ -198,7 +198,7 @@ def _complete(out: Path) -> bool:
 
 
 def _run_dir(job: dict[str, Any]) -> Path:
-    from codeq_cli.compress import default_run_dir
+    from codeq_cli.commands.compress import default_run_dir
 
     return Path(job["run_dir"]) if job.get("run_dir") else default_run_dir(Path(job["out"]))
 
@@ -211,11 +211,11 @@ def run_job(job: dict[str, Any], *, resume: bool, stderr=None) -> dict[str, Any]
                            "seconds": 0.0, "status": "failed", "error": None, "gates": {}}
     t0 = time.monotonic()
     if resume and _complete(out):
-        from codeq_cli.checkpoint import load
+        from codeq_cli.formats.checkpoint import load
 
         ck = load(out)
         m = ck.metrics or {}
-        from codeq_cli.bops import bops_totals
+        from codeq_cli.core.bops import bops_totals
 
         row.update(fp_top1=m.get("fp_top1"), top1=m.get("top1"), rel_bops=bops_totals(ck.rows)["rel_bops"],
                    bytes=ck.file_bytes, status="skipped")

@@ -17,7 +17,7 @@ file can never run code (a pickle is refused before any of it is looked at).
 The metadata carries the model spec, data config, class names, the resolved
 recipe, provenance, metrics, MACs and the per-layer BOPs rows, so a report
 needs no model build. Each quantized weight is stored only as its codes
-(:mod:`codeq_cli.entropy`), step, shift and bit-width; every other entry of the
+(:mod:`codeq_cli.formats.entropy`), step, shift and bit-width; every other entry of the
 state dict is stored as float32 (integer buffers keep their type), under the
 names the plain, unwrapped model uses.
 """
@@ -38,13 +38,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from codeq_cli import entropy
+from codeq_cli.formats import entropy
 from codeq_cli._io import _json_default, write_with
-from codeq_cli.bops import LayerRow, bops_rows
+from codeq_cli.core.bops import LayerRow, bops_rows
 from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError
-from codeq_cli.insert import quantized_weights
-from codeq_cli.models import DataConfig, ModelSpec
-from codeq_cli.quantizer import B_MAX, B_MIN, dequantize
+from codeq_cli.core.insert import quantized_weights
+from codeq_cli.models.factory import DataConfig, ModelSpec
+from codeq_cli.core.quantizer import B_MAX, B_MIN, dequantize
 
 MAGIC = b"CODEQ\r\n\x1a"
 FORMAT_VERSION = 1
@@ -120,7 +120,7 @@ def save(
 ) -> SaveInfo:
     """Write the compressed checkpoint of a live quantized model (after :func:`quantize_` and training).
 
-    Each quantizer's :meth:`~codeq_cli.quantizer.DeadZoneQuantizer.encode` of
+    Each quantizer's :meth:`~codeq_cli.core.quantizer.DeadZoneQuantizer.encode` of
     its trained weight is entropy coded (and decoded once to prove it). The
     rest of the state dict goes in under the plain model's names
     (``layer1.0.conv1.weight``, never ``parametrizations.weight.original``);
@@ -331,7 +331,7 @@ class CompressedModel:
 
     def build_model(self) -> nn.Module:
         """The plain architecture (no parametrizations) holding the decoded weights, in eval mode."""
-        from codeq_cli.models import create
+        from codeq_cli.models.factory import create
 
         model = create(self.spec, pretrained=False)
         try:

@@ -1,6 +1,6 @@
 """Recipes: every setting of a CoDeQ fine-tune, in one YAML file, validated once at load.
 
-A recipe fixes the method's knobs (``shared/codeq-method.md`` §2: ``λ_dz``,
+A recipe fixes the method's knobs (``docs/method.md``, "The objective": ``λ_dz``,
 ``λ_bit``, fixed or learned bit-width) and the fine-tuning regime (optimizer
 with three parameter groups, schedule, epochs, global batch size). Built-in
 recipes live in ``codeq_cli/recipes/*.yaml`` (package data): ``mixed`` and
@@ -79,7 +79,7 @@ class Recipe(BaseModel):
 
     description: str = "Mixed precision for a short fine-tune of a pretrained model: learned dead zones and bit-widths (2-8)"
 
-    # -- the method (codeq-method.md §1-2) ---------------------------------
+    # -- the method (docs/method.md, "The quantizer" and "The objective") ---------------------------------
     mode: Literal["fixed", "mixed"] = "mixed"
     bits: int = Field(4, ge=B_MIN, le=B_MAX)
     b_min: int = Field(B_MIN, ge=B_MIN, le=B_MAX)
@@ -182,7 +182,7 @@ KEYS: tuple[str, ...] = tuple(Recipe.model_fields)
 
 
 def quantizer_kwargs(recipe: Recipe) -> dict[str, Any]:
-    """Arguments of :func:`codeq_cli.insert.quantize_` (with ``recipe.include``/``exclude``)."""
+    """Arguments of :func:`codeq_cli.core.insert.quantize_` (with ``recipe.include``/``exclude``)."""
     return {
         "bits": None if recipe.mixed else recipe.bits,
         "b_min": recipe.b_min,

@@ -1,6 +1,6 @@
 """The resumable state of a training run: progress, random generators, and reading it back.
 
-Written by :meth:`codeq_cli.train.Fit.save` as plain containers of tensors
+Written by :meth:`codeq_cli.train.loop.Fit.save` as plain containers of tensors
 (``torch.save``) and read with ``weights_only``: nothing in it can run code.
 """
 

@@ -43,10 +43,10 @@ def data_folder(requested: Path | None, recorded: str | None) -> tuple[Path, boo
 
 def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, on_event=lambda e: None) -> dict:
     """Evaluate the checkpoint; returns ``{"top1", "top5", "samples", "loss", "data", ...}`` (percent)."""
-    from codeq_cli import dist
-    from codeq_cli.checkpoint import load
-    from codeq_cli.data import build_loader, eval_folder
-    from codeq_cli.train import evaluate
+    from codeq_cli.train import dist
+    from codeq_cli.formats.checkpoint import load
+    from codeq_cli.data.folders import build_loader, eval_folder
+    from codeq_cli.train.loop import evaluate
 
     if opts.batch_size < 1:
         raise UsageError(f"--batch-size {opts.batch_size} must be at least 1")
@@ -76,9 +76,9 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
 
 def _compare_fp(ckpt, opts: EvalOptions, dataset, device: torch.device, on_batch) -> dict:
     """The original FP model (``--weights`` or the pretrained weights) on the same images."""
-    from codeq_cli.data import build_loader
-    from codeq_cli.models import load_model
-    from codeq_cli.train import evaluate
+    from codeq_cli.data.folders import build_loader
+    from codeq_cli.models.factory import load_model
+    from codeq_cli.train.loop import evaluate
 
     spec = ckpt.spec
     loaded = load_model(spec.label, weights=opts.weights, pretrained=opts.weights is None,

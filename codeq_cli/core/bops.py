@@ -1,4 +1,4 @@
-"""Cost accounting: dense MACs per layer, and BOPs (``shared/codeq-method.md`` §4).
+"""Cost accounting: dense MACs per layer, and BOPs (``docs/method.md``, "BOPs").
 
 Per convolution or linear layer ℓ::
 
@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from codeq_cli.insert import _CONV, _LINEAR, layer_name, plan, quantized_weights
+from codeq_cli.core.insert import _CONV, _LINEAR, layer_name, plan, quantized_weights
 
 A_BITS = 32
 FP_BITS = 32
@@ -82,7 +82,7 @@ def measure_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]
     """Dense MACs of every convolution and linear weight, from one forward pass at batch 1.
 
     ``input_shape`` is ``(C, H, W)`` (or any per-sample shape). Keys are layer
-    names (:func:`codeq_cli.insert.layer_name`); a layer that is called several
+    names (:func:`codeq_cli.core.insert.layer_name`); a layer that is called several
     times accumulates, a layer never called has 0.
     """
     macs: dict[str, int] = {}
@@ -158,7 +158,7 @@ def make_row(name: str, kind: str, shape: Sequence[int], macs: int, bits: int | 
 def bops_rows(model: nn.Module, macs: dict[str, int], encoded: dict | None = None) -> list[LayerRow]:
     """Rows for every convolution and linear weight of a live model (quantized or not).
 
-    ``encoded`` (layer name → :class:`~codeq_cli.quantizer.Encoded`) reuses
+    ``encoded`` (layer name → :class:`~codeq_cli.core.quantizer.Encoded`) reuses
     encodings the caller already made instead of encoding every layer again.
     """
     if encoded is None:

@@ -19,7 +19,7 @@ from codeq_cli._io import torch_save_atomic, write_bytes
 from codeq_cli.errors import CodeqError, UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from codeq_cli.checkpoint import CompressedModel
+    from codeq_cli.formats.checkpoint import CompressedModel
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
 
@@ -27,7 +27,7 @@ STATE_DICT_SUFFIXES = (".safetensors", ".pt", ".pth")
 def export_state_dict(ckpt: CompressedModel, path: str | os.PathLike) -> Path:
     """Write the dense dequantized state dict, ``.safetensors`` or ``.pt``/``.pth`` by suffix.
 
-    It loads with ``strict=True`` into ``codeq_cli.models.create(ckpt.spec)``,
+    It loads with ``strict=True`` into ``codeq_cli.models.factory.create(ckpt.spec)``,
     the plain timm/torchvision model. The ``.pt`` file holds a dict of tensors
     only (it loads with ``torch.load(..., weights_only=True)``).
     """

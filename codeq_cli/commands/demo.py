@@ -1,6 +1,6 @@
 """``codeq demo``: the main job on data that ships with codeq, in a few minutes on a CPU.
 
-1. The bundled Fashion-MNIST subset (:mod:`codeq_cli.demo_data`) is written
+1. The bundled Fashion-MNIST subset (:mod:`codeq_cli.data.fashion_mnist`) is written
    out as an ImageNet-style folder.
 2. A small timm model is trained briefly in FP32 on it: this stands in for
    the pretrained checkpoint a user would start from (cached in the output
@@ -81,11 +81,13 @@ def pretrain_fp(opts: DemoOptions, data: Path, on_event: Callable[[dict], None])
     import torch
     from safetensors.torch import save as st_save
 
-    from codeq_cli import dist, train
+    from codeq_cli.train import dist
+
+    from codeq_cli.train import loop
     from codeq_cli._io import write_bytes, write_json
-    from codeq_cli.data import build_datasets, collate
-    from codeq_cli.models import load_model
-    from codeq_cli.recipe import apply_overrides, load_recipe
+    from codeq_cli.data.folders import build_datasets, collate
+    from codeq_cli.models.factory import load_model
+    from codeq_cli.train.recipe import apply_overrides, load_recipe
 
     weights = opts.out_dir / "fp32.safetensors"
     meta = opts.out_dir / "fp32.json"
@@ -113,12 +115,12 @@ def pretrain_fp(opts: DemoOptions, data: Path, on_event: Callable[[dict], None])
     model = loaded.model.to(info.device)
     on_event({"event": "stage", "text": f"training the FP32 starting point: {loaded.spec.label}, "
                                         f"{opts.fp_epochs} epochs on {len(train_set)} images"})
-    setup = train.FitSetup(model=model, recipe=recipe, train_set=train_set, val_set=val_set, collate=collate,
+    setup = loop.FitSetup(model=model, recipe=recipe, train_set=train_set, val_set=val_set, collate=collate,
                            device=info.device, info=info, run_dir=run_dir, macs={}, seed=opts.seed,
                            workers=opts.workers, log_every=10**9, save_every_s=float("inf"), on_event=on_event)
-    train.Fit(setup).run()
-    loader = train.eval_loader(val_set, opts.batch_size, info, collate, opts.workers, info.device)
-    res = train.evaluate(model, loader, info.device)
+    loop.Fit(setup).run()
+    loader = loop.eval_loader(val_set, opts.batch_size, info, collate, opts.workers, info.device)
+    res = loop.evaluate(model, loader, info.device)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_bytes(weights, st_save(sd))
     write_json(meta, {"settings": settings, "top1": res.top1})
@@ -127,10 +129,11 @@ def pretrain_fp(opts: DemoOptions, data: Path, on_event: Callable[[dict], None])
 
 
 def run(opts: DemoOptions, on_event: Callable[[dict], None] = lambda e: None, should_stop=lambda: False) -> DemoResult:
-    from codeq_cli import compress, evaluate
-    from codeq_cli.checkpoint import load
-    from codeq_cli.demo_data import write_image_folder
-    from codeq_cli.report import report_data
+    from codeq_cli.commands import compress
+    from codeq_cli.commands import evaluate
+    from codeq_cli.formats.checkpoint import load
+    from codeq_cli.data.fashion_mnist import write_image_folder
+    from codeq_cli.commands.report import report_data
 
     t0 = time.monotonic()
     opts.out_dir.mkdir(parents=True, exist_ok=True)

@@ -191,7 +191,7 @@ def debug_dump(model: torch.nn.Module, info: DistInfo, step: int, folder: Path) 
     ranks shows whether DDP kept them identical.
     """
     from codeq_cli._io import torch_save_atomic
-    from codeq_cli.insert import quantized_weights
+    from codeq_cli.core.insert import quantized_weights
 
     plain = unwrap(model)
     layers = {}

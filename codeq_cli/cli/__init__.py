@@ -1,0 +1,1 @@
+"""The ``codeq`` command: the Typer app (:mod:`.app`) and terminal output (:mod:`.console`)."""

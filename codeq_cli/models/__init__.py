@@ -1,0 +1,1 @@
+"""Finding, building and loading timm/torchvision classifiers, and the data config they expect."""
