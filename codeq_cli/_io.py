@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from codeq_cli.errors import CodeqError, UsageError
+from codeq_cli.errors import CodeqError, UsageError, one_line
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -189,8 +189,7 @@ def _load_failure(head: bytes, exc: BaseException) -> str:
     return f"it is not a file written by torch.save ({_short(exc)})"
 
 
-def _short(exc: BaseException, limit: int = 80) -> str:
+def _short(exc: BaseException) -> str:
+    # torch.load's refusal ends with a line pointing at its documentation: quote the line before it.
     lines = [line for line in str(exc).splitlines() if line.strip()]
-    text = " ".join((lines[-2] if len(lines) > 2 and lines[-1].startswith("Check the documentation") else
-                     (lines[-1] if lines else "")).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(exc, 80, line=-2 if len(lines) > 2 and lines[-1].startswith("Check the documentation") else -1)

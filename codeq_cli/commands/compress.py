@@ -20,7 +20,7 @@ import torch
 
 from codeq_cli.train import dist
 from codeq_cli._version import __version__
-from codeq_cli.errors import UsageError
+from codeq_cli.errors import UsageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -139,8 +139,7 @@ def _first_forward(model: torch.nn.Module, input_size, opts: CompressOptions, sp
         raise
     except Exception as exc:
         size = "x".join(str(int(d)) for d in input_size[1:])
-        why = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
-        why = why if len(why) <= 120 else why[:117] + "..."
+        why = one_line(str(exc).rstrip().rstrip(".") or type(exc).__name__)
         if opts.img_size is None:
             raise UsageError(f"{spec.label} fails on its own input size {size} ({type(exc).__name__}: {why})",
                              hint="pass --img-size N with a size the model accepts") from exc
@@ -153,11 +152,8 @@ def _load_run_state(model: torch.nn.Module, state: dict, run_dir: Path, label: s
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = " ".join((lines[1] if len(lines) > 1 else lines[0] if lines else "").split())
-        detail = detail if len(detail) <= 120 else detail[:117] + "..."
-        raise UsageError(
-            f"--resume: the run state in {str(run_dir)!r} does not fit {label} as now configured ({detail})",
+        raise UsageError(  # load_state_dict's second line names the first key that does not fit
+            f"--resume: the run state in {str(run_dir)!r} does not fit {label} as now configured ({one_line(exc, line=1)})",
             hint="--force resumes only changes that keep the layers and quantizers (lr, epochs, λ); "
             "start over with --overwrite",
         ) from None
@@ -316,7 +312,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         try:
             net = torch.compile(net)
         except Exception as exc:  # e.g. no dynamo on this Python; failures while compiling come at the first step
-            raise UsageError(f"--compile: torch.compile is not available here ({' '.join(str(exc).split())[:120]})",
+            raise UsageError(f"--compile: torch.compile is not available here ({one_line(exc)})",
                              hint="run without --compile") from exc
 
     setup = loop.FitSetup(

@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from codeq_cli.errors import DataError, DataPathError, UsageError
+from codeq_cli.errors import DataError, DataPathError, UsageError, one_line
 from codeq_cli.models.factory import DataConfig
 from codeq_cli.data.transforms import build_transform, image_mode
 
@@ -67,8 +67,7 @@ def _reason(exc: BaseException, path: str = "") -> str:
     text = str(exc)
     if path:  # PIL repeats the path; the message already names it
         text = text.replace(repr(path), "").replace(path, "").rstrip(" :'\"")
-    text = " ".join(text.split()) or type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
+    return one_line(text.strip() or type(exc).__name__)
 
 
 def _count(n: int, noun: str) -> str:

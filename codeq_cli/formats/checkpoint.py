@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from codeq_cli.formats import entropy
 from codeq_cli._io import _json_default, write_with
 from codeq_cli.core.bops import LayerRow, bops_rows
-from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError
-from codeq_cli.core.insert import quantized_weights
+from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError, one_line
+from codeq_cli.core.insert import QuantizedWeight, plain_state
 from codeq_cli.models.factory import DataConfig, ModelSpec
 from codeq_cli.core.quantizer import B_MAX, B_MIN, dequantize
 
@@ -85,10 +85,6 @@ class SaveInfo:
 # -- writing -------------------------------------------------------------------
 
 
-def _param_key(module_name: str, param_name: str) -> str:
-    return f"{module_name}.{param_name}" if module_name else param_name
-
-
 def _plain_tensor(key: str, value) -> tuple[np.ndarray, str]:
     if not isinstance(value, Tensor):
         raise CodeqError(
@@ -127,56 +123,36 @@ def save(
     the quantizers' logits are training state and are not stored. The BOPs
     rows are ``bops_rows(model, macs)``. Written atomically.
     """
-    qws = list(quantized_weights(model))
-    if not qws:
-        raise CodeqError("the model has no codeq quantizers, so there is nothing to compress",
-                         hint="call codeq_cli.quantize_(model) (and train it) before saving")
     payload = bytearray()
     layers, bound_bits = [], 0.0
     encodings = {}
-    renamed: dict[str, str | None] = {}  # parametrized state-dict key -> plain key (None: dropped)
-    for qw in qws:
-        enc = encodings[qw.name] = qw.quantizer.encode(qw.original)
-        codes = enc.codes.detach().to("cpu").contiguous()
-        flat = codes.reshape(-1).numpy()
-        blob = entropy.encode(flat)
-        if not np.array_equal(entropy.decode(blob, flat.size), flat):  # pragma: no cover - a coder bug
-            raise CodeqError(f"entropy coding of layer {qw.name} did not round-trip", hint="please report this as a codeq bug")
-        key = _param_key(qw.module_name, qw.param_name)
-        layers.append({
-            "name": qw.name, "param": key, "shape": list(codes.shape), "bits": int(enc.bits),
-            "step": float(enc.step), "shift": float(enc.shift),
-            "offset": len(payload), "nbytes": len(blob), "crc32": zlib.crc32(flat.tobytes()),
-        })
-        payload += blob
-        bound_bits += entropy.entropy_bound_bits(flat)
-        prefix = f"{qw.module_name}.parametrizations.{qw.param_name}." if qw.module_name else f"parametrizations.{qw.param_name}."
-        for k in qw.module.parametrizations[qw.param_name].state_dict():
-            renamed[prefix + k] = key if k == "original" else None
-    weight_bytes = len(payload)
-
-    # The plain model lists a module's weight before its other entries (bias, ...);
-    # parametrize moved it behind them. Put each one back where the plain model has it.
-    pending: dict[str, list[str]] = {}
-    for layer in layers:
-        pending.setdefault(layer["param"].rpartition(".")[0], []).append(layer["param"])
     tensors, state_keys = [], []
-
-    def place(*keys: str | None) -> None:
-        state_keys.extend(k for k in keys if k is not None and k not in placed)
-        placed.update(keys)
-
-    placed: set[str | None] = set()
-    for k, value in model.state_dict().items():
-        if k in renamed:
-            place(renamed[k])
+    for key, entry in plain_state(model):
+        state_keys.append(key)
+        if isinstance(entry, QuantizedWeight):
+            qw = entry
+            enc = encodings[qw.name] = qw.quantizer.encode(qw.original)
+            codes = enc.codes.detach().to("cpu").contiguous()
+            flat = codes.reshape(-1).numpy()
+            blob = entropy.encode(flat)
+            if not np.array_equal(entropy.decode(blob, flat.size), flat):  # pragma: no cover - a coder bug
+                raise CodeqError(f"entropy coding of layer {qw.name} did not round-trip", hint="please report this as a codeq bug")
+            layers.append({
+                "name": qw.name, "param": key, "shape": list(codes.shape), "bits": int(enc.bits),
+                "step": float(enc.step), "shift": float(enc.shift),
+                "offset": len(payload), "nbytes": len(blob), "crc32": zlib.crc32(flat.tobytes()),
+            })
+            payload += blob
+            bound_bits += entropy.entropy_bound_bits(flat)
             continue
-        place(*pending.pop(k.rpartition(".")[0], ()))
-        arr, dtype = _plain_tensor(k, value)
+        arr, dtype = _plain_tensor(key, entry)
         data = arr.tobytes()
-        tensors.append({"key": k, "dtype": dtype, "shape": list(arr.shape), "offset": len(payload), "nbytes": len(data)})
+        tensors.append({"key": key, "dtype": dtype, "shape": list(arr.shape), "offset": len(payload), "nbytes": len(data)})
         payload += data
-        place(k)
+    if not layers:
+        raise CodeqError("the model has no codeq quantizers, so there is nothing to compress",
+                         hint="call codeq_cli.quantize_(model) (and train it) before saving")
+    weight_bytes = sum(layer["nbytes"] for layer in layers)
 
     meta = {
         "format": "codeq",
@@ -339,9 +315,8 @@ class CompressedModel:
         except RuntimeError as exc:
             prov = self.provenance if isinstance(self.provenance, dict) else {}
             versions = ", ".join(f"{k} {prov[k]}" for k in ("torch", "torchvision", "timm") if k in prov)
-            first = " ".join(str(exc).split())[:160]
             raise CheckpointError(
-                f"{self.path} does not fit {self.spec.label} as this installation builds it ({first})",
+                f"{self.path} does not fit {self.spec.label} as this installation builds it ({one_line(exc, 160)})",
                 hint=f"install the versions that wrote it ({versions})" if versions else "compress the model again",
             ) from None
         return model.eval()
@@ -415,8 +390,7 @@ def load(path: str | os.PathLike) -> CompressedModel:
         _validate(meta, len(payload))
         return CompressedModel(p, meta, payload, size)
     except (ValueError, KeyError, TypeError) as exc:
-        detail = " ".join(str(exc).split())[:120]
-        raise CheckpointError(f"{p} has malformed metadata ({detail})",
+        raise CheckpointError(f"{p} has malformed metadata ({one_line(exc)})",
                               hint="it was not written by codeq or was edited; compress again") from None
 
 

@@ -51,7 +51,7 @@ class Progress:
 def load_state(path: Path) -> dict:
     """A run state written by :meth:`Fit.save` (weights_only: nothing in it can run)."""
     from codeq_cli._io import torch_load_safe
-    from codeq_cli.errors import CheckpointError
+    from codeq_cli.errors import CheckpointError, one_line
 
     try:
         state = torch_load_safe(path)
@@ -59,7 +59,7 @@ def load_state(path: Path) -> dict:
         raise CheckpointError(f"no run state at {str(path)!r}", hint="start without --resume") from None
     except Exception as exc:
         raise CheckpointError(
-            f"the run state {str(path)!r} is damaged or not codeq's ({' '.join(str(exc).split())[:120]})",
+            f"the run state {str(path)!r} is damaged or not codeq's ({one_line(exc)})",
             hint="start again without --resume, or with --overwrite",
         ) from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:

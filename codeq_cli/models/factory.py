@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from codeq_cli.errors import ModelError, UsageError
+from codeq_cli.errors import ModelError, UsageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,10 @@ def create(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
     except Exception as exc:
         if pretrained:
             raise ModelError(
-                f"pretrained weights for {spec.label} could not be loaded ({_short(exc)})",
+                f"pretrained weights for {spec.label} could not be loaded ({one_line(exc, 160)})",
                 hint="when offline with nothing cached, pass --weights FILE (a local state dict) or --no-pretrained",
             ) from exc
-        raise ModelError(f"could not build {spec.label}: {_short(exc)}") from exc
+        raise ModelError(f"could not build {spec.label}: {one_line(exc, 160)}") from exc
     return model
 
 
@@ -196,11 +196,6 @@ def _drop_aux_heads(model: nn.Module) -> None:
         for attr in ("AuxLogits", "aux1", "aux2"):
             if hasattr(model, attr):
                 setattr(model, attr, None)
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def classifier_of(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -265,7 +260,7 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             sd = load_file(str(p), device="cpu")
         except Exception as exc:
-            raise ModelError(f"--weights {str(p)!r} is not a readable safetensors file ({_short(exc)})",
+            raise ModelError(f"--weights {str(p)!r} is not a readable safetensors file ({one_line(exc, 160)})",
                              hint="copy it again or save it again with safetensors.torch.save_file") from exc
     else:
         from codeq_cli._io import UnsafeFile, torch_load_safe

@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Dataset
 from codeq_cli.train import dist
 from codeq_cli.train._compile import compile_errors
 from codeq_cli.core.bops import bops_rows, bops_totals
-from codeq_cli.errors import TrainingError
+from codeq_cli.errors import InterruptedRun, TrainingError
 from codeq_cli.core.insert import quantizer_parameters
 from codeq_cli.formats.runstate import STATE_FORMAT, STATE_VERSION, Progress, rng_state
 from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
@@ -417,7 +417,7 @@ class Fit:
             if stopped:
                 self.save("interrupted")
                 self.finish()
-                raise Interrupted(p.step)
+                raise InterruptedRun(f"interrupted after step {p.step}; the run state is saved", step=p.step)
             epoch_done = p.batch >= self.steps_per_epoch
             if epoch_done:
                 if s.val_set is not None and (p.epoch + 1) % max(1, getattr(r, "eval_every", 1)) == 0:
@@ -479,12 +479,3 @@ class NonFiniteLoss(Exception):
     def __init__(self, step: int, value: float, task_ok: bool = True):
         self.step, self.value, self.task_ok = step, value, task_ok  # task_ok: only the regularizer overflowed
 
-
-class Interrupted(TrainingError):
-    """The run stopped on request after saving its state."""
-
-    exit_code = 130
-
-    def __init__(self, step: int):
-        self.step = step
-        super().__init__(f"interrupted after step {step}; the run state is saved")
