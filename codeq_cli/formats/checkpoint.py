@@ -30,7 +30,7 @@ import math
 import os
 import struct
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -44,7 +44,8 @@ from codeq_cli.core.bops import LayerRow, bops_rows
 from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError, one_line
 from codeq_cli.core.insert import QuantizedWeight, plain_state
 from codeq_cli.models.factory import DataConfig, ModelSpec
-from codeq_cli.core.quantizer import B_MAX, B_MIN, dequantize
+from codeq_cli.core.quantizer import dequantize
+from codeq_cli.formats._checkpoint_meta import validate as validate_meta
 
 MAGIC = b"CODEQ\r\n\x1a"
 FORMAT_VERSION = 1
@@ -60,7 +61,6 @@ _INT_DTYPES = {
     torch.uint8: "|u1",
     torch.bool: "|b1",
 }
-_STORED = {"<f4", *_INT_DTYPES.values()}
 _TORCH_OF = {"<f4": torch.float32, **{v: k for k, v in _INT_DTYPES.items()}}
 
 
@@ -387,8 +387,7 @@ def load(path: str | os.PathLike) -> CompressedModel:
     try:
         meta = json.loads(bytes(view[HEADER_BYTES : HEADER_BYTES + meta_len]).decode("utf-8"))
         payload = view[HEADER_BYTES + meta_len :]
-        _validate(meta, len(payload))
-        return CompressedModel(p, meta, payload, size)
+        return CompressedModel(p, validate_meta(meta, len(payload)), payload, size)
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{p} has malformed metadata ({one_line(exc)})",
                               hint="it was not written by codeq or was edited; compress again") from None
@@ -397,80 +396,3 @@ def load(path: str | os.PathLike) -> CompressedModel:
 def _check(cond: bool, what: str) -> None:
     if not cond:
         raise ValueError(what)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _shape_ok(shape) -> bool:
-    return isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
-
-
-def _validate(meta, payload_len: int) -> None:
-    """Types and bounds of everything the reader uses, so later code cannot trip over the file."""
-    _check(isinstance(meta, dict) and meta.get("format") == "codeq", "not a codeq metadata object")
-    for key in ("model", "data_config", "recipe", "provenance", "metrics", "macs", "coder"):
-        _check(isinstance(meta.get(key), dict), f"{key} is not an object")
-    for key in ("rows", "state_keys", "layers", "tensors"):
-        _check(isinstance(meta.get(key), list), f"{key} is not a list")
-    _check(meta.get("class_names") is None or isinstance(meta["class_names"], list), "class_names is not a list")
-    _check(meta.get("data_dir") is None or isinstance(meta["data_dir"], str), "data_dir is not a string")
-    meta.setdefault("class_names", None)
-    meta.setdefault("data_dir", None)
-    spec = meta["model"]
-    _check(spec.get("source") in ("timm", "torchvision") and isinstance(spec.get("name"), str) and spec["name"].strip(),
-           "model source/name missing")
-    _check(spec.get("num_classes") is None or (_is_int(spec["num_classes"]) and spec["num_classes"] >= 1), "model num_classes is not a count")
-    _check(_is_int(spec.get("in_chans", 3)) and spec.get("in_chans", 3) >= 1, "model in_chans is not a count")
-    ModelSpec.from_dict(spec)
-    dc = meta["data_config"]
-    size = dc.get("input_size")
-    _check(isinstance(size, list) and len(size) == 3 and all(_is_int(d) and 1 <= d <= 65536 for d in size),
-           "data_config input_size is not [C, H, W]")
-    _check(all(isinstance(dc.get(k), list) and dc[k] and all(_is_number(x) for x in dc[k]) for k in ("mean", "std")),
-           "data_config mean/std are not lists of numbers")
-    DataConfig.from_dict(dc)
-    _check(meta["class_names"] is None or all(isinstance(c, str) for c in meta["class_names"]), "class_names are not strings")
-    names = {f.name for f in fields(LayerRow)}
-    for r in meta["rows"]:
-        _check(isinstance(r, dict) and set(r) == names, "a BOPs row has the wrong fields")
-        # The report formats these without further checks: a file whose checksum
-        # matches can still be crafted, so the types are checked here.
-        _check(isinstance(r["name"], str) and isinstance(r["kind"], str) and _shape_ok(r["shape"]),
-               "a BOPs row has a bad name, kind or shape")
-        _check(all(_is_int(r[k]) and r[k] >= 0 for k in ("params", "macs", "bits")), f"BOPs row {r['name']}: bad counts")
-        _check(all(_is_number(r[k]) for k in ("sparsity", "bops")) and isinstance(r["quantized"], bool),
-               f"BOPs row {r['name']}: bad figures")
-    _check(all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in meta["metrics"].values()),
-           "a metric is not a number")
-
-    def span(e) -> None:
-        _check(_is_int(e.get("offset")) and _is_int(e.get("nbytes")), "offset/nbytes missing")
-        _check(0 <= e["offset"] and 0 <= e["nbytes"] and e["offset"] + e["nbytes"] <= payload_len, "an entry points outside the payload")
-
-    keys = set()
-    for e in meta["layers"]:
-        _check(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("param"), str), "a layer lacks name/param")
-        _check(_shape_ok(e.get("shape")), f"layer {e['name']}: bad shape")
-        _check(_is_int(e.get("bits")) and B_MIN <= e["bits"] <= B_MAX, f"layer {e['name']}: bits outside {B_MIN}-{B_MAX}")
-        for k in ("step", "shift"):
-            v = e.get(k)
-            _check(isinstance(v, (int, float)) and math.isfinite(v) and float(np.float32(v)) == v, f"layer {e['name']}: {k} is not a float32 value")
-            e[k] = float(v)
-        _check(_is_int(e.get("crc32")), f"layer {e['name']}: crc32 missing")
-        span(e)
-        keys.add(e["param"])
-    for e in meta["tensors"]:
-        _check(isinstance(e, dict) and isinstance(e.get("key"), str), "a tensor lacks its key")
-        _check(e.get("dtype") in _STORED, f"tensor {e['key']}: dtype {e.get('dtype')!r} not allowed")
-        _check(_shape_ok(e.get("shape")), f"tensor {e['key']}: bad shape")
-        span(e)
-        _check(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize == e["nbytes"], f"tensor {e['key']}: size does not match its shape")
-        keys.add(e["key"])
-    _check(all(isinstance(k, str) for k in meta["state_keys"]) and set(meta["state_keys"]) == keys, "state_keys do not match the stored tensors")
-    _check(len(meta["state_keys"]) == len(keys) == len(meta["layers"]) + len(meta["tensors"]), "a state-dict key is stored twice")
