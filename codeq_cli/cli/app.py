@@ -414,9 +414,9 @@ def demo(
 
 def _compress_events(output):
     """An event handler for compress runs: log lines plus the training progress display."""
-    from codeq_cli.cli.console import TrainingProgress
+    from codeq_cli.cli.console import TrainingDisplay
 
-    progress = TrainingProgress(output)
+    progress = TrainingDisplay(output)
     state = {"open": False}
 
     def on_event(e: dict) -> None:

@@ -120,7 +120,7 @@ def pretrain_fp(opts: DemoOptions, data: Path, on_event: Callable[[dict], None])
                            workers=opts.workers, log_every=10**9, save_every_s=float("inf"), on_event=on_event)
     loop.Fit(setup).run()
     loader = loop.eval_loader(val_set, opts.batch_size, info, collate, opts.workers, info.device)
-    res = loop.evaluate(model, loader, info.device)
+    res = loop.measure_accuracy(model, loader, info.device)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_bytes(weights, st_save(sd))
     write_json(meta, {"settings": settings, "top1": res.top1})
