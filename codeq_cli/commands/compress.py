@@ -221,7 +221,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     from codeq_cli.train import loop
     from codeq_cli._io import write_json, write_text
     from codeq_cli.core.bops import bops_rows, bops_totals
-    from codeq_cli.data.folders import build_datasets, check_root, collate, parse_subset
+    from codeq_cli.data.folders import build_datasets, check_root, parse_subset
     from codeq_cli.core.insert import dequantized_state_dict, quantize_
     from codeq_cli.models.factory import create, load_model, num_outputs
     from codeq_cli.train.recipe import quantizer_kwargs, recipe_to_yaml
@@ -291,7 +291,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     # FP baseline, before any quantizer.
     progress = runstate.progress_from_state(state) if state is not None else runstate.RunPosition()
     if not opts.skip_baseline and state is None:
-        loader = loop.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
+        loader = loop.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
         res = loop.measure_accuracy(model, loader, info.device, amp=recipe.amp)
         progress.fp_top1 = res.top1
         on_event({"event": "baseline", **res.to_dict()})
@@ -317,7 +317,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
                              hint="run without --compile") from exc
 
     setup = loop.FitSetup(
-        model=net, recipe=recipe, train_set=train_set, val_set=val_set, collate=collate, device=info.device,
+        model=net, recipe=recipe, train_set=train_set, val_set=val_set, device=info.device,
         info=info, run_dir=run_dir, macs=macs, seed=opts.seed, workers=opts.workers, max_steps=opts.max_steps,
         log_every=opts.log_every, save_every_s=opts.save_every, fingerprint=fingerprint,
         on_event=on_event, should_stop=should_stop,
@@ -339,7 +339,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     decoded.to(info.device)
     if recipe.channels_last and info.device.type == "cuda":
         decoded.to(memory_format=torch.channels_last)
-    loader = loop.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
+    loader = loop.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
     final = loop.measure_accuracy(decoded, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
     metrics = {"top1": final.top1, "top5": final.top5, "val_samples": final.samples, "fp_top1": progress.fp_top1}
     if progress.fp_top1 is not None:

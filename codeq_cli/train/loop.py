@@ -51,6 +51,7 @@ from codeq_cli.errors import InterruptedRun, TrainingError
 from codeq_cli.core.insert import quantizer_parameters
 from codeq_cli.formats import runstate
 from codeq_cli.formats.runstate import RunPosition
+from codeq_cli.data.folders import build_loader
 from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
 
 Event = dict
@@ -215,26 +216,6 @@ def build_optimization(model: nn.Module, recipe: Recipe, total_steps: int, steps
     return optimizer, scheduler
 
 
-def train_loader(setup: FitSetup, sampler: GlobalBatchSampler) -> DataLoader:
-    """The training loader over ``sampler``'s global batches.
-
-    Every sample carries its own augmentation seed, so worker processes hold
-    no state that matters: they can persist across epochs (the batch sampler
-    is re-read at each epoch) and a resumed run still sees the same images.
-    The loader's own generator keeps it from drawing its worker base seed
-    from the global RNG (saved with the run state).
-    """
-    return DataLoader(
-        setup.train_set,
-        batch_sampler=sampler,
-        num_workers=setup.workers,
-        collate_fn=setup.collate,
-        pin_memory=setup.device.type == "cuda",
-        persistent_workers=setup.workers > 0,
-        generator=torch.Generator().manual_seed(setup.seed),
-    )
-
-
 @dataclass
 class FitSetup:
     """Everything :func:`fit` needs, built by the caller (see ``compress.py``)."""
@@ -243,7 +224,6 @@ class FitSetup:
     recipe: Recipe
     train_set: Dataset
     val_set: Dataset | None
-    collate: Callable
     device: torch.device
     info: dist.DistInfo
     run_dir: Path
@@ -276,7 +256,8 @@ class Fit:
             self.total_steps = setup.max_steps  # --max-steps wins: more epochs as needed
         self.optimizer, self.scheduler = build_optimization(setup.model, r, self.total_steps, self.steps_per_epoch, state)
         self.progress = progress or RunPosition()
-        self.loader = train_loader(setup, self.sampler)
+        self.loader = build_loader(setup.train_set, batch_sampler=self.sampler, workers=setup.workers,
+                                   pin_memory=setup.device.type == "cuda", seed=setup.seed)
         self.last_save = time.monotonic()
         self.saved_step = self.progress.step if state is not None else None  # the step of the state on disk
         self.metrics_path = setup.run_dir / "metrics.jsonl"
@@ -344,10 +325,7 @@ class Fit:
         grad_clip = r.grad_clip
         lambda_bit = r.lambda_bit if r.mixed else 0.0
         world = s.info.world_size
-        from codeq_cli.data.folders import track
-
-        batches = track(self.loader, s.train_set.stats, total=len(self.sampler) * self.sampler.local)
-        for images, target in batches:
+        for images, target in self.loader:
             if p.step >= self.total_steps:
                 return False
             if images.numel() == 0:  # every image of this batch was unreadable
@@ -444,7 +422,7 @@ class Fit:
     def epoch_eval(self, epoch: int) -> None:
         s = self.s
         dist.broadcast_buffers(s.model)  # every rank evaluates rank 0's model
-        loader = eval_loader(s.val_set, self.global_batch, s.info, s.collate, s.workers, s.device)
+        loader = eval_loader(s.val_set, self.global_batch, s.info, s.workers, s.device)
         res = measure_accuracy(dist.unwrap(s.model), loader, s.device, amp=s.recipe.amp,
                        channels_last=s.recipe.channels_last)
         event = {"event": "eval", "epoch": epoch, "step": self.progress.step, **res.to_dict()}
@@ -454,10 +432,8 @@ class Fit:
         self.log(event)
 
 
-def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, collate, workers: int, device):
+def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, workers: int, device: torch.device):
     """This rank's share of ``dataset`` for evaluation (no padding), broken images counted."""
-    from codeq_cli.data.folders import build_loader
-
     return build_loader(
         dataset,
         batch_size=max(1, global_batch // info.world_size),
