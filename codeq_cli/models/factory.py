@@ -344,13 +344,7 @@ def data_config(model: nn.Module, spec: ModelSpec) -> DataConfig:
         import timm
 
         cfg = timm.data.resolve_model_data_config(model)
-        return DataConfig(
-            tuple(int(x) for x in cfg["input_size"]),
-            tuple(float(x) for x in cfg["mean"]),
-            tuple(float(x) for x in cfg["std"]),
-            str(cfg.get("interpolation", "bicubic")),
-            float(cfg.get("crop_pct", 0.875)),
-        )
+        return DataConfig.from_dict({"interpolation": "bicubic", **cfg})
     w = _tv_weights(spec.name)
     if w is None:
         return DataConfig()
