@@ -111,7 +111,7 @@ def test_markdown(data):
     md = report.to_markdown(data)
     lines = md.splitlines()
     assert lines[0] == "## timm:test_resnet (3×32×32)"
-    header = lines.index("| layer | kind | shape | params | MACs | bits | sparsity | BOPs | share |")
+    header = lines.index("| layer | kind | shape | params | MACs | bits | a-bits | sparsity | BOPs | share |")
     assert lines[header + 1].startswith("|:---|")
     table = [ln for ln in lines[header + 2 :] if ln.startswith("|")]
     assert len(table) == len(data["layers"]) + 1 and table[-1].startswith("| **total** |")

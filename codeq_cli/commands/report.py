@@ -23,9 +23,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from codeq_cli.formats.checkpoint import CompressedModel
 
-LAYER_KEYS = ("name", "kind", "shape", "params", "macs", "bits", "sparsity", "bops", "bops_share", "quantized")
+LAYER_KEYS = ("name", "kind", "shape", "params", "macs", "bits", "sparsity", "bops", "bops_share", "quantized", "act_bits")
 NOTES = ("BOPs count the weight × activation products of convolution and linear layers at 32-bit activations; "
          "products of two activations (attention's QKᵀ and AV) are in neither sum",)
+# With activation quantizers (codeq's extension, docs/method.md): what the BOPs then count.
+ACT_NOTES = ("BOPs count the weight × activation products of convolution and linear layers at each layer's weight "
+             "bits × input activation bits (a-bits; 32 where the input stays float, e.g. layers excluded by "
+             "act_exclude); products of two activations (attention's QKᵀ and AV) are in neither sum",)
 
 
 def report_data(ckpt: CompressedModel) -> dict:
@@ -45,6 +49,7 @@ def report_data(ckpt: CompressedModel) -> dict:
             "bops": r.bops,
             "bops_share": 100.0 * r.bops / bops if bops else 0.0,
             "quantized": r.quantized,
+            "act_bits": r.act_bits,  # codeq's extension: 32 = float activations
         }
         for r in rows
     ]
@@ -88,7 +93,7 @@ def report_data(ckpt: CompressedModel) -> dict:
         "metrics": dict(ckpt.metrics),
         "recipe": dict(ckpt.recipe),
         "provenance": dict(ckpt.provenance),
-        "notes": list(NOTES),
+        "notes": list(ACT_NOTES if any(r.act_bits != A_BITS for r in rows) else NOTES),
     }
 
 
@@ -193,6 +198,7 @@ def _cells(layer: dict) -> list[str]:
         _si(layer["params"]),
         _si(layer["macs"]),
         str(layer["bits"]) if layer["quantized"] else "fp32",
+        str(layer["act_bits"]) if layer["act_bits"] != A_BITS else "fp32",
         f"{layer['sparsity']:.3f}",
         _si(layer["bops"]),
         f"{layer['bops_share']:.2f}%",
@@ -201,11 +207,11 @@ def _cells(layer: dict) -> list[str]:
 
 def _total_cells(data: dict) -> list[str]:
     t = data["totals"]
-    return ["total", "", "", _si(t["params"]), _si(t["macs"]), f"{t['avg_bits']:.2f}", f"{t['sparsity']:.3f}",
+    return ["total", "", "", _si(t["params"]), _si(t["macs"]), f"{t['avg_bits']:.2f}", "", f"{t['sparsity']:.3f}",
             _si(t["bops"]), "100.00%" if t["bops"] else "0.00%"]
 
 
-_HEADERS = ("layer", "kind", "shape", "params", "MACs", "bits", "sparsity", "BOPs", "share")
+_HEADERS = ("layer", "kind", "shape", "params", "MACs", "bits", "a-bits", "sparsity", "BOPs", "share")
 
 
 # -- renderers --------------------------------------------------------------------
@@ -240,7 +246,7 @@ def to_csv(data: dict) -> str:
         w.writerow([
             layer["name"], layer["kind"], "x".join(str(d) for d in layer["shape"]), layer["params"], layer["macs"],
             layer["bits"], repr(float(layer["sparsity"])), repr(float(layer["bops"])), repr(float(layer["bops_share"])),
-            layer["quantized"],
+            layer["quantized"], layer["act_bits"],
         ])
     return buf.getvalue()
 

@@ -58,6 +58,7 @@ class RowMeta(_Strict):
     sparsity: Finite
     bops: Finite
     quantized: bool
+    act_bits: Annotated[int, Field(ge=B_MIN, le=32)] = 32  # codeq's extension; absent: float activations
 
 
 class _Span(_Strict):
@@ -75,6 +76,22 @@ class LayerMeta(_Span):
     crc32: Count
 
     @field_validator("step", "shift")
+    @classmethod
+    def _float32(cls, v: float) -> float:
+        if float(np.float32(v)) != v:
+            raise ValueError("is not a float32 value")
+        return v
+
+
+class ActivationMeta(_Strict):
+    """One activation quantizer (codeq's extension): its layer, bit-width, sign and step."""
+
+    name: str
+    bits: Annotated[int, Field(ge=B_MIN, le=B_MAX)]
+    signed: bool
+    step: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+    @field_validator("step")
     @classmethod
     def _float32(cls, v: float) -> float:
         if float(np.float32(v)) != v:
@@ -112,6 +129,7 @@ class CheckpointMeta(_Strict):
     state_keys: list[str]
     layers: list[LayerMeta]
     tensors: list[TensorMeta]
+    activations: list[ActivationMeta] | None = None
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> CheckpointMeta:

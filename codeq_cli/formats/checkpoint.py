@@ -45,6 +45,7 @@ from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError, o
 from codeq_cli.core.insert import QuantizedWeight, plain_state
 from codeq_cli.models.factory import DataConfig, ModelSpec
 from codeq_cli.core.quantizer import dequantize
+from codeq_cli.core import act_quant
 from codeq_cli.formats._checkpoint_meta import validate as validate_meta
 
 MAGIC = b"CODEQ\r\n\x1a"
@@ -171,6 +172,9 @@ def save(
         "layers": layers,
         "tensors": tensors,
     }
+    activations = act_quant.frozen_entries(model)
+    if activations:  # codeq's extension; absent for float activations (the file is then as before)
+        meta["activations"] = activations
     try:
         meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False, default=_json_default).encode("utf-8")
     except (TypeError, ValueError) as exc:
@@ -264,6 +268,8 @@ class CompressedModel:
         self.macs: dict[str, int] = meta["macs"]
         self.data_dir: str | None = meta["data_dir"]
         self._payload = payload
+        # Activation quantizers (codeq's extension): {"name", "bits", "signed", "step"} per layer, or none.
+        self.activations: list[dict] = list(meta.get("activations") or [])
         self.layers: dict[str, QuantizedLayer] = {
             e["name"]: QuantizedLayer(path, e, payload[e["offset"] : e["offset"] + e["nbytes"]]) for e in meta["layers"]
         }
@@ -306,7 +312,12 @@ class CompressedModel:
         return {k: by_param[k].decode() if k in by_param else tensors[k].clone() for k in self.meta["state_keys"]}
 
     def build_model(self) -> nn.Module:
-        """The plain architecture (no parametrizations) holding the decoded weights, in eval mode."""
+        """The plain architecture (no parametrizations) holding the decoded weights, in eval mode.
+
+        With activation quantizers in the file, each is put back on its layer's
+        input as a :class:`~codeq_cli.core.act_quant.FrozenActQuantizer`, so the
+        logits equal the fake-quantized model's.
+        """
         from codeq_cli.models.factory import create
 
         model = create(self.spec, pretrained=False)
@@ -319,6 +330,11 @@ class CompressedModel:
                 f"{self.path} does not fit {self.spec.label} as this installation builds it ({one_line(exc, 160)})",
                 hint=f"install the versions that wrote it ({versions})" if versions else "compress the model again",
             ) from None
+        try:
+            act_quant.freeze_into(model, self.activations)
+        except AttributeError as exc:
+            raise CheckpointError(f"{self.path}: an activation quantizer names a layer {self.spec.label} does not have ({one_line(exc, 120)})",
+                                  hint="it was not written by codeq for this model; compress again") from None
         return model.eval()
 
     def __repr__(self) -> str:
