@@ -334,7 +334,7 @@ class _BatchProgress:
 def export(
     file: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `codeq compress`.")],
     to: Annotated[Path, typer.Option("--to", help="Output: .safetensors or .pt (dense state dict) or .onnx.")],
-    format_: Annotated[Optional[str], typer.Option("--format", help="safetensors, pt or onnx [default: from the suffix of --to].")] = None,
+    format_: Annotated[Optional[str], typer.Option("--format", help="safetensors, pt, onnx or onnx-int8 (QDQ graph on integer kernels; needs act_bits) [default: from the suffix of --to].")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     json_: JsonOpt = False,
@@ -345,14 +345,25 @@ def export(
     from codeq_cli.formats.export import export_onnx, export_state_dict
 
     fmt = (format_ or to.suffix.lstrip(".")).lower()
-    suffixes = {"safetensors": ".safetensors", "pt": ".pt", "pth": ".pth", "onnx": ".onnx"}
+    suffixes = {"safetensors": ".safetensors", "pt": ".pt", "pth": ".pth", "onnx": ".onnx", "onnx-int8": ".onnx"}
     if fmt not in suffixes:
-        raise UsageError(f"--format {fmt!r} is not supported", hint="use safetensors, pt or onnx")
+        raise UsageError(f"--format {fmt!r} is not supported", hint="use safetensors, pt, onnx or onnx-int8")
     if to.suffix.lower() != suffixes[fmt] and not (fmt == "pt" and to.suffix.lower() == ".pth"):
         to = to.with_name(to.name + suffixes[fmt])
     if to.exists() and not overwrite:
         raise UsageError(f"{str(to)!r} exists", hint="pass --overwrite to replace it")
     ckpt = load(file)
+    if fmt == "onnx-int8":
+        from codeq_cli.formats.onnx_int8 import export_onnx_int8
+
+        info = export_onnx_int8(ckpt, to, opset=opset)
+        _output(json_, False).result(
+            {"path": str(info.path), "format": fmt, "bytes": info.bytes, "model": ckpt.spec.label,
+             **{k: v for k, v in info.to_dict().items() if k not in ("path", "bytes", "weight_errors")}},
+            f"wrote {info.path} ({info.bytes / 1e6:.2f} MB, int8 QDQ ONNX: {info.int8_layers} integer layers, "
+            f"largest int8 weight rounding {info.max_weight_error:.3g})",
+        )
+        return
     path = export_onnx(ckpt, to, opset=opset) if fmt == "onnx" else export_state_dict(ckpt, to)
     size = Path(path).stat().st_size
     _output(json_, False).result(

@@ -24,7 +24,8 @@ step used is ``s = step · Q_p(b_max) / Q_p(b)``: the clipping range stays put
 and the width sets the resolution, so ``θ_bit`` gets its gradient through
 ``s`` (the clip bounds pass none), as in the weight quantizer.
 
-The step is initialised once, before training, from the first batches
+The step in use is ``max(|step|, 1e-8)``: an optimizer update that carries
+the parameter through zero must not flip or zero it. The step is initialised once, before training, from the first batches
 (:func:`calibrate_`): ``s = quantile(|x|, 0.999) / Q_p`` averaged over the
 batches; the sign is fixed then too. Pure tensor code, no I/O.
 """
@@ -42,6 +43,7 @@ from torch import Tensor, nn
 ATTR = "act_quant"  # the child module's name on the layer it serves
 A_MIN, A_MAX = 2, 8
 CALIB_QUANTILE = 0.999
+MIN_STEP = 1e-8
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class ActQuantizer(nn.Module):
     def scale(self, g: float = 1.0) -> Tensor:
         """The step in use, ``s`` (with the step parameter's gradient scaled by ``g``)."""
         step = _GradScale.apply(self.step, g) if g != 1.0 else self.step
+        step = step.abs().clamp_min(MIN_STEP)  # an optimizer step through zero must not flip or zero it
         if self.theta_bit is None:
             return step
         signed = bool(self.signed)

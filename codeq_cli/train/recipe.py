@@ -63,7 +63,7 @@ class Recipe(BaseModel):
     act_b_min: int = Field(4, ge=B_MIN, le=B_MAX, description=f"an integer from {B_MIN} to {B_MAX}, at most act_b_max")
     act_b_max: int = Field(B_MAX, ge=B_MIN, le=B_MAX, description=f"an integer from {B_MIN} to {B_MAX}, at least act_b_min")
     act_exclude: list[str] | None = Field(None, description="a list of layer-name patterns (fnmatch) whose input stays float, or null")
-    lr_act: float = Field(1e-3, ge=0, description="a number >= 0 (0 freezes the activation steps)")
+    lr_act: float = Field(1e-4, ge=0, description="a number >= 0 (0 freezes the activation steps)")
     lambda_act_bit: float = Field(0.2, ge=0, description="a number >= 0")
 
     # -- optimizer: three parameter groups (weights, dead-zone logits, bit logits)
