@@ -88,7 +88,7 @@ def int8_grid(step: float, shift: float, qmax: int) -> tuple[float, float]:
         if np.abs(codes).max() > 127:
             continue
         err = float(np.abs(codes * sigma - levels).max())
-        if best is None or err < best[1]:
+        if best is None or err < best[1] - 1e-9 * step:  # equal errors: keep the coarser (earlier) grid
             best = (sigma, err)
     return best
 
