@@ -119,3 +119,34 @@ def test_without_onnx_says_what_to_install(tmp_path, ckpt, monkeypatch):
     with pytest.raises(CodeqError, match=r"pip install 'codeq\[onnx\]'"):
         onnx_int8.export_onnx_int8(ckpt[0], tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
+
+
+@needs_ort
+def test_cli_export_onnx_int8_answers_in_json(tmp_path, ckpt, capsys):
+    import json
+
+    from conftest import run_cli
+
+    out = tmp_path / "model.onnx"
+    code, stdout, stderr = run_cli(["export", str(ckpt[0].path), "--format", "onnx-int8", "--to", str(out), "--json"], capsys)
+    assert code == 0, stderr
+    answer = json.loads(stdout)
+    assert answer["format"] == "onnx-int8" and answer["int8_layers"] == len(ckpt[0].activations)
+    assert out.stat().st_size == answer["bytes"]
+
+
+def test_cli_refuses_onnx_int8_without_activation_quantizers(tmp_path, capsys):
+    from conftest import run_cli
+
+    spec = ModelSpec("timm", "test_resnet", num_classes=4)
+    model = create(spec)
+    macs = measure_macs(model, (3, 32, 32))
+    quantize_(model, bits=4)
+    path = tmp_path / "w.codeq"
+    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
+                    recipe={}, provenance={}, metrics={}, macs=macs)
+    code, _, stderr = run_cli(["export", str(path), "--format", "onnx-int8", "--to", str(tmp_path / "m.onnx")], capsys)
+    lines = [line for line in stderr.strip().splitlines() if line]
+    has_onnx = importlib.util.find_spec("onnx") is not None
+    assert code == (2 if has_onnx else 1) and len(lines) == 1
+    assert ("act_bits=8" if has_onnx else "codeq[onnx]") in lines[0]
