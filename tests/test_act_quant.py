@@ -237,3 +237,22 @@ def test_crafted_activation_metadata_is_refused(tmp_path):
         ActivationMeta.model_validate({"name": "fc", "bits": 12, "signed": False, "step": 0.1})
     with pytest.raises(ValueError):
         ActivationMeta.model_validate({"name": "fc", "bits": 8, "signed": False, "step": -1.0})
+
+
+def test_float_activation_checkpoints_carry_no_new_keys(tmp_path):
+    import json
+    import struct
+
+    spec = ModelSpec("timm", "test_resnet", num_classes=4)
+    torch.manual_seed(0)
+    model = create(spec)
+    macs = measure_macs(model, (3, 32, 32))
+    quantize_(model, bits=None, init_dz=0.8)
+    path = tmp_path / "m.codeq"
+    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
+                    recipe={}, provenance={}, metrics={}, macs=macs)
+    data = path.read_bytes()
+    meta_len = struct.unpack_from("<I", data, 12)[0]
+    meta = json.loads(data[checkpoint.HEADER_BYTES : checkpoint.HEADER_BYTES + meta_len])
+    assert "activations" not in meta and all("act_bits" not in r for r in meta["rows"])
+    assert checkpoint.load(path).activations == []
