@@ -156,6 +156,10 @@ def recipe_line(recipe: dict) -> str:
     if mixed:
         lrs += f" lr_bit={_value(r['lr_bit'])}"
     parts += [lrs, f"{r['epochs']} epochs {r['schedule']}", f"batch {r['batch_size']}"]
+    act = r.get("act_bits")
+    if act is not None:  # codeq's extension
+        parts.append(f"activations {r.get('act_b_min')}-{r.get('act_b_max')} bits learned" if act == "learned"
+                     else f"activations {act} bits")
     for key in ("include", "exclude"):
         if r.get(key):
             parts.append(f"{key}={_value(r[key])}")

@@ -174,7 +174,7 @@ class ActQuantizer(nn.Module):
             return x
         if not bool(self.calibrated):
             return x
-        bits = int(self.bit_width())
+        bits = int(self.bit_width().detach())
         qn, qp = qrange(bits, bool(self.signed))
         per_sample = x[0].numel() if x.dim() > 1 else x.numel()
         g = 1.0 / math.sqrt(max(1, per_sample) * qp)
