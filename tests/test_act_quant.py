@@ -256,3 +256,22 @@ def test_float_activation_checkpoints_carry_no_new_keys(tmp_path):
     meta = json.loads(data[checkpoint.HEADER_BYTES : checkpoint.HEADER_BYTES + meta_len])
     assert "activations" not in meta and all("act_bits" not in r for r in meta["rows"])
     assert checkpoint.load(path).activations == []
+
+
+def test_activation_entry_for_a_missing_layer_is_a_checkpoint_error(tmp_path):
+    from codeq_cli.errors import CheckpointError
+
+    spec = ModelSpec("timm", "test_resnet", num_classes=4)
+    model = create(spec)
+    macs = measure_macs(model, (3, 32, 32))
+    quantize_(model, bits=4)
+    path = tmp_path / "m.codeq"
+    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
+                    recipe={}, provenance={}, metrics={}, macs=macs)
+    ckpt = checkpoint.load(path)
+    ckpt.activations = [{"name": "no.such.layer", "bits": 8, "signed": False, "step": 0.5}]
+    with pytest.raises(CheckpointError, match="does not fit"):
+        ckpt.build_model()
+    ckpt.activations = [{"name": "fc", "bits": 8, "signed": False, "step": 0.5}] * 2
+    with pytest.raises(CheckpointError, match="does not fit"):
+        ckpt.build_model()

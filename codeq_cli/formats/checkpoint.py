@@ -332,8 +332,8 @@ class CompressedModel:
             ) from None
         try:
             act_quant.freeze_into(model, self.activations)
-        except AttributeError as exc:
-            raise CheckpointError(f"{self.path}: an activation quantizer names a layer {self.spec.label} does not have ({one_line(exc, 120)})",
+        except (AttributeError, ValueError) as exc:  # no such layer, or named twice
+            raise CheckpointError(f"{self.path}: an activation quantizer does not fit {self.spec.label} ({one_line(exc, 120)})",
                                   hint="it was not written by codeq for this model; compress again") from None
         return model.eval()
 
