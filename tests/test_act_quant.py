@@ -275,3 +275,36 @@ def test_activation_entry_for_a_missing_layer_is_a_checkpoint_error(tmp_path):
     ckpt.activations = [{"name": "fc", "bits": 8, "signed": False, "step": 0.5}] * 2
     with pytest.raises(CheckpointError, match="does not fit"):
         ckpt.build_model()
+
+
+# -- end to end ------------------------------------------------------------------------------------
+def test_compress_with_act_bits_eval_and_resume_agree(tmp_path, capsys):
+    """compress --set act_bits=learned: calibrated quantizers, a decoded model whose top-1 `codeq eval`
+    reproduces, BOPs at the activation bits in the report, and a resume that restores the steps."""
+    import json
+
+    from conftest import TINY, make_image_folder, run_cli
+
+    data = make_image_folder(tmp_path / "data", per_class=6, val_per_class=2, size=36)
+    out = tmp_path / "m.pt"
+    args = ["compress", *TINY, "--data", str(data), "--out", str(out), "--batch-size", "6", "--skip-baseline",
+            "--set", "act_bits=learned", "--set", "act_exclude=[conv1.0]", "--json"]
+    code, stdout, err = run_cli([*args, "--max-steps", "2"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    ckpt = checkpoint.load(out)
+    names = {e["name"] for e in ckpt.activations}
+    assert names and "conv1.0" not in names and all(4 <= e["bits"] <= 8 for e in ckpt.activations)
+    code, stdout, err = run_cli(["eval", str(out), "--workers", "0", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["top1"] == pytest.approx(result["metrics"]["top1"])
+    code, stdout, err = run_cli(["report", str(out), "--json"], capsys)
+    rows = {layer["name"]: layer for layer in json.loads(stdout)["layers"]}
+    assert rows["conv1.0"]["act_bits"] == 32 and all(rows[n]["act_bits"] < 32 for n in names)
+    state = torch.load(tmp_path / "m.run" / "state.pt", weights_only=True)["model"]
+    steps = {k: v for k, v in state.items() if k.endswith("act_quant.step")}
+    assert steps and all(v.item() > 0 for v in steps.values())
+    # resume for two more steps (the quantizers load from the run state: calibration runs only on fresh runs)
+    code, _, err = run_cli([*args, "--max-steps", "4", "--resume", "--force"], capsys)
+    assert code == 0, err
+    assert checkpoint.load(out).meta["provenance"]["steps"] == 4
