@@ -48,7 +48,7 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
     from codeq_cli.train import dist
     from codeq_cli.formats.checkpoint import load
     from codeq_cli.data.folders import build_loader, eval_folder
-    from codeq_cli.train.loop import evaluate
+    from codeq_cli.train.loop import measure_accuracy
     from codeq_cli.train.precision import Arithmetic, for_device
 
     if opts.batch_size < 1:
@@ -70,7 +70,7 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
     model = ckpt.build_model().to(device)
     if arithmetic.channels_last:
         model.to(memory_format=torch.channels_last)
-    res = evaluate(model, loader, device, arithmetic=arithmetic, on_batch=on_batch)
+    res = measure_accuracy(model, loader, device, arithmetic=arithmetic, on_batch=on_batch)
     out = {
         "checkpoint": str(opts.checkpoint),
         "model": ckpt.spec.label,
@@ -90,11 +90,11 @@ def _compare_fp(ckpt, opts: EvalOptions, dataset, device: torch.device, on_batch
     """The original FP model (``--weights`` or the pretrained weights) on the same images."""
     from codeq_cli.data.folders import build_loader
     from codeq_cli.models.factory import load_model
-    from codeq_cli.train.loop import evaluate
+    from codeq_cli.train.loop import measure_accuracy
 
     spec = ckpt.spec
     loaded = load_model(spec.label, weights=opts.weights, pretrained=opts.weights is None,
                         num_classes=spec.num_classes, in_chans=spec.in_chans)
     loader = build_loader(dataset, opts.batch_size, workers=opts.workers, pin_memory=device.type == "cuda")
-    fp = evaluate(loaded.model.to(device), loader, device, arithmetic=arithmetic, on_batch=on_batch)
+    fp = measure_accuracy(loaded.model.to(device), loader, device, arithmetic=arithmetic, on_batch=on_batch)
     return {"fp_top1": fp.top1, "fp_top5": fp.top5, "fp_weights": loaded.weights}

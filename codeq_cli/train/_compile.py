@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from codeq_cli.errors import TrainingError, UsageError
+from codeq_cli.errors import TrainingError, UsageError, one_line
 
 # DDP's graph splitting (dynamo's DDPOptimizer) refuses the higher-order op that codeq's
 # autograd Functions become before this torch.
@@ -43,8 +43,7 @@ def compile_errors() -> Iterator[None]:
     except Exception as exc:
         if not compile_failure(exc):
             raise
-        first = " ".join(str(exc).split())[:160]
-        raise TrainingError(f"torch.compile failed on this model ({type(exc).__name__}: {first})",
+        raise TrainingError(f"torch.compile failed on this model ({type(exc).__name__}: {one_line(exc, 160)})",
                             hint="run without --compile") from exc
 
 
