@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from html import escape
 
 FG = "#010203"  # placeholder for currentColor
 BITS, SPARSITY, SHARE, FLOAT = "#3a86c8", "#e69f00", "#009e73", "#8c8c8c"
@@ -33,16 +34,17 @@ _RC = {
 }
 
 
-def _svg(fig, n: int) -> str:
-    """The figure as an ``<svg>`` element for inline use (no XML prolog, ids prefixed with ``f{n}-``)."""
+def _svg(fig, n: int, label: str) -> str:
+    """The figure as an ``<svg>`` element for inline use (no XML prolog or comments, ids prefixed with ``f{n}-``)."""
     buf = io.StringIO()
     fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": "codeq"})
     text = buf.getvalue()
     text = text[text.index("<svg"):]
-    text = re.sub(r"<metadata>.*?</metadata>", "", text, flags=re.S)
+    text = re.sub(r"<metadata>.*?</metadata>|<!--.*?-->\n?", "", text, flags=re.S)
     text = re.sub(r'(id="|href="#|url\(#)([^")]+)', lambda m: f"{m.group(1)}f{n}-{m.group(2)}", text)
     text = text.replace(FG, "currentColor")
-    return re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', r'<svg\1 class="plot"', text, count=1)
+    return re.sub(r'<svg([^>]*?) width="[^"]*" height="[^"]*"', lambda m: f'<svg{m.group(1)} class="plot" role="img" '
+                  f'aria-label="{escape(label, quote=True)}"', text, count=1)
 
 
 def _figure(width: float, height: float):
@@ -70,9 +72,10 @@ def layers_svg(layers: list[dict], n: int = 0) -> str:
         qbits = [lay["bits"] for lay in layers if lay["quantized"]]
         top = max(qbits, default=8)
         ax = axes[0]
-        ax.barh(y, [lay["bits"] if q else top for lay, q in zip(layers, quantized)], height=0.7,
-                color=[BITS if q else FLOAT for q in quantized], hatch=[None if q else "//" for q in quantized],
-                edgecolor="none")
+        floats = [i for i, q in enumerate(quantized) if not q]
+        ax.barh([i for i, q in enumerate(quantized) if q], qbits, height=0.7, color=BITS, edgecolor="none")
+        if floats:  # a layer left in float: a hatched bar across the axis, labelled
+            ax.barh(floats, [top] * len(floats), height=0.7, color=FLOAT, hatch="//", edgecolor="none")
         for i, q in enumerate(quantized):
             if not q:
                 ax.text(top * 0.03, i, "float", va="center", ha="left", fontsize=6.5, color="white")
@@ -93,7 +96,7 @@ def layers_svg(layers: list[dict], n: int = 0) -> str:
             a.tick_params(axis="y", length=0)
             a.set_axisbelow(True)
             a.set_ylim(count - 0.5, -0.5)
-        return _svg(fig, n)
+        return _svg(fig, n, "bit-width, sparsity and share of BOPs of each layer")
 
 
 def _series(history: dict, key: str) -> tuple[list[int], list[float]]:
@@ -142,7 +145,7 @@ def history_svg(history: dict, metrics: dict, budget: dict | None = None, n: int
         axes[-1].set_xlabel("optimizer step")
         if history.get("total_steps"):
             axes[-1].set_xlim(0, max(history["total_steps"], last) * 1.03)
-        return _svg(fig, n)
+        return _svg(fig, n, "task loss, validation top-1, relative BOPs, sparsity and mean bits against the step")
 
 
 def pareto(points: list[tuple[float, float]]) -> list[int]:
@@ -190,7 +193,7 @@ def tradeoff_svg(runs: list[dict], fp: list[dict], n: int = 0) -> str:
         ax.set_xlabel("relative BOPs (% of FP32, log scale)")
         ax.set_ylabel("top-1 (%)")
         ax.legend(loc="lower right", fontsize=7)
-        return _svg(fig, n)
+        return _svg(fig, n, "top-1 against relative BOPs of each checkpoint, with the Pareto front")
 
 
 def is_finite(v) -> bool:

@@ -13,6 +13,7 @@ is HTML-escaped.
 from __future__ import annotations
 
 import json
+import os
 from html import escape
 from pathlib import Path
 
@@ -278,6 +279,9 @@ def comparison_page(datas: list[dict], *, title: str | None = None, jobs: list[d
     body = [f"<header><h1>{escape(title)}</h1></header>"]
     if jobs is not None:
         body += ["<section class=\"jobs\"><h2>Jobs</h2>", _jobs_table(jobs), "</section>"]
+    if not datas:
+        body.append('<p class="note">No checkpoint was written, so there is nothing to compare.</p>')
+        return _page(title, body)
     cmp = comparison(datas)
     body.append("<section class=\"tradeoff\"><h2>Accuracy against cost</h2>")
     if cmp["plotted"]:
@@ -289,13 +293,28 @@ def comparison_page(datas: list[dict], *, title: str | None = None, jobs: list[d
     if missing:
         body.append(f'<p class="note">Not plotted (no top-1 recorded): {escape(", ".join(missing))}.</p>')
     body += [comparison_table(cmp), "</section>"]
-    if datas:
-        body.append("<section class=\"files\"><h2>Each checkpoint</h2>")
-        for i, (label, d) in enumerate(zip(_labels(datas), datas)):
-            body.append(f"<details><summary>{escape(label)}: {escape(d['model']['label'])}, top-1 "
-                        f"{_cmp_text('top1', d['metrics'].get('top1'))}, relative BOPs {d['totals']['rel_bops']:.2f}%"
-                        f"</summary><p class=\"muted mono\">{escape(d['file'])}</p>")
-            body += checkpoint_sections(d, n=2 * i + 1, level=3)
-            body.append("</details>")
-        body.append("</section>")
+    body.append("<section class=\"files\"><h2>Each checkpoint</h2>")
+    for i, (label, d) in enumerate(zip(_labels(datas), datas)):
+        body.append(f"<details><summary>{escape(label)}: {escape(d['model']['label'])}, top-1 "
+                    f"{_cmp_text('top1', d['metrics'].get('top1'))}, relative BOPs {d['totals']['rel_bops']:.2f}%"
+                    f"</summary><p class=\"muted mono\">{escape(d['file'])}</p>")
+        body += checkpoint_sections(d, n=2 * i + 1, level=3)
+        body.append("</details>")
+    body.append("</section>")
     return _page(title, body)
+
+
+def write_page(path: str | os.PathLike, datas: list[dict], *, title: str | None = None,
+               jobs: list[dict] | None = None) -> Path:
+    """Write the page of one report (or the comparison of several) to ``path``, atomically; returns the path."""
+    from codeq_cli._io import write_text
+    from codeq_cli.errors import UsageError
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"--html {str(p)!r} is a folder", hint="give a file path such as report.html")
+    if not datas and jobs is None:
+        raise UsageError("there is no checkpoint to draw", hint="pass at least one checkpoint")
+    text = page(datas[0]) if len(datas) == 1 and jobs is None else comparison_page(datas, title=title, jobs=jobs)
+    write_text(p, text)
+    return p

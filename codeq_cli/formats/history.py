@@ -110,10 +110,10 @@ def _thin(steps: list[int], must: set[int], max_points: int) -> list[int]:
     if len(evals) > max_points // 2:  # a run with very many epochs: thin the evals too
         evals = [evals[round(i * (len(evals) - 1) / (max_points // 2 - 1))] for i in range(max_points // 2)]
     chosen.update(evals)
-    room = max_points - len(chosen)
-    if room > 0:
-        n = len(steps)
-        chosen.update(steps[min(n - 1, round((i + 1) * n / room) - 1)] for i in range(room))
+    others = [s for s in steps if s not in chosen]
+    room, n = max_points - len(chosen), len(others)
+    if room > 0:  # evenly spread over the rest: distinct indices, since room < n
+        chosen.update(others[(i + 1) * n // room - 1] for i in range(room))
     return sorted(chosen)
 
 
