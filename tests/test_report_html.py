@@ -15,7 +15,7 @@ import torch
 from codeq_cli.commands import _plots, report, report_html
 from codeq_cli.core.bops import measure_macs
 from codeq_cli.core.insert import quantize_
-from codeq_cli.errors import CheckpointError
+from codeq_cli.errors import CheckpointError, CodeqError
 from codeq_cli.formats import checkpoint, history
 from codeq_cli.models.factory import DataConfig, ModelSpec, create
 from conftest import run_cli
@@ -284,3 +284,14 @@ def test_resnet50_page_is_under_2_mb():
             "metrics": {"fp_top1": 80.8, "top1": 79.9}, "recipe": {}, "provenance": {}, "notes": list(report.NOTES)}
     size = len(report_html.page(data).encode("utf-8"))
     assert size < 2_000_000, size
+
+
+def test_comparison_without_top1_and_save_refuses_a_bad_history(files, model_and_macs, tmp_path):
+    a, b = (report.report_data(checkpoint.load(p)) for p in files)
+    b["metrics"] = {}
+    text = report_html.comparison_page([a, b])
+    assert "Not plotted: old (no top-1 recorded)." in text and text.count("<svg") == 1 + 2 + 1
+    assert report_html.comparison([a, b])["rows"][0]["pareto"] is True
+    with pytest.raises(CodeqError, match="training history to store is malformed"):
+        _save(tmp_path / "x.pt", model_and_macs, hist={**_history(), "step": [1]})
+    assert not (tmp_path / "x.pt").exists()

@@ -289,9 +289,10 @@ def comparison_page(datas: list[dict], *, title: str | None = None, jobs: list[d
         body.append('<p class="muted">Top-1 of each compressed model against its relative BOPs (log scale); the '
                     "Pareto front joins the runs no other run beats on both; FP models sit at 100%.</p>")
         body.append(_plots.tradeoff_svg(runs, cmp["fp"], n=0))
-    missing = [r["label"] for i, r in enumerate(cmp["rows"]) if i not in cmp["plotted"]]
+    missing = [f"{r['label']} ({'no top-1 recorded' if not _plots.is_finite(r['top1']) else 'zero BOPs'})"
+               for i, r in enumerate(cmp["rows"]) if i not in cmp["plotted"]]
     if missing:
-        body.append(f'<p class="note">Not plotted (no top-1 recorded): {escape(", ".join(missing))}.</p>')
+        body.append(f'<p class="note">Not plotted: {escape(", ".join(missing))}.</p>')
     body += [comparison_table(cmp), "</section>"]
     body.append("<section class=\"files\"><h2>Each checkpoint</h2>")
     for i, (label, d) in enumerate(zip(_labels(datas), datas)):

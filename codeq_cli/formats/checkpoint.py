@@ -200,7 +200,11 @@ def save(
         "tensors": tensors,
     }
     if history is not None:
-        history_format.validate(history)
+        try:
+            history_format.validate(history)
+        except ValueError as exc:
+            raise CodeqError(f"the training history to store is malformed ({exc})",
+                             hint="pass codeq_cli.formats.history.from_log(...) or None") from None
         meta["history"] = history
     try:
         meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False, default=_json_default).encode("utf-8")

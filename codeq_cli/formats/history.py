@@ -46,7 +46,7 @@ def _events(path: Path) -> list[dict]:
     earlier copies are dropped. A line cut short by a kill is skipped.
     """
     rows: list[dict] = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
                 e = json.loads(line)
@@ -62,14 +62,20 @@ def _events(path: Path) -> list[dict]:
 
 
 def from_log(path: str | os.PathLike, max_points: int = MAX_POINTS) -> dict | None:
-    """The thinned history of a run from its ``metrics.jsonl``; None when the log is missing or empty."""
+    """The thinned history of a run from its ``metrics.jsonl``; None when the log is missing, unreadable or empty.
+
+    Never raises for a bad log: the history is an extra, and a run must not lose
+    its checkpoint over it.
+    """
     p = Path(path)
-    if not p.is_file():
+    try:
+        events = _events(p) if p.is_file() else []
+    except OSError:
         return None
     points: dict[int, dict] = {}  # step -> merged figures of that step (a step event and an epoch's eval)
     losses: dict[int, float] = {}
     total = None
-    for e in _events(p):
+    for e in events:
         step = e["step"]
         pt = points.setdefault(step, {"step": step})
         if e["event"] == "step":
