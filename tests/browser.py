@@ -128,7 +128,7 @@ class _Pipe:
 
 
 def open_page(path: Path, themes: tuple[str, ...] = ("light",), width: int = 1200, height: int = 900,
-              full_page: bool = True, binary: str | None = None) -> PageRun:
+              full_page: bool = True, binary: str | None = None, scale: float = 1.0) -> PageRun:
     """Load ``path`` offline and take one screenshot per theme: ``light``, ``dark`` or ``print``."""
     binary = binary or find_chromium()
     if binary is None:
@@ -157,7 +157,8 @@ def open_page(path: Path, themes: tuple[str, ...] = ("light",), width: int = 120
                 params: dict = {"format": "png", "captureBeyondViewport": full_page}
                 if full_page:
                     size = pipe.send("Page.getLayoutMetrics", session=session)["cssContentSize"]
-                    params["clip"] = {"x": 0, "y": 0, "width": width, "height": min(size["height"], 16000), "scale": 1}
+                    params["clip"] = {"x": 0, "y": 0, "width": width, "height": min(size["height"], 16000),
+                                      "scale": scale}
                 shot = pipe.send("Page.captureScreenshot", params, session=session)
                 run.screenshots[theme] = base64.b64decode(shot["data"])
             time.sleep(0.2)
@@ -177,3 +178,15 @@ def open_page(path: Path, themes: tuple[str, ...] = ("light",), width: int = 120
         elif m == "Log.entryAdded" and p["entry"].get("level") in ("error", "warning"):
             run.errors.append(f"log {p['entry']['level']}: {p['entry'].get('text')}")
     return run
+
+
+if __name__ == "__main__":  # a screenshot for the docs: python tests/browser.py PAGE.html OUT.png [light|dark|print]
+    import sys
+
+    page, out = Path(sys.argv[1]), Path(sys.argv[2])
+    theme = sys.argv[3] if len(sys.argv) > 3 else "light"
+    result = open_page(page, themes=(theme,), width=1100, scale=0.75)
+    if result.errors or result.requests != [page.resolve().as_uri()]:
+        sys.exit(f"the page misbehaved: requests {result.requests}, errors {result.errors}")
+    out.write_bytes(result.screenshots[theme])
+    print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB)")
