@@ -390,10 +390,12 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
 
     file_bytes = 0
     if info.is_main:
+        from codeq_cli.formats.history import from_log
+
         saved = checkpoint.save(
             opts.out, plain, spec=spec, data_config=loaded.data, class_names=classes, recipe=recipe.to_dict(),
             provenance=provenance(info, opts.seed, progress.step, loaded.weights, arithmetic), metrics=metrics, macs=macs,
-            data_dir=str(Path(opts.data).resolve()),
+            data_dir=str(Path(opts.data).resolve()), history=from_log(run_dir / "metrics.jsonl"),
         )
         file_bytes = saved.file_bytes
         result = CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes,
