@@ -143,8 +143,9 @@ def _summary_table(data: dict) -> str:
 
 
 _LAYER_HEAD = {"name": "layer", "kind": "kind", "shape": "shape", "params": "params", "macs": "MACs", "bits": "bits",
-               "sparsity": "sparsity", "bops": "BOPs", "bops_share": "share of BOPs", "quantized": "quantized"}
-_NUM = {"params", "macs", "bits", "sparsity", "bops", "bops_share"}
+               "sparsity": "sparsity", "bops": "BOPs", "bops_share": "share of BOPs", "quantized": "quantized",
+               "act_bits": "activation bits"}
+_NUM = {"params", "macs", "bits", "sparsity", "bops", "bops_share", "act_bits"}
 
 
 def _layer_cells(layer: dict) -> str:
@@ -153,6 +154,7 @@ def _layer_cells(layer: dict) -> str:
         "bits": str(layer["bits"]) if layer["quantized"] else "32 (float)", "sparsity": f"{layer['sparsity']:.4f}",
         "bops": _si(layer["bops"]), "bops_share": _pct(layer["bops_share"]),
         "quantized": "yes" if layer["quantized"] else "no",
+        "act_bits": str(layer["act_bits"]) if layer["act_bits"] != 32 else "32 (float)",
     }
     return "".join(_cell(layer[k], text.get(k), num=k in _NUM) for k in LAYER_KEYS)
 
@@ -164,7 +166,7 @@ def layer_table(data: dict) -> str:
     foot = (f'<tr><td>total</td><td></td><td></td><td class="num">{_int(t["params"])}</td>'
             f'<td class="num">{_int(t["macs"])}</td><td class="num">{t["avg_bits"]:.2f}</td>'
             f'<td class="num">{t["sparsity"]:.4f}</td><td class="num">{escape(_si(t["bops"]))}</td>'
-            f'<td class="num">{"100.00%" if t["bops"] else "0.00%"}</td><td></td></tr>')
+            f'<td class="num">{"100.00%" if t["bops"] else "0.00%"}</td><td></td><td></td></tr>')
     return (f'<div class="scroll"><table class="layers"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
             f"<tfoot>{foot}</tfoot></table></div>")
 
