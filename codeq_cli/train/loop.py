@@ -51,6 +51,7 @@ from codeq_cli.errors import TrainingError
 from codeq_cli.core.insert import quantizer_parameters
 from codeq_cli.formats.runstate import STATE_FORMAT, STATE_VERSION, Progress, rng_state
 from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
+from codeq_cli.train.distill import task_loss
 
 Event = dict
 OnEvent = Callable[[Event], None]
@@ -215,6 +216,8 @@ class FitSetup:
     fingerprint: dict = field(default_factory=dict)
     on_event: OnEvent = lambda e: None
     should_stop: Callable[[], bool] = lambda: False
+    budget: object | None = None  # a train.budget.BudgetRun: the controller, when compressing to a budget
+    teacher: nn.Module | None = None  # the frozen FP model, for distillation (train.distill)
 
 
 class Fit:
@@ -243,6 +246,8 @@ class Fit:
             for g, (lr, wd), factor in zip(self.optimizer.param_groups, wanted, self.scheduler.lr_lambdas):
                 g["initial_lr"], g["weight_decay"], g["lr"] = lr, wd, lr * factor(self.scheduler.last_epoch)
             self.scheduler.base_lrs = [lr for lr, _ in wanted]
+            if setup.budget is not None:
+                setup.budget.load_state_dict(state)
         # Every sample carries its own augmentation seed, so worker processes
         # hold no state that matters: they can persist across epochs (the
         # batch sampler is re-read at each epoch) and a resumed run still sees
@@ -288,6 +293,7 @@ class Fit:
             "rng": rng_state(),
             "fingerprint": json.dumps(self.s.fingerprint, sort_keys=True),
             "world_size": self.s.info.world_size,
+            **(self.s.budget.state_dict() if self.s.budget is not None else {}),
         }
 
     def save(self, reason: str) -> None:
@@ -324,8 +330,16 @@ class Fit:
     def _forward_loss(self, images, target, amp: bool, label_smoothing: float, lambda_bit: float):
         s, r = self.s, self.s.recipe
         with autocast_for(s.device, amp):
-            task = F.cross_entropy(_logits(s.model(images)).float(), target, label_smoothing=label_smoothing)
-        reg = penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
+            out = _logits(s.model(images)).float()
+            teacher = None
+            if s.teacher is not None and r.distill_weight > 0:
+                with torch.no_grad():
+                    teacher = _logits(s.teacher(images)).float()
+        task = task_loss(out, target, teacher, r.distill_weight, r.distill_temperature, label_smoothing)
+        if s.budget is not None:
+            reg = s.budget.penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
+        else:
+            reg = penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
         return task + reg, task, reg
 
     def train_one_epoch(self, epoch: int) -> bool:
@@ -373,10 +387,15 @@ class Fit:
                 loss.backward()
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            before = s.budget.before_step(self.logits) if s.budget is not None else None
             self.optimizer.step()
+            if s.budget is not None:
+                s.budget.after_optimizer_step(before, self.logits)
             self.scheduler.step()
             p.step += 1
             p.batch += 1
+            if s.budget is not None:
+                s.budget.after_step(model, p.step, self.total_steps)
             event = {
                 "event": "step",
                 "epoch": epoch,
@@ -390,6 +409,8 @@ class Fit:
             if p.step % s.log_every == 0 or p.step == self.total_steps:
                 if s.info.is_main:
                     event.update(compression_stats(model, s.macs))
+                if s.budget is not None:
+                    event.update(s.budget.log_fields(p.step))
                 self.log(event)
             else:
                 s.on_event(event)
@@ -447,6 +468,9 @@ class Fit:
         event = {"event": "eval", "epoch": epoch, "step": self.progress.step, **res.to_dict()}
         if s.info.is_main:
             event.update(compression_stats(s.model, s.macs))
+        if s.budget is not None:
+            event.update(s.budget.on_eval(s.model, epoch, self.progress.step, res.top1, self.steps_per_epoch,
+                                          self.total_steps))
         self.progress.history.append({k: event[k] for k in event if k != "event"})
         self.log(event)
 
