@@ -394,6 +394,7 @@ def demo(
     subset: Annotated[Optional[str], typer.Option("--subset", help="Images per class (or a fraction) for a quicker run.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key of the mixed recipe (repeatable).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N [default: cuda when present].")] = None,
+    target_bops: Annotated[float, typer.Option("--target-bops", help="The budget: relative BOPs in percent (0: no budget, the recipe's λ).")] = 3.0,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -403,7 +404,8 @@ def demo(
 
     output = _output(json_, quiet)
     opts = DemoOptions(out_dir=out_dir, model=model, img_size=img_size, fp_epochs=fp_epochs, epochs=epochs,
-                       batch_size=batch_size, seed=seed, subset=subset, overrides=list(set_ or []), device=device)
+                       batch_size=batch_size, seed=seed, subset=subset, overrides=list(set_ or []), device=device,
+                       target_bops=None if target_bops <= 0 else target_bops)
     on_event = _compress_events(output)
     try:
         with _StopOnSignal(output) as stop:
@@ -423,8 +425,9 @@ def demo(
         f"codeq demo: {res.model} on Fashion-MNIST ({res.seconds:.0f} s, everything in {res.out_dir}/)",
         f"  FP32 top-1        {res.fp_top1:6.2f}%",
         f"  compressed top-1  {res.top1:6.2f}%   (drop {res.fp_top1 - res.top1:+.2f} points)",
-        f"  relative BOPs     {res.rel_bops:6.2f}%   (of FP32)",
-        f"  sparsity          {res.sparsity:6.3f}    mean bits {res.avg_bits:.2f}",
+        f"  relative BOPs     {res.rel_bops:6.2f}%   (of FP32"
+        + (f"; target {res.target_bops:g}%)" if res.target_bops is not None else ")"),
+        f"  sparsity          {res.sparsity:6.3f}    mean bits {res.avg_bits:.2f} (per layer {res.min_layer_bits}-{res.max_layer_bits})",
         f"  file size         {res.file_bytes / 1e6:6.2f} MB vs {res.fp32_bytes / 1e6:.2f} MB fp32 ({ratio:.1f}x smaller)",
         "",
         "the same on your own data (ImageNet-style folder with train/ and val/):",
