@@ -67,8 +67,10 @@ def test_controller_converges_without_oscillating_and_holds(target):
     assert all(p == target for _, _, p in hold)  # the plan holds the target after the ramp
     final = history[-1][1]
     assert abs(final / target - 1) <= 0.03, final
-    # It stays near the target through the hold phase, and never swings across it again and again.
-    assert all(abs(f / target - 1) <= 0.06 for s, f, _ in hold), [f for _, f, _ in hold]
+    # It settles within a fifth of the hold phase and stays there; it never overshoots below the target.
+    settle = c.ramp_end + (c.total_steps - c.ramp_end) // 5
+    assert all(abs(f / target - 1) <= 0.03 for s, f, _ in hold if s >= settle), [f for _, f, _ in hold]
+    assert all(f >= target * 0.97 for _, f, _ in hold) and all(f <= target * 1.15 for _, f, _ in hold)
     crossings = sum(1 for (_, a, _), (_, b, _) in zip(hold, hold[1:]) if (a - target) * (b - target) < 0)
     assert crossings <= 2
     # Along the ramp it follows the plan (lag at most a few percent once the logits move).
@@ -85,7 +87,7 @@ def test_controller_update_by_hand():
     assert c.planned(25) == pytest.approx(10.0)  # geometric: halfway in log space
     c.update(25, 11.0, [4.0, 1.0, 0.0])
     e = math.log(11.0 / 10.0)
-    assert c.down == pytest.approx(min(1.0, 20 * e)) and c.up == 0.0
+    assert c.down == pytest.approx(min(4.0, 20 * e)) and c.up == 0.0
     assert c.u == pytest.approx(min(0.25, 0.5 * e))
     assert c.weights == [1.0, 0.5, 0.0]
     c.update(30, 7.0, [1.0, 1.0, 1.0])

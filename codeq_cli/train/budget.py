@@ -154,11 +154,14 @@ class Controller:
     ``target`` at ``ramp_end``, then flat: the hold phase. After each
     measurement, with ``e = ln(measured / planned)``:
 
-    - ``down = clip(k·e, 0, 1)``, ``up = clip(−k·e, 0, 1)``: the share of its
+    - ``down = clip(k·e, 0, boost)``, ``up = clip(−k·e, 0, 1)``: the share of its
       optimizer step a logit keeps when the step compresses (``|θ|`` falls) or
       relaxes it. Above the plan only compressing moves happen, below it only
       relaxing ones, at a speed proportional to the error; on the plan the
-      logits stand still while the weights keep training.
+      logits stand still while the weights keep training. Far above the plan
+      (more than ``1/k`` in log) the compressing steps are enlarged up to
+      ``boost`` times: a run whose logit learning rate is too small for its
+      budget still gets there.
     - per-layer rates ``w_ℓ = sqrt(cost_ℓ / max cost)``: layers holding more of the
       figure move faster (the penalty is weighted by the same ``w_ℓ``).
     - ``u`` (the log of the pressure ``p`` on the penalty) moves by
@@ -174,6 +177,7 @@ class Controller:
     ramp: float = 0.6
     every: int = 5
     k: float = 20.0
+    boost: float = 4.0
     gain: float = 0.5
     max_move: float = 0.25
     u_max: float = 8.0
@@ -213,7 +217,7 @@ class Controller:
         """One measurement after ``step`` steps: new rates, weights and pressure."""
         self.measured = measured
         e = math.log(max(measured, 1e-12) / max(self.planned(step), 1e-12))
-        self.down = min(1.0, max(0.0, self.k * e))
+        self.down = min(self.boost, max(0.0, self.k * e))
         self.up = min(1.0, max(0.0, -self.k * e))
         self.u = min(self.u_max, max(-self.u_max, self.u + min(self.max_move, max(-self.max_move, self.gain * e))))
         self.updates += 1
