@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from codeq_cli.errors import CodeqError, UsageError
+from codeq_cli.errors import CodeqError, UsageError, one_line
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -155,28 +155,40 @@ def torch_load_safe(path: str | os.PathLike):
     it ran) or :class:`UnreadableFile`, each with a one-line reason short
     enough to quote in an error message.
     """
-    import pickle
     import warnings
 
     import torch
 
-    with open(path, "rb") as fh:  # a missing or unreadable path fails here, as an OSError
-        head = fh.read(8)
+    with open(path, "rb"):  # a missing or unreadable path fails here, as an OSError
+        pass
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
             return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
-        if found:
-            raise UnsafeFile(f"it holds Python objects other than tensors ({found.group(1)}); unpickling them "
-                             "could run code, so it was not loaded") from exc
-        if head[:1] == b"\x80":
-            raise UnsafeFile("it is a plain Python pickle, not a torch.save file of tensors; unpickling it could "
-                             "run code, so it was not loaded") from exc
-        raise UnreadableFile(_load_failure(head, exc)) from exc
     except Exception as exc:
-        raise UnreadableFile(_load_failure(head, exc)) from exc
+        raise load_refusal(path, exc) from exc
+
+
+def load_refusal(path: str | os.PathLike, exc: BaseException) -> UnsafeFile | UnreadableFile:
+    """What a ``weights_only`` ``torch.load`` failure on ``path`` means, as the error to raise."""
+    import pickle
+
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(8)
+    except OSError:
+        head = b""
+    # timm's loader re-raises torch's UnpicklingError as a RuntimeError ("Unsupported globals: ...").
+    chain = [e for e in (exc, exc.__cause__, exc.__context__) if e is not None]
+    if any(isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) for e in chain):
+        found = next((m for e in chain for m in [re.search(r"(?:GLOBAL|Unsupported globals:) ([\w.]+)", str(e))] if m), None)
+        if found:
+            return UnsafeFile(f"it holds Python objects other than tensors ({found.group(1)}); unpickling them "
+                              "could run code, so it was not loaded")
+        if head[:1] == b"\x80":
+            return UnsafeFile("it is a plain Python pickle, not a torch.save file of tensors; unpickling it could "
+                              "run code, so it was not loaded")
+    return UnreadableFile(_load_failure(head, exc))
 
 
 def _load_failure(head: bytes, exc: BaseException) -> str:
@@ -189,8 +201,7 @@ def _load_failure(head: bytes, exc: BaseException) -> str:
     return f"it is not a file written by torch.save ({_short(exc)})"
 
 
-def _short(exc: BaseException, limit: int = 80) -> str:
+def _short(exc: BaseException) -> str:
+    # torch.load's refusal ends with a line pointing at its documentation: quote the line before it.
     lines = [line for line in str(exc).splitlines() if line.strip()]
-    text = " ".join((lines[-2] if len(lines) > 2 and lines[-1].startswith("Check the documentation") else
-                     (lines[-1] if lines else "")).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return one_line(exc, 80, line=-2 if len(lines) > 2 and lines[-1].startswith("Check the documentation") else -1)

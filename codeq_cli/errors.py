@@ -55,10 +55,17 @@ class TrainingError(CodeqError):
     """Training stopped (non-finite loss, interrupted, ...)."""
 
 
-class InterruptedRun(CodeqError):
-    """The user stopped the run (Ctrl-C, SIGTERM) after its state was saved (exit code 130)."""
+class InterruptedRun(TrainingError):
+    """The user stopped the run (Ctrl-C, SIGTERM) after its state was saved (exit code 130).
+
+    ``step`` is the number of training steps taken when it stopped.
+    """
 
     exit_code = 130
+
+    def __init__(self, message: str, *, hint: str | None = None, step: int | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.step = step
 
 
 # A path on the command line that does not exist or is the wrong kind is a
@@ -69,3 +76,20 @@ class DataPathError(UsageError, DataError):
 
 class CheckpointPathError(UsageError, CheckpointError):
     """No checkpoint file at the path given (exit code 2)."""
+
+
+def one_line(exc: BaseException | str, limit: int = 120, *, line: int | None = None) -> str:
+    """A library's message squashed to one line of at most ``limit`` characters, for quoting in ours.
+
+    ``line`` picks one of a multi-line message's non-blank lines (negative
+    counts from the end); by default all of them are joined. An empty message
+    gives the exception's type name; a cut one ends with ``...``.
+    """
+    text = str(exc)
+    if line is not None:
+        lines = [part for part in text.splitlines() if part.strip()]
+        text = lines[line] if -len(lines) <= line < len(lines) else (lines[-1] if lines else "")
+    text = " ".join(text.split())
+    if not text and isinstance(exc, BaseException):
+        text = type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

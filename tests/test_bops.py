@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import timm
 import torch
 from torch import nn
 from torchvision import models as tvm
 
-from codeq_cli.core.bops import A_BITS, LayerRow, bops_rows, bops_totals, input_shape_of, make_row, measure_macs
+from codeq_cli.core.bops import A_BITS, LayerRow, bops_rows, bops_totals, make_row, measure_macs
 from codeq_cli.core.insert import quantize_, quantized_weights
 
 
@@ -201,11 +200,3 @@ def test_make_row_and_an_all_float_model():
     totals = bops_totals(rows)
     assert totals["rel_bops"] == 100.0 and totals["avg_bits"] == 32 and totals["quantized_layers"] == 0
     assert bops_totals([])["rel_bops"] == 0.0
-
-
-def test_input_shape_of():
-    assert input_shape_of(tvm.resnet18(weights=None)) == (3, 224, 224)
-    vit = timm.create_model("test_vit", pretrained=False)
-    assert input_shape_of(vit) == (3, 160, 160)  # its pretrained_cfg
-    assert input_shape_of(vit, 64) == (3, 64, 64)
-    assert input_shape_of(vit, (1, 3, 48, 32)) == (3, 48, 32)

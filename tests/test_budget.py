@@ -14,7 +14,7 @@ from codeq_cli.commands.compress import CompressOptions, run
 from codeq_cli.formats import checkpoint
 from codeq_cli.train.budget import Controller, parse_size
 from codeq_cli.train.distill import kd_loss, reestimate_bn, task_loss
-from codeq_cli.train.loop import Interrupted
+from codeq_cli.errors import InterruptedRun as Interrupted
 from conftest import TINY, make_image_folder, run_cli
 
 

@@ -288,6 +288,51 @@ def test_refuses_bit_flips(tmp_path, good, where):
     _refused(p, "checksum does not match")
 
 
+def _with_meta(good: bytes, edit) -> bytes:
+    """``good`` with its metadata changed by ``edit(meta)`` and a matching checksum: a crafted file."""
+    import hashlib
+
+    meta_len = struct.unpack_from("<I", good, 12)[0]
+    meta = json.loads(good[checkpoint.HEADER_BYTES : checkpoint.HEADER_BYTES + meta_len])
+    edit(meta)
+    body = json.dumps(meta).encode()
+    payload = good[checkpoint.HEADER_BYTES + meta_len :]
+    head = bytearray(good[:24])
+    struct.pack_into("<I", head, 12, len(body))
+    return bytes(head) + hashlib.sha256(bytes(head) + body + payload).digest() + body + payload
+
+
+CRAFTED = {
+    "bits as a string": (lambda m: m["layers"][0].update(bits="4"), "layers.0.bits"),
+    "bits out of range": (lambda m: m["layers"][0].update(bits=9), "layers.0.bits"),
+    "a count that is a bool": (lambda m: m["rows"][0].update(params=True), "rows.0.params"),
+    "a row with an extra field": (lambda m: m["rows"][0].update(extra=1), "rows.0.extra"),
+    "a non-float32 step": (lambda m: m["layers"][0].update(step=0.1), "layers.0.step"),
+    "a span past the payload": (lambda m: m["tensors"][0].update(offset=10**9), "points outside the payload"),
+    "a tensor of the wrong size": (lambda m: m["tensors"][0].update(nbytes=m["tensors"][0]["nbytes"] + 4), "size does not match"),
+    "an unknown dtype": (lambda m: m["tensors"][0].update(dtype="<f8"), "tensors.0.dtype"),
+    "a key stored twice": (lambda m: m["state_keys"].append(m["state_keys"][0]), "stored twice"),
+    "a metric that is text": (lambda m: m["metrics"].update(top1="69.8"), "metrics.top1"),
+    "an unknown model source": (lambda m: m["model"].update(source="keras"), "model.source"),
+    "an input size of two numbers": (lambda m: m["data_config"].update(input_size=[32, 32]), "data_config.input_size"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_refuses_crafted_metadata_naming_the_field(tmp_path, good, case):
+    edit, field = CRAFTED[case]
+    p = tmp_path / "c.codeq"
+    p.write_bytes(_with_meta(good, edit))
+    text = _refused(p, "malformed metadata")
+    assert field in text
+
+
+def test_unknown_metadata_keys_are_kept(tmp_path, good):
+    p = tmp_path / "k.codeq"
+    p.write_bytes(_with_meta(good, lambda m: m.update(future={"x": 1})))
+    assert checkpoint.load(p).meta["future"] == {"x": 1}
+
+
 def test_refuses_newer_format(tmp_path, good):
     import hashlib
 

@@ -10,7 +10,7 @@ import torch
 
 from codeq_cli.formats import checkpoint
 from codeq_cli.commands.compress import CompressOptions, run
-from codeq_cli.train.loop import Interrupted
+from codeq_cli.errors import InterruptedRun as Interrupted
 from conftest import TINY, make_image_folder, run_cli
 
 

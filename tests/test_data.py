@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
 from codeq_cli.data.folders import (
     Batch,
     Broken,
@@ -354,9 +355,9 @@ def test_broken_and_truncated_images_are_skipped_and_counted(tmp_path):
     train, _, _ = build_datasets(root, CFG)
     assert len(train) == 32
     assert isinstance(train[train.samples.index((str(root / "train" / "fox" / "fox_900.jpg"), 2))], Broken)
-    loader = build_loader(train, batch_size=8, shuffle=True, seed=0)
+    loader = build_loader(train, batch_sampler=GlobalBatchSampler(len(train), 8, seed=0))
     delivered = sum(len(y) for _, y in loader)
-    assert delivered == 30
+    assert delivered == 30  # 4 batches of 8: 32 samples, 2 of them broken
     st = train.stats
     assert (st.loaded, st.skipped) == (30, 2)
     assert set(st.broken) == {str(root / "train" / "dog" / "dog_900.png"), str(root / "train" / "fox" / "fox_900.jpg")}
@@ -374,7 +375,7 @@ def test_too_many_broken_images_is_a_data_error(tmp_path):
         (root / "train" / "cat" / f"bad_{i}.jpg").write_bytes(b"junk")
     train, _, _ = build_datasets(root, CFG)  # 3 of 18 broken: 17%
     with pytest.raises(DataError) as info:
-        list(build_loader(train, batch_size=4, shuffle=False))
+        list(build_loader(train, batch_size=4))
     msg = _one_line(info.value)
     assert "unreadable" in msg and "over the 10% limit" in msg and "bad_" in msg
     # a looser limit lets the epoch finish
@@ -424,40 +425,31 @@ def _epoch(loader):
     return torch.cat(xs), torch.cat(ys)
 
 
-def test_loader_is_deterministic_given_the_seed(folder):
+def test_training_order_and_augmentation_follow_seed_and_epoch(folder):
     train, _, _ = build_datasets(folder, CFG)
     state = torch.get_rng_state()
-    x1, y1 = _epoch(build_loader(train, 5, shuffle=True, seed=3))
+
+    def epoch(seed, n, workers=0):
+        sampler = GlobalBatchSampler(len(train), 4, seed=seed)
+        sampler.set_epoch(n)
+        return _epoch(build_loader(train, batch_sampler=sampler, workers=workers, seed=seed))
+
+    x1, y1 = epoch(3, 0)
     assert torch.equal(torch.get_rng_state(), state)  # the global RNG is left alone
     torch.manual_seed(12345)  # and does not matter
-    x2, y2 = _epoch(build_loader(train, 5, shuffle=True, seed=3))
+    x2, y2 = epoch(3, 0)
     assert torch.equal(y1, y2) and torch.equal(x1, x2)
-    x3, y3 = _epoch(build_loader(train, 5, shuffle=True, seed=4))
+    x3, _ = epoch(4, 0)
     assert not torch.equal(x1, x3)
-
-
-def test_set_epoch_changes_the_order_reproducibly(folder):
-    train, _, _ = build_datasets(folder, CFG)
-    loader = build_loader(train, 4, shuffle=True, seed=0)
-    _, e0 = _epoch(loader)
-    loader.set_epoch(1)
-    _, e1 = _epoch(loader)
-    loader.set_epoch(0)
-    _, again = _epoch(loader)
-    assert torch.equal(e0, again) and not torch.equal(e0, e1)
-    assert len(loader) == 3 and loader.batch_size == 4
-
-
-def test_loader_with_workers_is_deterministic(folder):
-    train, _, _ = build_datasets(folder, CFG)
-    a = _epoch(build_loader(train, 4, shuffle=True, workers=2, seed=5))
-    b = _epoch(build_loader(train, 4, shuffle=True, workers=2, seed=5))
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    _, e1 = epoch(3, 1)
+    assert not torch.equal(y1, e1)  # another epoch, another order
+    xw, yw = epoch(3, 0, workers=2)  # worker processes change nothing
+    assert torch.equal(xw, x1) and torch.equal(yw, y1)
 
 
 def test_eval_loader_keeps_file_order_and_drop_last(folder):
     _, val, _ = build_datasets(folder, CFG)
-    _, y = _epoch(build_loader(val, 4, shuffle=False))
+    _, y = _epoch(build_loader(val, 4))
     assert y.tolist() == val.targets
     assert len(build_loader(val, 4, drop_last=True)) == 1
 
@@ -472,17 +464,10 @@ def test_seeded_item_draws_augmentation_from_the_seed(folder):
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_loader_works_with_a_distributed_style_sampler(folder):
-    from torch.utils.data.distributed import DistributedSampler
-
-    train, _, _ = build_datasets(folder, CFG)
-    parts = []
-    for rank in range(2):
-        sampler = DistributedSampler(train, num_replicas=2, rank=rank, shuffle=True, seed=0)
-        loader = build_loader(train, 3, sampler=sampler, seed=0)
-        loader.set_epoch(1)
-        parts.append(_epoch(loader)[1])
-    assert sum(len(p) for p in parts) == 12
+def test_eval_loader_takes_a_shard_sampler(folder):
+    _, val, _ = build_datasets(folder, CFG)
+    parts = [_epoch(build_loader(val, 4, sampler=ShardSampler(len(val), rank, 2)))[1].tolist() for rank in range(2)]
+    assert sorted(parts[0] + parts[1]) == sorted(val.targets) and len(parts[0]) == len(parts[1]) == 3
 
 
 def test_bad_loader_arguments():

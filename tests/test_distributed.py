@@ -24,7 +24,7 @@ from codeq_cli.commands.compress import CompressOptions, run
 from codeq_cli.errors import TrainingError, UsageError
 from codeq_cli.train.launch import strip_nproc, threads_per_process
 from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
-from codeq_cli.train.loop import Interrupted
+from codeq_cli.errors import InterruptedRun as Interrupted
 from conftest import make_image_folder
 
 TINY = ["timm:test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--num-classes", "3"]

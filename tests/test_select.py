@@ -124,8 +124,6 @@ def test_cache_in_inference_mode(path):
     with torch.inference_mode():  # an index built outside is used inside
         assert torch.equal(cache.quantile_abs(w, 0.99), torch.quantile(w.abs(), 0.99))
     assert (cache.hits, cache.rebuilds) == (1, 2)
-    cache.clear()
-    assert cache.idx is None
 
 
 def _sorted_quantile(w: torch.Tensor, q: float, floor: float) -> torch.Tensor:

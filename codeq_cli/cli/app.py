@@ -17,7 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from codeq_cli._version import __version__
-from codeq_cli.errors import CodeqError, InterruptedRun, TrainingError, UsageError
+from codeq_cli.errors import CodeqError, InterruptedRun, TrainingError, UsageError, one_line
 
 app = typer.Typer(
     name="codeq",
@@ -165,7 +165,6 @@ def compress(
         save_every=save_every, log_every=log_every, target_bops=target_bops, target_size=target_size, max_drop=max_drop,
     )
     from codeq_cli.train import dist
-    from codeq_cli.train.loop import Interrupted
 
     is_main = dist.DistInfo(rank=int(os.environ.get("RANK", "0"))).is_main
     if not is_main:
@@ -174,7 +173,7 @@ def compress(
     try:
         with _StopOnSignal(output) as stop:
             result = run(opts, on_event=on_event, should_stop=stop)
-    except Interrupted as exc:
+    except InterruptedRun as exc:
         raise InterruptedRun(f"interrupted after step {exc.step}; the run state is saved",
                              hint=f"resume with: {_resume_command()}") from None
     finally:
@@ -400,7 +399,6 @@ def demo(
 ) -> None:
     """Train a small model on bundled Fashion-MNIST, compress it with CoDeQ, report and evaluate it."""
     from codeq_cli.commands.demo import DemoOptions, run
-    from codeq_cli.train.loop import Interrupted
 
     output = _output(json_, quiet)
     opts = DemoOptions(out_dir=out_dir, model=model, img_size=img_size, fp_epochs=fp_epochs, epochs=epochs,
@@ -410,7 +408,7 @@ def demo(
     try:
         with _StopOnSignal(output) as stop:
             res = run(opts, on_event=on_event, should_stop=stop)
-    except Interrupted as exc:
+    except InterruptedRun as exc:
         raise InterruptedRun(f"interrupted after step {exc.step}", hint="run `codeq demo` again to start over") from None
     finally:
         on_event.close()
@@ -438,9 +436,9 @@ def demo(
 
 def _compress_events(output):
     """An event handler for compress runs: log lines plus the training progress display."""
-    from codeq_cli.cli.console import TrainingProgress
+    from codeq_cli.cli.console import TrainingDisplay
 
-    progress = TrainingProgress(output)
+    progress = TrainingDisplay(output)
     state = {"open": False}
 
     def on_event(e: dict) -> None:
@@ -571,7 +569,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         path = ctx.command_path.split(" ", 1)[1] if ctx is not None and " " in ctx.command_path else ""
         where = f"codeq {path}".strip()
-        print(f"error: {' '.join(exc.format_message().split())} (see '{where} --help')", file=sys.stderr)
+        print(f"error: {one_line(exc.format_message(), 1000)} (see '{where} --help')", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", 2) or 2)
     except CodeqError as exc:
         if debug or _state["debug"]:

@@ -72,7 +72,7 @@ def _default(obj):
     return str(obj)
 
 
-class TrainingProgress:
+class TrainingDisplay:
     """Renders training events: a rich progress bar on a terminal, plain lines elsewhere."""
 
     def __init__(self, output: Output, plain_interval_s: float = 10.0):

@@ -165,10 +165,9 @@ def save_within(save, run: B.BudgetRun | None, recipe, model, macs, info: dict, 
     return saved
 
 
-def reestimate(model: torch.nn.Module, recipe, train_set, collate, seed: int, info, workers: int, amp: bool) -> int:
+def reestimate(model: torch.nn.Module, recipe, train_set, seed: int, info, workers: int, amp: bool) -> int:
     """Batch-norm statistics of ``model`` from ``recipe.bn_reestimate`` training batches (0: off); images seen."""
-    from torch.utils.data import DataLoader
-
+    from codeq_cli.data.folders import build_loader
     from codeq_cli.data.sampling import GlobalBatchSampler
     from codeq_cli.train import dist
     from codeq_cli.train.distill import has_batchnorm, reestimate_bn
@@ -178,8 +177,7 @@ def reestimate(model: torch.nn.Module, recipe, train_set, collate, seed: int, in
         return 0
     sampler = GlobalBatchSampler(len(train_set), recipe.batch_size, seed, info.rank, info.world_size)
     sampler.set_epoch(recipe.epochs + 1_000_003)  # an epoch training never reaches: its own order
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-                        generator=torch.Generator().manual_seed(seed))
+    loader = build_loader(train_set, batch_sampler=sampler, workers=workers, seed=seed)
 
     def batches():
         for i, batch in enumerate(loader):

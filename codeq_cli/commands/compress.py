@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import platform
 import tempfile
 import time
@@ -18,9 +19,10 @@ from pathlib import Path
 
 import torch
 
+from codeq_cli.formats import runstate
 from codeq_cli.train import dist
 from codeq_cli._version import __version__
-from codeq_cli.errors import UsageError
+from codeq_cli.errors import UsageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +112,7 @@ def _check_paths(opts: CompressOptions, run_dir: Path) -> None:
     except OSError as exc:
         raise UsageError(f"--out {str(opts.out)!r}: cannot write to {str(opts.out.parent)!r} ({exc.strerror or exc})",
                          hint="choose an --out path in a folder you can write to") from None
-    state = run_dir / "state.pt"
+    state = run_dir / runstate.STATE_FILE
     if opts.resume:
         if not state.exists():
             raise UsageError(f"--resume: no run state in {str(run_dir)!r}", hint="start without --resume (or pass --run-dir)")
@@ -132,7 +134,7 @@ def _make_run_dir(run_dir: Path, out: Path) -> None:
     except OSError as exc:
         raise UsageError(f"cannot create the run folder {str(run_dir)!r} ({exc.strerror or exc})",
                          hint="pass --run-dir in a folder you can write to") from None
-    for path in (run_dir / "state.pt", out):  # temporary files of a run killed while saving
+    for path in (run_dir / runstate.STATE_FILE, out):  # temporary files of a run killed while saving
         remove_stale_temps(path)
 
 
@@ -147,8 +149,7 @@ def _first_forward(model: torch.nn.Module, input_size, opts: CompressOptions, sp
         raise
     except Exception as exc:
         size = "x".join(str(int(d)) for d in input_size[1:])
-        why = " ".join(str(exc).split()).rstrip(".") or type(exc).__name__
-        why = why if len(why) <= 120 else why[:117] + "..."
+        why = one_line(str(exc).rstrip().rstrip(".") or type(exc).__name__)
         if opts.img_size is None:
             raise UsageError(f"{spec.label} fails on its own input size {size} ({type(exc).__name__}: {why})",
                              hint="pass --img-size N with a size the model accepts") from exc
@@ -161,11 +162,8 @@ def _load_run_state(model: torch.nn.Module, state: dict, run_dir: Path, label: s
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
-        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-        detail = " ".join((lines[1] if len(lines) > 1 else lines[0] if lines else "").split())
-        detail = detail if len(detail) <= 120 else detail[:117] + "..."
-        raise UsageError(
-            f"--resume: the run state in {str(run_dir)!r} does not fit {label} as now configured ({detail})",
+        raise UsageError(  # load_state_dict's second line names the first key that does not fit
+            f"--resume: the run state in {str(run_dir)!r} does not fit {label} as now configured ({one_line(exc, line=1)})",
             hint="--force resumes only changes that keep the layers and quantizers (lr, epochs, λ); "
             "start over with --overwrite",
         ) from None
@@ -228,11 +226,10 @@ def _differences(old: dict, new: dict) -> list[str]:
 def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: False) -> CompressResult:
     """Compress ``opts.model`` as ``opts`` say; returns where the result went and its figures."""
     from codeq_cli.formats import checkpoint
-    from codeq_cli.formats import runstate
     from codeq_cli.train import loop
     from codeq_cli._io import write_json, write_text
     from codeq_cli.core.bops import bops_rows, bops_totals
-    from codeq_cli.data.folders import build_datasets, check_root, collate, parse_subset
+    from codeq_cli.data.folders import build_datasets, check_root, parse_subset
     from codeq_cli.core.insert import dequantized_state_dict, quantize_
     from codeq_cli.models.factory import create, load_model, num_outputs
     from codeq_cli.train.recipe import quantizer_kwargs, recipe_to_yaml
@@ -293,7 +290,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     teacher = make_teacher(model) if recipe.distill_weight > 0 and from_weights else None
     state = None
     if opts.resume:
-        state = runstate.load_state(run_dir / "state.pt")
+        state = runstate.load_state(run_dir / runstate.STATE_FILE)
     fingerprint = _fingerprint(opts, spec, recipe, classes)
     if state is not None:
         old = json.loads(state["fingerprint"])
@@ -311,10 +308,10 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
               "input_size": list(loaded.data.input_size)})
 
     # FP baseline, before any quantizer.
-    progress = runstate.progress_from_state(state) if state is not None else runstate.Progress()
+    progress = runstate.progress_from_state(state) if state is not None else runstate.RunPosition()
     if not opts.skip_baseline and state is None:
-        loader = loop.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
-        res = loop.evaluate(model, loader, info.device, amp=recipe.amp)
+        loader = loop.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
+        res = loop.measure_accuracy(model, loader, info.device, amp=recipe.amp)
         progress.fp_top1 = res.top1
         on_event({"event": "baseline", **res.to_dict()})
     if budget is not None:
@@ -337,14 +334,17 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         try:
             net = torch.compile(net)
         except Exception as exc:  # e.g. no dynamo on this Python; failures while compiling come at the first step
-            raise UsageError(f"--compile: torch.compile is not available here ({' '.join(str(exc).split())[:120]})",
+            raise UsageError(f"--compile: torch.compile is not available here ({one_line(exc)})",
                              hint="run without --compile") from exc
 
     setup = loop.FitSetup(
-        model=net, recipe=recipe, train_set=train_set, val_set=val_set, collate=collate, device=info.device,
+        model=net, recipe=recipe, train_set=train_set, val_set=val_set, device=info.device,
         info=info, run_dir=run_dir, macs=macs, seed=opts.seed, workers=opts.workers, max_steps=opts.max_steps,
         log_every=opts.log_every, save_every_s=opts.save_every, fingerprint=fingerprint,
-        on_event=on_event, should_stop=should_stop, budget=budget, teacher=teacher,
+        on_event=on_event, should_stop=should_stop,
+        debug_stop_after=int(os.environ.get("CODEQ_DEBUG_STOP_AFTER", "0") or 0),
+        debug_dump_dir=Path(os.environ["CODEQ_DEBUG_DUMP_DIR"]) if os.environ.get("CODEQ_DEBUG_DUMP_DIR") else None,
+        budget=budget, teacher=teacher,
     )
     if info.is_main and state is None:
         write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
@@ -360,9 +360,9 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         on_event(ev)
     bn_entry = {}
     if recipe.bn_reestimate > 0 and has_batchnorm(plain):
-        loader = loop.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
-        before_bn = loop.evaluate(plain, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
-        seen = _budget.reestimate(plain, recipe, train_set, collate, opts.seed, info, opts.workers, recipe.amp)
+        loader = loop.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
+        before_bn = loop.measure_accuracy(plain, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
+        seen = _budget.reestimate(plain, recipe, train_set, opts.seed, info, opts.workers, recipe.amp)
         bn_entry = {"top1_before_bn": before_bn.top1, "bn_images": seen}
 
     # Evaluate what ships: the decoded model (quantized weights baked in).
@@ -373,8 +373,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     decoded.to(info.device)
     if recipe.channels_last and info.device.type == "cuda":
         decoded.to(memory_format=torch.channels_last)
-    loader = loop.eval_loader(val_set, recipe.batch_size, info, collate, opts.workers, info.device)
-    final = loop.evaluate(decoded, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
+    loader = loop.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
+    final = loop.measure_accuracy(decoded, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
     metrics = {"top1": final.top1, "top5": final.top5, "val_samples": final.samples, "fp_top1": progress.fp_top1}
     if progress.fp_top1 is not None:
         metrics["top1_drop"] = progress.fp_top1 - final.top1
@@ -383,7 +383,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     metrics.update(_budget.flat_metrics(budget_entry))
     on_event({"event": "final", **metrics, **{k: totals[k] for k in ("sparsity", "avg_bits", "rel_bops")}})
     for ds in (train_set, val_set):
-        if ds.stats.skipped or getattr(ds.stats, "ignored", 0):
+        if ds.stats.skipped or ds.stats.ignored:
             on_event({"event": "note", "text": ds.stats.summary()})
 
     file_bytes = 0
@@ -397,7 +397,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
 
         saved = _budget.save_within(save, budget, recipe, plain, macs, budget_info, budget_entry, metrics)
         totals = bops_totals(bops_rows(plain, macs))
-        file_bytes = int(getattr(saved, "file_bytes", 0) or opts.out.stat().st_size)
+        file_bytes = saved.file_bytes
         result = CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes,
                                 time.monotonic() - t0, resumed_from, budget_entry)
         write_json(run_dir / "summary.json", {**result.to_dict(), "data": {

@@ -90,7 +90,7 @@ def pretrain_fp(opts: DemoOptions, data: Path, on_event: Callable[[dict], None])
 
     from codeq_cli.train import loop
     from codeq_cli._io import write_bytes, write_json
-    from codeq_cli.data.folders import build_datasets, collate
+    from codeq_cli.data.folders import build_datasets
     from codeq_cli.models.factory import load_model
     from codeq_cli.train.recipe import apply_overrides, load_recipe
 
@@ -120,12 +120,12 @@ def pretrain_fp(opts: DemoOptions, data: Path, on_event: Callable[[dict], None])
     model = loaded.model.to(info.device)
     on_event({"event": "stage", "text": f"training the FP32 starting point: {loaded.spec.label}, "
                                         f"{opts.fp_epochs} epochs on {len(train_set)} images"})
-    setup = loop.FitSetup(model=model, recipe=recipe, train_set=train_set, val_set=val_set, collate=collate,
+    setup = loop.FitSetup(model=model, recipe=recipe, train_set=train_set, val_set=val_set,
                            device=info.device, info=info, run_dir=run_dir, macs={}, seed=opts.seed,
                            workers=opts.workers, log_every=10**9, save_every_s=float("inf"), on_event=on_event)
     loop.Fit(setup).run()
-    loader = loop.eval_loader(val_set, opts.batch_size, info, collate, opts.workers, info.device)
-    res = loop.evaluate(model, loader, info.device)
+    loader = loop.eval_loader(val_set, opts.batch_size, info, opts.workers, info.device)
+    res = loop.measure_accuracy(model, loader, info.device)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_bytes(weights, st_save(sd))
     write_json(meta, {"settings": settings, "top1": res.top1})

@@ -46,7 +46,7 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
     from codeq_cli.train import dist
     from codeq_cli.formats.checkpoint import load
     from codeq_cli.data.folders import build_loader, eval_folder
-    from codeq_cli.train.loop import evaluate
+    from codeq_cli.train.loop import measure_accuracy
 
     if opts.batch_size < 1:
         raise UsageError(f"--batch-size {opts.batch_size} must be at least 1")
@@ -59,7 +59,7 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
     on_event({"event": "data", "folder": str(folder), "recorded": recorded, "images": len(dataset)})
     loader = build_loader(dataset, opts.batch_size, workers=opts.workers, pin_memory=device.type == "cuda")
     model = ckpt.build_model().to(device)
-    res = evaluate(model, loader, device, on_batch=on_batch)
+    res = measure_accuracy(model, loader, device, on_batch=on_batch)
     out = {
         "checkpoint": str(opts.checkpoint),
         "model": ckpt.spec.label,
@@ -78,11 +78,11 @@ def _compare_fp(ckpt, opts: EvalOptions, dataset, device: torch.device, on_batch
     """The original FP model (``--weights`` or the pretrained weights) on the same images."""
     from codeq_cli.data.folders import build_loader
     from codeq_cli.models.factory import load_model
-    from codeq_cli.train.loop import evaluate
+    from codeq_cli.train.loop import measure_accuracy
 
     spec = ckpt.spec
     loaded = load_model(spec.label, weights=opts.weights, pretrained=opts.weights is None,
                         num_classes=spec.num_classes, in_chans=spec.in_chans)
     loader = build_loader(dataset, opts.batch_size, workers=opts.workers, pin_memory=device.type == "cuda")
-    fp = evaluate(loaded.model.to(device), loader, device, on_batch=on_batch)
+    fp = measure_accuracy(loaded.model.to(device), loader, device, on_batch=on_batch)
     return {"fp_top1": fp.top1, "fp_top5": fp.top5, "fp_weights": loaded.weights}

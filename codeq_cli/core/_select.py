@@ -98,9 +98,6 @@ class QuantileCache:
         self.hits = 0
         self.rebuilds = 0
 
-    def clear(self) -> None:
-        self.idx = None
-
     def quantile_abs(self, w_flat: Tensor, q: float) -> Tensor:
         """Exact ``quantile(|w_flat|, q)`` of a flat tensor (signs allowed)."""
         n = w_flat.numel()

@@ -61,22 +61,6 @@ def _mha_macs(module: nn.MultiheadAttention, args: tuple, kwargs: dict) -> dict[
     return macs
 
 
-def input_shape_of(model: nn.Module, img_size: int | Sequence[int] | None = None) -> tuple[int, ...]:
-    """``(C, H, W)`` the model expects: explicit size, else its timm/torchvision config, else 224."""
-    chans = 3
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    if isinstance(cfg, dict) and cfg.get("input_size"):
-        chans, h, w = cfg["input_size"]
-    else:
-        h = w = 224
-    if img_size is not None:
-        if isinstance(img_size, int):
-            h = w = img_size
-        else:
-            h, w = img_size[-2], img_size[-1]
-    return (int(chans), int(h), int(w))
-
-
 @torch.no_grad()
 def measure_macs(model: nn.Module, input_shape: Sequence[int]) -> dict[str, int]:
     """Dense MACs of every convolution and linear weight, from one forward pass at batch 1.

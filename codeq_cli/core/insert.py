@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import logging
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -229,6 +230,11 @@ class QuantizedWeight:
         """The float weight the quantizer sees (the trained parameter)."""
         return self.module.parametrizations[self.param_name].original
 
+    @property
+    def key(self) -> str:
+        """The weight's key in the plain (unwrapped) model's state dict: ``layer1.0.conv1.weight``."""
+        return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
+
 
 def quantized_weights(model: nn.Module) -> Iterator[QuantizedWeight]:
     """Every weight of ``model`` that carries a :class:`DeadZoneQuantizer`, in module order."""
@@ -251,31 +257,49 @@ def quantizer_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.
     return dz, bit
 
 
+def plain_state(model: nn.Module, state: dict | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
+    """The plain model's state dict, read from a quantized one: ``(key, entry)`` in the plain model's order.
+
+    The one mapping of parametrized keys to plain ones
+    (``layer1.0.conv1.parametrizations.weight.original`` → ``layer1.0.conv1.weight``).
+    A quantized weight comes as its :class:`QuantizedWeight` (the caller
+    decides what to store: ``ŵ``, or its codes), placed before its module's
+    other entries as the plain model has it (parametrize moved it behind
+    them); every other entry comes as its tensor; the quantizers' own state
+    (the logits) is left out. ``state`` is ``model.state_dict()`` when the
+    caller has it already.
+    """
+    owned = {(f"{qw.module_name}." if qw.module_name else "") + f"parametrizations.{qw.param_name}.": qw
+             for qw in quantized_weights(model)}
+    pending: dict[str, list[QuantizedWeight]] = {}  # module name -> its quantized weights not yet placed
+    for qw in owned.values():
+        pending.setdefault(qw.module_name, []).append(qw)
+    for key, value in (model.state_dict() if state is None else state).items():
+        qw = next((q for prefix, q in owned.items() if key.startswith(prefix)), None)
+        for placed in pending.pop(qw.module_name if qw is not None else key.rpartition(".")[0], ()):
+            yield placed.key, placed
+        if qw is None:
+            yield key, value
+
+
 @torch.no_grad()
 def dequantized_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict of the plain model with every quantized weight as its ``ŵ``.
 
-    Keys are the plain model's (``layer1.0.conv1.weight``), so it loads with
-    ``strict=True`` into a freshly built copy of the architecture; the
-    quantizers' logits are left out. Unlike :func:`bake_` the model is not
-    changed (``bake_`` on a ``deepcopy`` would also strip the original: the two
-    share parametrize's generated classes).
+    Keys and order are the plain model's (``layer1.0.conv1.weight``), so it
+    loads with ``strict=True`` into a freshly built copy of the architecture;
+    the quantizers' logits are left out. The modules' version metadata
+    (``_metadata``, which e.g. torchvision's MNASNet reads while loading) is
+    kept. Unlike :func:`bake_` the model is not changed (``bake_`` on a
+    ``deepcopy`` would also strip the original: the two share parametrize's
+    generated classes).
     """
-    out: dict[str, torch.Tensor] = {}
-    quantized = {(qw.module_name, qw.param_name): qw for qw in quantized_weights(model)}
-    for key, value in model.state_dict().items():
-        if ".parametrizations." not in f".{key}":
-            out[key] = value
-            continue
-        head, _, tail = f".{key}".partition(".parametrizations.")
-        mname = head[1:]
-        pname, _, rest = tail.partition(".")
-        if rest == "original" and (mname, pname) in quantized:
-            qw = quantized[(mname, pname)]
-            out[layer_name(mname, pname) if pname != "weight" else f"{mname}.weight".lstrip(".")] = (
-                qw.quantizer(qw.original).detach()
-            )
-    return {k.lstrip("."): v for k, v in out.items()}
+    state = model.state_dict()
+    out = OrderedDict(
+        (k, v.quantizer(v.original).detach() if isinstance(v, QuantizedWeight) else v) for k, v in plain_state(model, state)
+    )
+    out._metadata = getattr(state, "_metadata", OrderedDict())  # type: ignore[attr-defined]
+    return out
 
 
 def bake_(model: nn.Module) -> list[str]:

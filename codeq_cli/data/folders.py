@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data._utils.collate import default_collate
 
-from codeq_cli.errors import DataError, DataPathError, UsageError
+from codeq_cli.errors import DataError, DataPathError, UsageError, one_line
 from codeq_cli.models.factory import DataConfig
 from codeq_cli.data.transforms import build_transform, image_mode
 
@@ -67,8 +67,7 @@ def _reason(exc: BaseException, path: str = "") -> str:
     text = str(exc)
     if path:  # PIL repeats the path; the message already names it
         text = text.replace(repr(path), "").replace(path, "").rstrip(" :'\"")
-    text = " ".join(text.split()) or type(exc).__name__
-    return text if len(text) <= 120 else text[:117] + "..."
+    return one_line(text.strip() or type(exc).__name__)
 
 
 def _count(n: int, noun: str) -> str:
@@ -240,100 +239,64 @@ def track(
 
 
 class Loader:
-    """A :class:`~torch.utils.data.DataLoader` that drops and counts broken images (see :func:`build_loader`)."""
+    """A :class:`~torch.utils.data.DataLoader` whose batches drop and count broken images (see :func:`build_loader`)."""
 
-    def __init__(self, loader: DataLoader, dataset: ImageFolder, seed: int, max_broken: float):
-        self.loader, self.dataset, self.seed, self.max_broken = loader, dataset, int(seed), float(max_broken)
-        self.epoch = 0
-
-    @property
-    def sampler(self):
-        return self.loader.sampler
-
-    @property
-    def batch_size(self) -> int | None:
-        return self.loader.batch_size
+    def __init__(self, loader: DataLoader, dataset: ImageFolder, max_broken: float):
+        self.loader, self.dataset, self.max_broken = loader, dataset, float(max_broken)
 
     def __len__(self) -> int:
         return len(self.loader)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Reseed the shuffle and the augmentation for ``epoch`` (and the sampler's, if it has one)."""
-        self.epoch = int(epoch)
-        if hasattr(self.loader.sampler, "set_epoch"):
-            self.loader.sampler.set_epoch(self.epoch)
-
-    def _batches(self) -> Iterator:
-        seed = _mix(self.seed, self.epoch)
-        if self.loader.generator is not None:
-            self.loader.generator.manual_seed(seed)
-        it = iter(self.loader)
-        if self.loader.num_workers > 0:
-            yield from it  # workers are seeded from the loader's generator
-            return
-        # In-process loading would draw augmentation from the global RNG: give
-        # each batch its own seed and leave the global RNG untouched.
-        aug = torch.Generator().manual_seed(_mix(seed, 1))
-        while True:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=aug)))
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    return
-            yield batch
+    def samples(self) -> int:
+        """How many samples one pass delivers (broken ones included)."""
+        batches = self.loader.batch_sampler
+        if hasattr(batches, "local"):  # GlobalBatchSampler: this rank's share of each global batch
+            return len(batches) * batches.local
+        n = len(self.loader.sampler)
+        return n - n % self.loader.batch_size if self.loader.drop_last else n
 
     def __iter__(self) -> Iterator:
-        total = len(self.loader.sampler) if hasattr(self.loader.sampler, "__len__") else None
-        if total is not None and self.loader.drop_last and self.loader.batch_size:
-            total = len(self.loader) * self.loader.batch_size
-        return track(self._batches(), self.dataset.stats, total=total, max_broken=self.max_broken)
-
-
-def _mix(*values: int) -> int:
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h * 6364136223846793005 + int(v) + 1442695040888963407) % (2**63 - 1)
-    return h
+        return track(self.loader, self.dataset.stats, total=self.samples(), max_broken=self.max_broken)
 
 
 def build_loader(
     ds: ImageFolder,
-    batch_size: int,
-    shuffle: bool = False,
-    workers: int = 0,
+    batch_size: int = 1,
+    *,
     sampler: Sampler | None = None,
+    batch_sampler: Sampler | None = None,
     drop_last: bool = False,
-    seed: int = 0,
+    workers: int = 0,
     pin_memory: bool = False,
-    persistent_workers: bool = False,
+    seed: int = 0,
     max_broken: float = MAX_BROKEN,
 ) -> Loader:
-    """Batches of ``ds`` with broken images dropped, in an order fixed by ``(seed, epoch)``.
+    """Batches of ``ds`` with broken images dropped and counted, in one of two orders.
 
-    Call ``loader.set_epoch(epoch)`` before each epoch. With ``sampler``
-    (a ``DistributedSampler``) ``shuffle`` is the sampler's business.
-    ``persistent_workers`` keeps worker RNG streams across epochs: still
-    deterministic for a full run, not for a resumed one.
+    Training: ``batch_sampler`` is a :class:`~codeq_cli.data.sampling.GlobalBatchSampler`,
+    whose order and per-sample augmentation seeds are a pure function of
+    ``(seed, epoch)`` (call its ``set_epoch``); workers then hold no state that
+    matters and persist across epochs. Evaluation: ``batch_size`` batches in
+    file order, or in ``sampler``'s (a :class:`~codeq_cli.data.sampling.ShardSampler`
+    for this rank's share). ``seed`` seeds the loader's own generator, so it
+    never draws from the global RNG.
     """
     if batch_size < 1:
         raise UsageError(f"batch size {batch_size} must be at least 1")
     if workers < 0:
         raise UsageError(f"--workers {workers} must be 0 or more")
-    generator = torch.Generator().manual_seed(_mix(seed, 0))
+    batching = {"batch_sampler": batch_sampler} if batch_sampler is not None else {
+        "batch_size": batch_size, "sampler": sampler, "drop_last": drop_last}
     loader = DataLoader(
         ds,
-        batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
-        sampler=sampler,
+        **batching,
         num_workers=workers,
         collate_fn=collate,
         pin_memory=pin_memory,
-        drop_last=drop_last,
-        generator=generator,
-        persistent_workers=persistent_workers and workers > 0,
+        generator=torch.Generator().manual_seed(int(seed)),
+        persistent_workers=batch_sampler is not None and workers > 0,
     )
-    return Loader(loader, ds, seed, max_broken)
+    return Loader(loader, ds, max_broken)
 
 
 # -- folders ------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import math
 import os
 import struct
 import zlib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -41,10 +41,11 @@ from torch import Tensor, nn
 from codeq_cli.formats import entropy
 from codeq_cli._io import _json_default, write_with
 from codeq_cli.core.bops import LayerRow, bops_rows
-from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError
-from codeq_cli.core.insert import quantized_weights
+from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError, one_line
+from codeq_cli.core.insert import QuantizedWeight, plain_state
 from codeq_cli.models.factory import DataConfig, ModelSpec
-from codeq_cli.core.quantizer import B_MAX, B_MIN, dequantize
+from codeq_cli.core.quantizer import dequantize
+from codeq_cli.formats._checkpoint_meta import validate as validate_meta
 
 MAGIC = b"CODEQ\r\n\x1a"
 FORMAT_VERSION = 1
@@ -60,7 +61,6 @@ _INT_DTYPES = {
     torch.uint8: "|u1",
     torch.bool: "|b1",
 }
-_STORED = {"<f4", *_INT_DTYPES.values()}
 _TORCH_OF = {"<f4": torch.float32, **{v: k for k, v in _INT_DTYPES.items()}}
 
 
@@ -83,10 +83,6 @@ class SaveInfo:
 
 
 # -- writing -------------------------------------------------------------------
-
-
-def _param_key(module_name: str, param_name: str) -> str:
-    return f"{module_name}.{param_name}" if module_name else param_name
 
 
 def _plain_tensor(key: str, value) -> tuple[np.ndarray, str]:
@@ -127,56 +123,36 @@ def save(
     the quantizers' logits are training state and are not stored. The BOPs
     rows are ``bops_rows(model, macs)``. Written atomically.
     """
-    qws = list(quantized_weights(model))
-    if not qws:
-        raise CodeqError("the model has no codeq quantizers, so there is nothing to compress",
-                         hint="call codeq_cli.quantize_(model) (and train it) before saving")
     payload = bytearray()
     layers, bound_bits = [], 0.0
     encodings = {}
-    renamed: dict[str, str | None] = {}  # parametrized state-dict key -> plain key (None: dropped)
-    for qw in qws:
-        enc = encodings[qw.name] = qw.quantizer.encode(qw.original)
-        codes = enc.codes.detach().to("cpu").contiguous()
-        flat = codes.reshape(-1).numpy()
-        blob = entropy.encode(flat)
-        if not np.array_equal(entropy.decode(blob, flat.size), flat):  # pragma: no cover - a coder bug
-            raise CodeqError(f"entropy coding of layer {qw.name} did not round-trip", hint="please report this as a codeq bug")
-        key = _param_key(qw.module_name, qw.param_name)
-        layers.append({
-            "name": qw.name, "param": key, "shape": list(codes.shape), "bits": int(enc.bits),
-            "step": float(enc.step), "shift": float(enc.shift),
-            "offset": len(payload), "nbytes": len(blob), "crc32": zlib.crc32(flat.tobytes()),
-        })
-        payload += blob
-        bound_bits += entropy.entropy_bound_bits(flat)
-        prefix = f"{qw.module_name}.parametrizations.{qw.param_name}." if qw.module_name else f"parametrizations.{qw.param_name}."
-        for k in qw.module.parametrizations[qw.param_name].state_dict():
-            renamed[prefix + k] = key if k == "original" else None
-    weight_bytes = len(payload)
-
-    # The plain model lists a module's weight before its other entries (bias, ...);
-    # parametrize moved it behind them. Put each one back where the plain model has it.
-    pending: dict[str, list[str]] = {}
-    for layer in layers:
-        pending.setdefault(layer["param"].rpartition(".")[0], []).append(layer["param"])
     tensors, state_keys = [], []
-
-    def place(*keys: str | None) -> None:
-        state_keys.extend(k for k in keys if k is not None and k not in placed)
-        placed.update(keys)
-
-    placed: set[str | None] = set()
-    for k, value in model.state_dict().items():
-        if k in renamed:
-            place(renamed[k])
+    for key, entry in plain_state(model):
+        state_keys.append(key)
+        if isinstance(entry, QuantizedWeight):
+            qw = entry
+            enc = encodings[qw.name] = qw.quantizer.encode(qw.original)
+            codes = enc.codes.detach().to("cpu").contiguous()
+            flat = codes.reshape(-1).numpy()
+            blob = entropy.encode(flat)
+            if not np.array_equal(entropy.decode(blob, flat.size), flat):  # pragma: no cover - a coder bug
+                raise CodeqError(f"entropy coding of layer {qw.name} did not round-trip", hint="please report this as a codeq bug")
+            layers.append({
+                "name": qw.name, "param": key, "shape": list(codes.shape), "bits": int(enc.bits),
+                "step": float(enc.step), "shift": float(enc.shift),
+                "offset": len(payload), "nbytes": len(blob), "crc32": zlib.crc32(flat.tobytes()),
+            })
+            payload += blob
+            bound_bits += entropy.entropy_bound_bits(flat)
             continue
-        place(*pending.pop(k.rpartition(".")[0], ()))
-        arr, dtype = _plain_tensor(k, value)
+        arr, dtype = _plain_tensor(key, entry)
         data = arr.tobytes()
-        tensors.append({"key": k, "dtype": dtype, "shape": list(arr.shape), "offset": len(payload), "nbytes": len(data)})
+        tensors.append({"key": key, "dtype": dtype, "shape": list(arr.shape), "offset": len(payload), "nbytes": len(data)})
         payload += data
-        place(k)
+    if not layers:
+        raise CodeqError("the model has no codeq quantizers, so there is nothing to compress",
+                         hint="call codeq_cli.quantize_(model) (and train it) before saving")
+    weight_bytes = sum(layer["nbytes"] for layer in layers)
 
     meta = {
         "format": "codeq",
@@ -339,9 +315,8 @@ class CompressedModel:
         except RuntimeError as exc:
             prov = self.provenance if isinstance(self.provenance, dict) else {}
             versions = ", ".join(f"{k} {prov[k]}" for k in ("torch", "torchvision", "timm") if k in prov)
-            first = " ".join(str(exc).split())[:160]
             raise CheckpointError(
-                f"{self.path} does not fit {self.spec.label} as this installation builds it ({first})",
+                f"{self.path} does not fit {self.spec.label} as this installation builds it ({one_line(exc, 160)})",
                 hint=f"install the versions that wrote it ({versions})" if versions else "compress the model again",
             ) from None
         return model.eval()
@@ -412,91 +387,12 @@ def load(path: str | os.PathLike) -> CompressedModel:
     try:
         meta = json.loads(bytes(view[HEADER_BYTES : HEADER_BYTES + meta_len]).decode("utf-8"))
         payload = view[HEADER_BYTES + meta_len :]
-        _validate(meta, len(payload))
-        return CompressedModel(p, meta, payload, size)
+        return CompressedModel(p, validate_meta(meta, len(payload)), payload, size)
     except (ValueError, KeyError, TypeError) as exc:
-        detail = " ".join(str(exc).split())[:120]
-        raise CheckpointError(f"{p} has malformed metadata ({detail})",
+        raise CheckpointError(f"{p} has malformed metadata ({one_line(exc)})",
                               hint="it was not written by codeq or was edited; compress again") from None
 
 
 def _check(cond: bool, what: str) -> None:
     if not cond:
         raise ValueError(what)
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _shape_ok(shape) -> bool:
-    return isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)
-
-
-def _validate(meta, payload_len: int) -> None:
-    """Types and bounds of everything the reader uses, so later code cannot trip over the file."""
-    _check(isinstance(meta, dict) and meta.get("format") == "codeq", "not a codeq metadata object")
-    for key in ("model", "data_config", "recipe", "provenance", "metrics", "macs", "coder"):
-        _check(isinstance(meta.get(key), dict), f"{key} is not an object")
-    for key in ("rows", "state_keys", "layers", "tensors"):
-        _check(isinstance(meta.get(key), list), f"{key} is not a list")
-    _check(meta.get("class_names") is None or isinstance(meta["class_names"], list), "class_names is not a list")
-    _check(meta.get("data_dir") is None or isinstance(meta["data_dir"], str), "data_dir is not a string")
-    meta.setdefault("class_names", None)
-    meta.setdefault("data_dir", None)
-    spec = meta["model"]
-    _check(spec.get("source") in ("timm", "torchvision") and isinstance(spec.get("name"), str) and spec["name"].strip(),
-           "model source/name missing")
-    _check(spec.get("num_classes") is None or (_is_int(spec["num_classes"]) and spec["num_classes"] >= 1), "model num_classes is not a count")
-    _check(_is_int(spec.get("in_chans", 3)) and spec.get("in_chans", 3) >= 1, "model in_chans is not a count")
-    ModelSpec.from_dict(spec)
-    dc = meta["data_config"]
-    size = dc.get("input_size")
-    _check(isinstance(size, list) and len(size) == 3 and all(_is_int(d) and 1 <= d <= 65536 for d in size),
-           "data_config input_size is not [C, H, W]")
-    _check(all(isinstance(dc.get(k), list) and dc[k] and all(_is_number(x) for x in dc[k]) for k in ("mean", "std")),
-           "data_config mean/std are not lists of numbers")
-    DataConfig.from_dict(dc)
-    _check(meta["class_names"] is None or all(isinstance(c, str) for c in meta["class_names"]), "class_names are not strings")
-    names = {f.name for f in fields(LayerRow)}
-    for r in meta["rows"]:
-        _check(isinstance(r, dict) and set(r) == names, "a BOPs row has the wrong fields")
-        # The report formats these without further checks: a file whose checksum
-        # matches can still be crafted, so the types are checked here.
-        _check(isinstance(r["name"], str) and isinstance(r["kind"], str) and _shape_ok(r["shape"]),
-               "a BOPs row has a bad name, kind or shape")
-        _check(all(_is_int(r[k]) and r[k] >= 0 for k in ("params", "macs", "bits")), f"BOPs row {r['name']}: bad counts")
-        _check(all(_is_number(r[k]) for k in ("sparsity", "bops")) and isinstance(r["quantized"], bool),
-               f"BOPs row {r['name']}: bad figures")
-    _check(all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in meta["metrics"].values()),
-           "a metric is not a number")
-
-    def span(e) -> None:
-        _check(_is_int(e.get("offset")) and _is_int(e.get("nbytes")), "offset/nbytes missing")
-        _check(0 <= e["offset"] and 0 <= e["nbytes"] and e["offset"] + e["nbytes"] <= payload_len, "an entry points outside the payload")
-
-    keys = set()
-    for e in meta["layers"]:
-        _check(isinstance(e, dict) and isinstance(e.get("name"), str) and isinstance(e.get("param"), str), "a layer lacks name/param")
-        _check(_shape_ok(e.get("shape")), f"layer {e['name']}: bad shape")
-        _check(_is_int(e.get("bits")) and B_MIN <= e["bits"] <= B_MAX, f"layer {e['name']}: bits outside {B_MIN}-{B_MAX}")
-        for k in ("step", "shift"):
-            v = e.get(k)
-            _check(isinstance(v, (int, float)) and math.isfinite(v) and float(np.float32(v)) == v, f"layer {e['name']}: {k} is not a float32 value")
-            e[k] = float(v)
-        _check(_is_int(e.get("crc32")), f"layer {e['name']}: crc32 missing")
-        span(e)
-        keys.add(e["param"])
-    for e in meta["tensors"]:
-        _check(isinstance(e, dict) and isinstance(e.get("key"), str), "a tensor lacks its key")
-        _check(e.get("dtype") in _STORED, f"tensor {e['key']}: dtype {e.get('dtype')!r} not allowed")
-        _check(_shape_ok(e.get("shape")), f"tensor {e['key']}: bad shape")
-        span(e)
-        _check(math.prod(e["shape"]) * np.dtype(e["dtype"]).itemsize == e["nbytes"], f"tensor {e['key']}: size does not match its shape")
-        keys.add(e["key"])
-    _check(all(isinstance(k, str) for k in meta["state_keys"]) and set(meta["state_keys"]) == keys, "state_keys do not match the stored tensors")
-    _check(len(meta["state_keys"]) == len(keys) == len(meta["layers"]) + len(meta["tensors"]), "a state-dict key is stored twice")

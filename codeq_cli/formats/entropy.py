@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from codeq_cli.errors import one_line
+
 CODER = {"name": "ans-categorical", "library": "constriction", "word_bits": 32, "perfect": False}
 
 
@@ -180,7 +182,7 @@ def decode(blob: bytes | memoryview, numel: int) -> np.ndarray:
     except BaseException as exc:  # constriction raises pyo3's PanicException (a BaseException) on bad data
         if isinstance(exc, (KeyboardInterrupt, SystemExit)):
             raise
-        raise ValueError(f"coded data does not decode ({' '.join(str(exc).split())[:80]})") from None
+        raise ValueError(f"coded data does not decode ({one_line(exc, 80)})") from None
     if index.size != numel or (numel and (index.min() < 0 or index.max() >= len(counts))):
         raise ValueError("coded data decodes to symbols outside the table")
     out = symbols[index]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from codeq_cli._io import torch_save_atomic, write_bytes
-from codeq_cli.errors import CodeqError, UsageError
+from codeq_cli.errors import CodeqError, UsageError, one_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from codeq_cli.formats.checkpoint import CompressedModel
@@ -96,8 +96,7 @@ def export_onnx(
         except CodeqError:
             raise
         except Exception as exc:
-            first = " ".join(str(exc).split())[:200]
-            raise CodeqError(f"ONNX export of {ckpt.spec.label} failed ({type(exc).__name__}: {first})",
+            raise CodeqError(f"ONNX export of {ckpt.spec.label} failed ({type(exc).__name__}: {one_line(exc, 200)})",
                              hint="try another --opset, or export the state dict and convert it yourself") from exc
         write_bytes(p, out.read_bytes())
     return p

@@ -1,7 +1,8 @@
-"""The resumable state of a training run: progress, random generators, and reading it back.
+"""The resumable state of a training run: where it stands, its random generators, writing and reading it.
 
-Written by :meth:`codeq_cli.train.loop.Fit.save` as plain containers of tensors
-(``torch.save``) and read with ``weights_only``: nothing in it can run code.
+:func:`run_state` assembles it and :func:`save_state` writes it (plain
+containers of tensors, ``torch.save``, atomically); :func:`load_state` reads it
+back with ``weights_only``: nothing in it can run code.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 
 STATE_FORMAT = "codeq-run-state"
 STATE_VERSION = 1
+STATE_FILE = "state.pt"  # in the run folder
 
 
 def rng_state() -> dict:
@@ -38,7 +40,7 @@ def _as_tuple(x):
 
 
 @dataclass
-class Progress:
+class RunPosition:
     """Where a run stands: the next step to take is ``(epoch, batch)``."""
 
     epoch: int = 0
@@ -48,10 +50,34 @@ class Progress:
     fp_top1: float | None = None
 
 
+def run_state(model, optimizer, scheduler, position: RunPosition, fingerprint: dict, world_size: int) -> dict:
+    """Everything a run needs to continue exactly: ``model`` is the plain (unwrapped) module."""
+    p = position
+    return {
+        "format": STATE_FORMAT,
+        "version": STATE_VERSION,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "progress": {"epoch": p.epoch, "batch": p.batch, "step": p.step, "fp_top1": p.fp_top1},
+        "history": json.dumps(p.history),
+        "rng": rng_state(),
+        "fingerprint": json.dumps(fingerprint, sort_keys=True),
+        "world_size": world_size,
+    }
+
+
+def save_state(state: dict, path: Path) -> None:
+    """Write a :func:`run_state` atomically: a kill leaves the previous state or this one."""
+    from codeq_cli._io import torch_save_atomic
+
+    torch_save_atomic(state, path)
+
+
 def load_state(path: Path) -> dict:
-    """A run state written by :meth:`Fit.save` (weights_only: nothing in it can run)."""
+    """A run state written by :func:`save_state` (weights_only: nothing in it can run)."""
     from codeq_cli._io import torch_load_safe
-    from codeq_cli.errors import CheckpointError
+    from codeq_cli.errors import CheckpointError, one_line
 
     try:
         state = torch_load_safe(path)
@@ -59,7 +85,7 @@ def load_state(path: Path) -> dict:
         raise CheckpointError(f"no run state at {str(path)!r}", hint="start without --resume") from None
     except Exception as exc:
         raise CheckpointError(
-            f"the run state {str(path)!r} is damaged or not codeq's ({' '.join(str(exc).split())[:120]})",
+            f"the run state {str(path)!r} is damaged or not codeq's ({one_line(exc)})",
             hint="start again without --resume, or with --overwrite",
         ) from exc
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
@@ -71,6 +97,6 @@ def load_state(path: Path) -> dict:
     return state
 
 
-def progress_from_state(state: dict) -> Progress:
+def progress_from_state(state: dict) -> RunPosition:
     p = state["progress"]
-    return Progress(p["epoch"], p["batch"], p["step"], json.loads(state.get("history", "[]")), p.get("fp_top1"))
+    return RunPosition(p["epoch"], p["batch"], p["step"], json.loads(state.get("history", "[]")), p.get("fp_top1"))

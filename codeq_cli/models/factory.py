@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from codeq_cli.errors import ModelError, UsageError
+from codeq_cli.errors import ModelError, UsageError, one_line
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,10 @@ def create(spec: ModelSpec, *, pretrained: bool = False) -> nn.Module:
     except Exception as exc:
         if pretrained:
             raise ModelError(
-                f"pretrained weights for {spec.label} could not be loaded ({_short(exc)})",
+                f"pretrained weights for {spec.label} could not be loaded ({one_line(exc, 160)})",
                 hint="when offline with nothing cached, pass --weights FILE (a local state dict) or --no-pretrained",
             ) from exc
-        raise ModelError(f"could not build {spec.label}: {_short(exc)}") from exc
+        raise ModelError(f"could not build {spec.label}: {one_line(exc, 160)}") from exc
     return model
 
 
@@ -196,11 +196,6 @@ def _drop_aux_heads(model: nn.Module) -> None:
         for attr in ("AuxLogits", "aux1", "aux2"):
             if hasattr(model, attr):
                 setattr(model, attr, None)
-
-
-def _short(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def classifier_of(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -249,64 +244,61 @@ def num_outputs(model: nn.Module) -> int | None:
 
 # -- weights files -----------------------------------------------------------
 
-_WRAPPERS = ("state_dict", "model", "model_state_dict", "module", "net", "weights")
+# Wrappers timm's loader does not open (it knows state_dict, model and the EMA keys).
+_MORE_WRAPPERS = ("model_state_dict", "module", "net", "weights")
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors``/``.pt``/``.pth``/``.bin`` file, never by unrestricted unpickling."""
+    """Tensors from a ``.safetensors``/``.pt``/``.pth``/``.bin`` file, never by unrestricted unpickling.
+
+    timm's ``load_state_dict`` reads the file (``weights_only``, the plain
+    weights rather than an EMA, ``module.``/``_orig_mod.`` prefixes removed);
+    codeq adds the one-line refusals and a few more wrapper keys.
+    """
+    import warnings
+
+    from timm.models import clean_state_dict, load_state_dict
+
+    from codeq_cli._io import UnsafeFile, load_refusal, torch_load_safe
+
     p = Path(path)
     if not p.exists():
         raise UsageError(f"weights file {str(p)!r} does not exist", hint="check the path given to --weights")
     if p.is_dir():
         raise UsageError(f"weights path {str(p)!r} is a folder", hint="pass a .pt, .pth or .safetensors file")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(str(p), device="cpu")
-        except Exception as exc:
-            raise ModelError(f"--weights {str(p)!r} is not a readable safetensors file ({_short(exc)})",
+    try:
+        with open(p, "rb"):
+            pass
+    except OSError as exc:
+        raise ModelError(f"cannot read --weights {str(p)!r} ({exc.strerror or exc})", hint="check the file's permissions") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            obj = load_state_dict(str(p), use_ema=False, weights_only=True)
+    except (AttributeError, TypeError):  # it loaded, but holds no mapping for timm to clean: say what it holds
+        obj = torch_load_safe(p)
+    except Exception as exc:
+        if p.suffix == ".safetensors":
+            raise ModelError(f"--weights {str(p)!r} is not a readable safetensors file ({one_line(exc, 160)})",
                              hint="copy it again or save it again with safetensors.torch.save_file") from exc
-    else:
-        from codeq_cli._io import UnsafeFile, torch_load_safe
-
-        try:
-            obj = torch_load_safe(p)
-        except UnsafeFile as exc:
-            raise ModelError(f"--weights {str(p)!r} cannot be read as a state dict: {exc}",
-                             hint="save the tensors alone: torch.save(model.state_dict(), path)") from exc
-        except OSError as exc:
-            raise ModelError(f"cannot read --weights {str(p)!r} ({exc.strerror or exc})", hint="check the file's permissions") from exc
-        except ValueError as exc:
-            codeq = "codeq checkpoint" in str(exc)
-            raise ModelError(
-                f"--weights {str(p)!r} cannot be read as a state dict: {exc}",
-                hint="write its dense weights with `codeq export FILE --to weights.safetensors`" if codeq else
-                "pass a .pt/.pth/.safetensors state dict, saved with torch.save(model.state_dict(), path)",
-            ) from exc
-        sd = _unwrap(obj, p)
-    return {_strip_prefix(k): v for k, v in sd.items()}
-
-
-def _unwrap(obj, p: Path) -> dict:
+        why = load_refusal(p, exc)
+        if isinstance(why, UnsafeFile):
+            hint = "save the tensors alone: torch.save(model.state_dict(), path)"
+        elif "codeq checkpoint" in str(why):
+            hint = "write its dense weights with `codeq export FILE --to weights.safetensors`"
+        else:
+            hint = "pass a .pt/.pth/.safetensors state dict, saved with torch.save(model.state_dict(), path)"
+        raise ModelError(f"--weights {str(p)!r} cannot be read as a state dict: {why}", hint=hint) from exc
     for _ in range(3):
         if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
             return obj
-        if isinstance(obj, dict):
-            inner = next((obj[k] for k in _WRAPPERS if k in obj and isinstance(obj[k], dict)), None)
-            if inner is None:
-                break
-            obj = inner
+        inner = next((obj[k] for k in _MORE_WRAPPERS if k in obj and isinstance(obj[k], dict)), None) if isinstance(obj, dict) else None
+        if inner is None:
+            break
+        obj = clean_state_dict(inner)
     what = f"a {type(obj).__name__}" if not isinstance(obj, dict) else "a mapping that is not names to tensors"
     raise ModelError(f"--weights {str(p)!r} does not hold a state dict (it holds {what})",
                      hint="save one with torch.save(model.state_dict(), path)")
-
-
-def _strip_prefix(key: str) -> str:
-    for prefix in ("module.", "_orig_mod."):
-        while key.startswith(prefix):
-            key = key[len(prefix):]
-    return key
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, new_head: bool = False) -> list[str]:
@@ -355,13 +347,7 @@ def data_config(model: nn.Module, spec: ModelSpec) -> DataConfig:
         import timm
 
         cfg = timm.data.resolve_model_data_config(model)
-        return DataConfig(
-            tuple(int(x) for x in cfg["input_size"]),
-            tuple(float(x) for x in cfg["mean"]),
-            tuple(float(x) for x in cfg["std"]),
-            str(cfg.get("interpolation", "bicubic")),
-            float(cfg.get("crop_pct", 0.875)),
-        )
+        return DataConfig.from_dict({"interpolation": "bicubic", **cfg})
     w = _tv_weights(spec.name)
     if w is None:
         return DataConfig()

@@ -6,7 +6,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from codeq_cli.errors import TrainingError
+from codeq_cli.errors import TrainingError, one_line
 
 
 @contextmanager
@@ -22,8 +22,7 @@ def compile_errors() -> Iterator[None]:
     except Exception as exc:
         if not compile_failure(exc):
             raise
-        first = " ".join(str(exc).split())[:160]
-        raise TrainingError(f"torch.compile failed on this model ({type(exc).__name__}: {first})",
+        raise TrainingError(f"torch.compile failed on this model ({type(exc).__name__}: {one_line(exc, 160)})",
                             hint="run without --compile") from exc
 
 

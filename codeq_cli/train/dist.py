@@ -173,14 +173,10 @@ def wrap(model: torch.nn.Module, info: DistInfo, sync_bn: bool = False) -> torch
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain module under DDP and ``torch.compile`` wrappers."""
-    while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    """The plain module under DDP and ``torch.compile`` wrappers (timm's ``unwrap_model``)."""
+    from timm.utils import unwrap_model
+
+    return unwrap_model(model)
 
 
 def debug_dump(model: torch.nn.Module, info: DistInfo, step: int, folder: Path) -> Path:

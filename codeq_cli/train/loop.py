@@ -1,7 +1,7 @@
 """CoDeQ fine-tuning: the objective, the optimizer groups, the loop and its saved state.
 
 Shaped like torchvision's reference ``train.py``: short :func:`train_one_epoch`
-and :func:`evaluate`, and :func:`fit` that reads top to bottom. The CoDeQ
+and :func:`measure_accuracy`, and :func:`fit` that reads top to bottom. The CoDeQ
 regularizer is one term in the loss (``docs/method.md``, "The objective")::
 
     L = CE(ŵ) + λ_dz · Σ θ_dz² (+ λ_bit · Σ θ_bit² in mixed precision)
@@ -18,11 +18,11 @@ Under DDP every rank computes the same update (gradients are averaged) and
 the ranks agree once per step, on the host, about the mean loss, a non-finite
 loss and a stop request (:func:`codeq_cli.train.dist.host_sum`), so they stop,
 save and fail together. Per step the only device synchronisation is the read
-of the loss values. Two environment variables help debugging (see
-``docs/distributed.md``): ``CODEQ_DEBUG_DUMP_DIR`` makes every rank write its
-quantizer logits and codes there when training ends, and
-``CODEQ_DEBUG_STOP_AFTER=N`` makes the last rank ask to stop after step
-``N`` as a SIGTERM would.
+of the loss values. Two debugging hooks come in through :class:`FitSetup`
+(``codeq compress`` sets them from ``CODEQ_DEBUG_DUMP_DIR`` and
+``CODEQ_DEBUG_STOP_AFTER``, see ``docs/distributed.md``): every rank writes its
+quantizer logits and codes to a folder when training ends, and the last rank
+asks to stop after step ``N`` as a SIGTERM would.
 
 The library never prints: progress goes to an ``on_event`` callback and to
 ``metrics.jsonl`` in the run directory.
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -46,11 +45,15 @@ from torch.utils.data import DataLoader, Dataset
 
 from codeq_cli.train import dist
 from codeq_cli.train._compile import compile_errors
+from codeq_cli.train.recipe import Recipe
 from codeq_cli.core.bops import bops_rows, bops_totals
-from codeq_cli.errors import TrainingError
+from codeq_cli.errors import InterruptedRun, TrainingError
 from codeq_cli.core.insert import quantizer_parameters
-from codeq_cli.formats.runstate import STATE_FORMAT, STATE_VERSION, Progress, rng_state
+from codeq_cli.formats import runstate
+from codeq_cli.formats.runstate import RunPosition
+from codeq_cli.data.folders import build_loader
 from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
+from codeq_cli.train.budget import BudgetRun
 from codeq_cli.train.distill import task_loss
 
 Event = dict
@@ -75,7 +78,7 @@ def penalty(
     return total
 
 
-def build_optimizer(model: nn.Module, recipe) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW or SGD with three groups: network weights, dead-zone logits, bit logits."""
     plain = dist.unwrap(model)
     dz, bit = quantizer_parameters(plain)
@@ -88,7 +91,7 @@ def build_optimizer(model: nn.Module, recipe) -> torch.optim.Optimizer:
     if bit:
         groups.append({"params": bit, "lr": recipe.lr_bit, "weight_decay": recipe.weight_decay_bit, "name": "bits"})
     if recipe.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.lr, momentum=getattr(recipe, "momentum", 0.9), nesterov=False)
+        return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=False)
     return torch.optim.AdamW(groups, lr=recipe.lr)
 
 
@@ -105,10 +108,10 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_factor: flo
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, recipe, total_steps: int, steps_per_epoch: int):
-    warmup = int(round(getattr(recipe, "warmup_epochs", 0) * steps_per_epoch))
-    min_factor = (getattr(recipe, "min_lr", 0.0) or 0.0) / recipe.lr if recipe.lr else 0.0
-    schedule = getattr(recipe, "schedule", "cosine")
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int, steps_per_epoch: int):
+    warmup = int(round(recipe.warmup_epochs * steps_per_epoch))
+    min_factor = recipe.min_lr / recipe.lr
+    schedule = recipe.schedule
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, min(1.0, min_factor))
     )
@@ -143,7 +146,7 @@ def autocast_for(device: torch.device, enabled: bool):
 
 
 @torch.inference_mode()
-def evaluate(
+def measure_accuracy(
     model: nn.Module,
     loader: DataLoader,
     device: torch.device,
@@ -195,15 +198,34 @@ def compression_stats(model: nn.Module, macs: dict[str, int]) -> dict:
     return {k: t[k] for k in ("sparsity", "avg_bits", "rel_bops", "mean_layer_sparsity", "mean_layer_bits")}
 
 
+def build_optimization(model: nn.Module, recipe: Recipe, total_steps: int, steps_per_epoch: int,
+                       state: dict | None = None) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """The optimizer and its schedule, continued from a run state when there is one.
+
+    The saved state brings the moments and the step; the recipe keeps the
+    learning rates and weight decays (they differ only when ``--force``
+    resumes a changed recipe).
+    """
+    optimizer = build_optimizer(model, recipe)
+    scheduler = build_scheduler(optimizer, recipe, total_steps, steps_per_epoch)
+    if state is not None:
+        wanted = [(g["initial_lr"], g["weight_decay"]) for g in optimizer.param_groups]
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        for g, (lr, wd), factor in zip(optimizer.param_groups, wanted, scheduler.lr_lambdas):
+            g["initial_lr"], g["weight_decay"], g["lr"] = lr, wd, lr * factor(scheduler.last_epoch)
+        scheduler.base_lrs = [lr for lr, _ in wanted]
+    return optimizer, scheduler
+
+
 @dataclass
 class FitSetup:
     """Everything :func:`fit` needs, built by the caller (see ``compress.py``)."""
 
     model: nn.Module  # quantized, on device, maybe DDP-wrapped
-    recipe: object
+    recipe: Recipe
     train_set: Dataset
     val_set: Dataset | None
-    collate: Callable
     device: torch.device
     info: dist.DistInfo
     run_dir: Path
@@ -216,14 +238,16 @@ class FitSetup:
     fingerprint: dict = field(default_factory=dict)
     on_event: OnEvent = lambda e: None
     should_stop: Callable[[], bool] = lambda: False
-    budget: object | None = None  # a train.budget.BudgetRun: the controller, when compressing to a budget
+    debug_stop_after: int = 0  # the last rank asks to stop after this step (CODEQ_DEBUG_STOP_AFTER)
+    debug_dump_dir: Path | None = None  # every rank dumps its quantizers here at the end (CODEQ_DEBUG_DUMP_DIR)
+    budget: BudgetRun | None = None  # the controller, when compressing to a budget (train.budget)
     teacher: nn.Module | None = None  # the frozen FP model, for distillation (train.distill)
 
 
 class Fit:
     """One training run: :meth:`run` reads top to bottom."""
 
-    def __init__(self, setup: FitSetup, progress: Progress | None = None, state: dict | None = None):
+    def __init__(self, setup: FitSetup, progress: RunPosition | None = None, state: dict | None = None):
         self.s = setup
         r = setup.recipe
         world = setup.info.world_size
@@ -234,40 +258,17 @@ class Fit:
         self.total_steps = min(planned, setup.max_steps) if setup.max_steps else planned
         if setup.max_steps and setup.max_steps > planned:
             self.total_steps = setup.max_steps  # --max-steps wins: more epochs as needed
-        self.optimizer = build_optimizer(setup.model, r)
-        self.scheduler = build_scheduler(self.optimizer, r, self.total_steps, self.steps_per_epoch)
-        self.progress = progress or Progress()
-        if state is not None:
-            wanted = [(g["initial_lr"], g["weight_decay"]) for g in self.optimizer.param_groups]
-            self.optimizer.load_state_dict(state["optimizer"])
-            self.scheduler.load_state_dict(state["scheduler"])
-            # The saved state brings the moments and the step; the recipe keeps the learning
-            # rates and weight decays (they differ only when --force resumes a changed recipe).
-            for g, (lr, wd), factor in zip(self.optimizer.param_groups, wanted, self.scheduler.lr_lambdas):
-                g["initial_lr"], g["weight_decay"], g["lr"] = lr, wd, lr * factor(self.scheduler.last_epoch)
-            self.scheduler.base_lrs = [lr for lr, _ in wanted]
-            if setup.budget is not None:
-                setup.budget.load_state_dict(state)
-        # Every sample carries its own augmentation seed, so worker processes
-        # hold no state that matters: they can persist across epochs (the
-        # batch sampler is re-read at each epoch) and a resumed run still sees
-        # the same images. The loader's own generator keeps it from drawing
-        # its worker base seed from the global RNG (saved with the run state).
-        self.loader = DataLoader(
-            setup.train_set,
-            batch_sampler=self.sampler,
-            num_workers=setup.workers,
-            collate_fn=setup.collate,
-            pin_memory=setup.device.type == "cuda",
-            persistent_workers=setup.workers > 0,
-            generator=torch.Generator().manual_seed(setup.seed),
-        )
+        self.optimizer, self.scheduler = build_optimization(setup.model, r, self.total_steps, self.steps_per_epoch, state)
+        self.progress = progress or RunPosition()
+        self.loader = build_loader(setup.train_set, batch_sampler=self.sampler, workers=setup.workers,
+                                   pin_memory=setup.device.type == "cuda", seed=setup.seed)
+        if state is not None and setup.budget is not None:
+            setup.budget.load_state_dict(state)
         self.last_save = time.monotonic()
         self.saved_step = self.progress.step if state is not None else None  # the step of the state on disk
         self.metrics_path = setup.run_dir / "metrics.jsonl"
         if setup.info.is_main and state is None and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run (--overwrite) starts a fresh log
-        self.debug_stop_after = int(os.environ.get("CODEQ_DEBUG_STOP_AFTER", "0") or 0)
         self.logits = quantizer_parameters(dist.unwrap(setup.model))
 
     # ---------------------------------------------------------------- logging
@@ -280,36 +281,22 @@ class Fit:
         self.s.on_event(event)
 
     # ---------------------------------------------------------------- state
-    def state_dict(self) -> dict:
-        p = self.progress
-        return {
-            "format": STATE_FORMAT,
-            "version": STATE_VERSION,
-            "model": dist.unwrap(self.s.model).state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "progress": {"epoch": p.epoch, "batch": p.batch, "step": p.step, "fp_top1": p.fp_top1},
-            "history": json.dumps(p.history),
-            "rng": rng_state(),
-            "fingerprint": json.dumps(self.s.fingerprint, sort_keys=True),
-            "world_size": self.s.info.world_size,
-            **(self.s.budget.state_dict() if self.s.budget is not None else {}),
-        }
-
     def save(self, reason: str) -> None:
         """Rank 0 writes the run state (every rank holds the same one); the others wait for it.
 
         Weights that overflowed are not written: they would replace the last
         good state with one that no change of recipe can resume.
         """
-        from codeq_cli._io import torch_save_atomic
-
         if not self._weights_finite():
             self.last_save = time.monotonic()
             self.log({"event": "not saved", "reason": "non-finite weights", "step": self.progress.step})
             return
         if self.s.info.is_main:
-            torch_save_atomic(self.state_dict(), self.s.run_dir / "state.pt")
+            state = runstate.run_state(dist.unwrap(self.s.model), self.optimizer, self.scheduler, self.progress,
+                                       self.s.fingerprint, self.s.info.world_size)
+            if self.s.budget is not None:
+                state.update(self.s.budget.state_dict())  # the controller's state (and max_drop's best model)
+            runstate.save_state(state, self.s.run_dir / runstate.STATE_FILE)
         dist.barrier()
         self.last_save = time.monotonic()
         self.saved_step = self.progress.step
@@ -323,7 +310,7 @@ class Fit:
     # ---------------------------------------------------------------- training
     def _stop_requested(self) -> bool:
         """This rank's wish to stop after the current step (Ctrl-C, SIGTERM, or the debug hook)."""
-        info, n = self.s.info, self.debug_stop_after
+        info, n = self.s.info, self.s.debug_stop_after
         debug = n > 0 and info.rank == info.world_size - 1 and self.progress.step + 1 == n
         return bool(self.s.should_stop()) or debug
 
@@ -348,16 +335,13 @@ class Fit:
         model = s.model
         model.train()
         self.sampler.set_epoch(epoch, p.batch)
-        amp = bool(getattr(r, "amp", True))
-        channels_last = bool(getattr(r, "channels_last", False)) and s.device.type == "cuda"
-        label_smoothing = float(getattr(r, "label_smoothing", 0.0) or 0.0)
-        grad_clip = getattr(r, "grad_clip", None)
-        lambda_bit = r.lambda_bit if r.mode == "mixed" else 0.0
+        amp = r.amp
+        channels_last = r.channels_last and s.device.type == "cuda"
+        label_smoothing = r.label_smoothing
+        grad_clip = r.grad_clip
+        lambda_bit = r.lambda_bit if r.mixed else 0.0
         world = s.info.world_size
-        from codeq_cli.data.folders import track
-
-        batches = track(self.loader, s.train_set.stats, total=len(self.sampler) * self.sampler.local)
-        for images, target in batches:
+        for images, target in self.loader:
             if p.step >= self.total_steps:
                 return False
             if images.numel() == 0:  # every image of this batch was unreadable
@@ -420,7 +404,7 @@ class Fit:
                 return True
         return False
 
-    def run(self) -> Progress:
+    def run(self) -> RunPosition:
         s, p, r = self.s, self.progress, self.s.recipe
         self.log({"event": "start", "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
                   "epoch": p.epoch, "step": p.step, "world_size": s.info.world_size})
@@ -438,10 +422,10 @@ class Fit:
             if stopped:
                 self.save("interrupted")
                 self.finish()
-                raise Interrupted(p.step)
+                raise InterruptedRun(f"interrupted after step {p.step}; the run state is saved", step=p.step)
             epoch_done = p.batch >= self.steps_per_epoch
             if epoch_done:
-                if s.val_set is not None and (p.epoch + 1) % max(1, getattr(r, "eval_every", 1)) == 0:
+                if s.val_set is not None and (p.epoch + 1) % r.eval_every == 0:
                     self.epoch_eval(p.epoch)
                 p.epoch += 1
                 p.batch = 0
@@ -455,16 +439,15 @@ class Fit:
         """Stop the loader's worker processes, give every rank rank 0's buffers; the debug dump when asked."""
         self.loader = None  # persistent workers exit with their iterator
         dist.broadcast_buffers(self.s.model)
-        folder = os.environ.get("CODEQ_DEBUG_DUMP_DIR")
-        if folder:
-            dist.debug_dump(self.s.model, self.s.info, self.progress.step, Path(folder))
+        if self.s.debug_dump_dir is not None:
+            dist.debug_dump(self.s.model, self.s.info, self.progress.step, self.s.debug_dump_dir)
 
     def epoch_eval(self, epoch: int) -> None:
         s = self.s
         dist.broadcast_buffers(s.model)  # every rank evaluates rank 0's model
-        loader = eval_loader(s.val_set, self.global_batch, s.info, s.collate, s.workers, s.device)
-        res = evaluate(dist.unwrap(s.model), loader, s.device, amp=bool(getattr(s.recipe, "amp", True)),
-                       channels_last=bool(getattr(s.recipe, "channels_last", False)))
+        loader = eval_loader(s.val_set, self.global_batch, s.info, s.workers, s.device)
+        res = measure_accuracy(dist.unwrap(s.model), loader, s.device, amp=s.recipe.amp,
+                       channels_last=s.recipe.channels_last)
         event = {"event": "eval", "epoch": epoch, "step": self.progress.step, **res.to_dict()}
         if s.info.is_main:
             event.update(compression_stats(s.model, s.macs))
@@ -475,10 +458,8 @@ class Fit:
         self.log(event)
 
 
-def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, collate, workers: int, device):
+def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, workers: int, device: torch.device):
     """This rank's share of ``dataset`` for evaluation (no padding), broken images counted."""
-    from codeq_cli.data.folders import build_loader
-
     return build_loader(
         dataset,
         batch_size=max(1, global_batch // info.world_size),
@@ -503,12 +484,3 @@ class NonFiniteLoss(Exception):
     def __init__(self, step: int, value: float, task_ok: bool = True):
         self.step, self.value, self.task_ok = step, value, task_ok  # task_ok: only the regularizer overflowed
 
-
-class Interrupted(TrainingError):
-    """The run stopped on request after saving its state."""
-
-    exit_code = 130
-
-    def __init__(self, step: int):
-        self.step = step
-        super().__init__(f"interrupted after step {step}; the run state is saved")

@@ -30,52 +30,6 @@ from codeq_cli.errors import RecipeError, UsageError
 
 B_MIN, B_MAX = 2, 8
 
-# What each key accepts, in words: the second half of every validation message.
-ALLOWED: dict[str, str] = {
-    "description": "a one-line string",
-    "mode": "'fixed' or 'mixed'",
-    "bits": f"an integer from {B_MIN} to {B_MAX}",
-    "b_min": f"an integer from {B_MIN} to {B_MAX}, at most b_max",
-    "b_max": f"an integer from {B_MIN} to {B_MAX}, at least b_min",
-    "lambda_dz": "a number >= 0",
-    "lambda_bit": "a number >= 0",
-    "init_dz": "a number > 0 (3.0: about 1% of the weights pruned at the start)",
-    "init_bit": "a number > 0 (3.0: 8 bits at the start)",
-    "quantile": "a number in (0, 1]",
-    "include": "a list of layer-name patterns (fnmatch), or null for every layer",
-    "exclude": "a list of layer-name patterns (fnmatch), or null",
-    "optimizer": "'adamw' or 'sgd'",
-    "lr": "a number > 0",
-    "lr_dz": "a number >= 0 (0 freezes the dead zones)",
-    "lr_bit": "a number >= 0 (0 freezes the bit-widths)",
-    "momentum": "a number in [0, 1)",
-    "weight_decay": "a number >= 0",
-    "weight_decay_dz": "a number >= 0",
-    "weight_decay_bit": "a number >= 0",
-    "epochs": "an integer >= 1",
-    "warmup_epochs": "a number >= 0 and less than epochs",
-    "schedule": "'cosine', 'constant' or 'step'",
-    "min_lr": "a number >= 0, at most lr",
-    "batch_size": "an integer >= 1 (global, over all processes)",
-    "label_smoothing": "a number in [0, 1)",
-    "grad_clip": "a number > 0, or null for no clipping",
-    "crop_scale": "two numbers [min, max] with 0 < min <= max <= 1",
-    "hflip": "true or false",
-    "amp": "true or false",
-    "channels_last": "true or false",
-    "sync_bn": "true or false",
-    "eval_every": "an integer >= 1 (epochs)",
-    "target_bops": "a number in (0, 100): relative BOPs in percent, or null",
-    "target_size": "a size in bytes (2000000, 2MB, 1.5MiB, 800kB), or null",
-    "max_drop": "a number >= 0: top-1 points below the FP model, or null",
-    "budget_ramp": "a number in (0, 1]: the fraction of training by which the target is reached",
-    "budget_every": "an integer >= 1 (steps between measurements of the budget's figure)",
-    "distill_weight": "a number in [0, 1] (0: no distillation)",
-    "distill_temperature": "a number > 0",
-    "bn_reestimate": "an integer >= 0 (training batches; 0: off)",
-}
-
-
 class Recipe(BaseModel):
     """One CoDeQ fine-tune, fully specified; see ``docs/recipes.md`` for every key.
 
@@ -85,61 +39,65 @@ class Recipe(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False, validate_default=True)
 
-    description: str = "Mixed precision for a short fine-tune of a pretrained model: learned dead zones and bit-widths (2-8)"
+    description: str = Field(
+        "Mixed precision for a short fine-tune of a pretrained model: learned dead zones and bit-widths (2-8)",
+        description="a one-line string",
+    )
 
     # -- the method (docs/method.md, "The quantizer" and "The objective") ---------------------------------
-    mode: Literal["fixed", "mixed"] = "mixed"
-    bits: int = Field(4, ge=B_MIN, le=B_MAX)
-    b_min: int = Field(B_MIN, ge=B_MIN, le=B_MAX)
-    b_max: int = Field(B_MAX, ge=B_MIN, le=B_MAX)
-    lambda_dz: float = Field(0.05, ge=0)
-    lambda_bit: float = Field(0.2, ge=0)
-    init_dz: float = Field(3.0, gt=0)
-    init_bit: float = Field(3.0, gt=0)
-    quantile: float = Field(0.99, gt=0, le=1)
-    include: list[str] | None = None
-    exclude: list[str] | None = None
+    mode: Literal["fixed", "mixed"] = Field("mixed", description="'fixed' or 'mixed'")
+    bits: int = Field(4, ge=B_MIN, le=B_MAX, description=f"an integer from {B_MIN} to {B_MAX}")
+    b_min: int = Field(B_MIN, ge=B_MIN, le=B_MAX, description=f"an integer from {B_MIN} to {B_MAX}, at most b_max")
+    b_max: int = Field(B_MAX, ge=B_MIN, le=B_MAX, description=f"an integer from {B_MIN} to {B_MAX}, at least b_min")
+    lambda_dz: float = Field(0.05, ge=0, description="a number >= 0")
+    lambda_bit: float = Field(0.2, ge=0, description="a number >= 0")
+    init_dz: float = Field(3.0, gt=0, description="a number > 0 (3.0: about 1% of the weights pruned at the start)")
+    init_bit: float = Field(3.0, gt=0, description="a number > 0 (3.0: 8 bits at the start)")
+    quantile: float = Field(0.99, gt=0, le=1, description="a number in (0, 1]")
+    include: list[str] | None = Field(None, description="a list of layer-name patterns (fnmatch), or null for every layer")
+    exclude: list[str] | None = Field(None, description="a list of layer-name patterns (fnmatch), or null")
 
     # -- optimizer: three parameter groups (weights, dead-zone logits, bit logits)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = Field(1e-4, gt=0)
-    lr_dz: float = Field(5e-3, ge=0)
-    lr_bit: float = Field(5e-3, ge=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.01, ge=0)
-    weight_decay_dz: float = Field(0.0, ge=0)
-    weight_decay_bit: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="'adamw' or 'sgd'")
+    lr: float = Field(1e-4, gt=0, description="a number > 0")
+    lr_dz: float = Field(5e-3, ge=0, description="a number >= 0 (0 freezes the dead zones)")
+    lr_bit: float = Field(5e-3, ge=0, description="a number >= 0 (0 freezes the bit-widths)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="a number in [0, 1)")
+    weight_decay: float = Field(0.01, ge=0, description="a number >= 0")
+    weight_decay_dz: float = Field(0.0, ge=0, description="a number >= 0")
+    weight_decay_bit: float = Field(0.0, ge=0, description="a number >= 0")
 
     # -- schedule and loop ----------------------------------------------------
-    epochs: int = Field(10, ge=1)
-    warmup_epochs: float = Field(0.0, ge=0)
-    schedule: Literal["cosine", "constant", "step"] = "cosine"
-    min_lr: float = Field(0.0, ge=0)
-    batch_size: int = Field(128, ge=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
-    grad_clip: float | None = Field(None, gt=0)
-    eval_every: int = Field(1, ge=1)
+    epochs: int = Field(10, ge=1, description="an integer >= 1")
+    warmup_epochs: float = Field(0.0, ge=0, description="a number >= 0 and less than epochs")
+    schedule: Literal["cosine", "constant", "step"] = Field("cosine", description="'cosine', 'constant' or 'step'")
+    min_lr: float = Field(0.0, ge=0, description="a number >= 0, at most lr")
+    batch_size: int = Field(128, ge=1, description="an integer >= 1 (global, over all processes)")
+    label_smoothing: float = Field(0.0, ge=0, lt=1, description="a number in [0, 1)")
+    grad_clip: float | None = Field(None, gt=0, description="a number > 0, or null for no clipping")
+    eval_every: int = Field(1, ge=1, description="an integer >= 1 (epochs)")
 
     # -- augmentation (the rest follows the model's data config) ---------------
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: bool = True
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="two numbers [min, max] with 0 < min <= max <= 1")
+    hflip: bool = Field(True, description="true or false")
 
     # -- the budget (docs/method.md, "Compressing to a budget"): at most one of the three
-    target_bops: float | None = Field(None, gt=0, lt=100)
-    target_size: int | None = Field(None, ge=1)
-    max_drop: float | None = Field(None, ge=0)
-    budget_ramp: float = Field(0.6, gt=0, le=1)
-    budget_every: int = Field(5, ge=1)
+    target_bops: float | None = Field(None, gt=0, lt=100, description="a number in (0, 100): relative BOPs in percent, or null")
+    target_size: int | None = Field(None, ge=1, description="a size in bytes (2000000, 2MB, 1.5MiB, 800kB), or null")
+    max_drop: float | None = Field(None, ge=0, description="a number >= 0: top-1 points below the FP model, or null")
+    budget_ramp: float = Field(0.6, gt=0, le=1,
+                               description="a number in (0, 1]: the fraction of training by which the target is reached")
+    budget_every: int = Field(5, ge=1, description="an integer >= 1 (steps between measurements of the budget's figure)")
 
     # -- accuracy at the budget (docs/method.md, "Accuracy at the budget")
-    distill_weight: float = Field(0.5, ge=0, le=1)
-    distill_temperature: float = Field(2.0, gt=0)
-    bn_reestimate: int = Field(20, ge=0)
+    distill_weight: float = Field(0.5, ge=0, le=1, description="a number in [0, 1] (0: no distillation)")
+    distill_temperature: float = Field(2.0, gt=0, description="a number > 0")
+    bn_reestimate: int = Field(20, ge=0, description="an integer >= 0 (training batches; 0: off)")
 
     # -- execution --------------------------------------------------------------
-    amp: bool = True
-    channels_last: bool = False
-    sync_bn: bool = False
+    amp: bool = Field(True, description="true or false")
+    channels_last: bool = Field(False, description="true or false")
+    sync_bn: bool = Field(False, description="true or false")
 
     @field_validator("mode", "optimizer", "schedule", mode="before")
     @classmethod
@@ -213,6 +171,8 @@ class Recipe(BaseModel):
 
 
 KEYS: tuple[str, ...] = tuple(Recipe.model_fields)
+# What each key accepts, in words (each field's description): the second half of every validation message.
+ALLOWED: dict[str, str] = {name: field.description or "" for name, field in Recipe.model_fields.items()}
 
 
 def quantizer_kwargs(recipe: Recipe) -> dict[str, Any]:
@@ -443,14 +403,6 @@ def load_recipe(name_or_path: str | Path) -> Recipe:
 def list_recipes() -> list[tuple[str, str]]:
     """``(name, one-line summary)`` of every built-in recipe, sorted by name."""
     return [(name, load_recipe(name).description) for name in builtin_names()]
-
-
-def builtin_text(name: str) -> str:
-    """The YAML of a built-in recipe as shipped, comments included."""
-    stem = _strip_suffix(name)
-    if stem not in builtin_names():
-        raise UsageError(f"unknown recipe {name!r}", hint=f"built-in recipes: {', '.join(builtin_names())}")
-    return _builtin_dir().joinpath(f"{stem}.yaml").read_text(encoding="utf-8")
 
 
 # -- overrides -----------------------------------------------------------------------------
