@@ -237,3 +237,32 @@ def test_resume_with_the_controller_and_teacher_ends_with_the_same_codes(data, t
     for name in ca:
         assert torch.equal(ca[name].codes, cb[name].codes), name
     assert a.budget["achieved"] == b.budget["achieved"] and a.metrics["top1"] == b.metrics["top1"]
+
+
+def test_max_drop_keeps_the_most_compressed_model_that_met_the_bound_and_backs_off():
+    from codeq_cli.core.bops import measure_macs
+    from codeq_cli.core.insert import quantize_, quantized_weights
+    from codeq_cli.train.budget import BudgetRun, rel_bops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    macs = measure_macs(model, (3, 8, 8))
+    quantize_(model, bits=4)
+    start = rel_bops(model, macs)
+    run_ = BudgetRun(Controller("max_drop", start / 50, start, 100), macs, max_drop=1.0, fp_top1=80.0)
+
+    def prune(theta: float) -> float:
+        with torch.no_grad():
+            for qw in quantized_weights(model):
+                qw.quantizer.theta_dz.fill_(theta)
+        return rel_bops(model, macs)
+
+    f1 = prune(1.5)
+    assert run_.on_eval(model, 0, 10, 79.5, 10, 100) == {"max_drop_met": True, "best_epoch": 0}
+    f2 = prune(0.8)
+    assert f2 < f1 and run_.on_eval(model, 1, 20, 79.2, 10, 100)["best_epoch"] == 1
+    run_.c.measured = prune(0.3)
+    assert run_.on_eval(model, 2, 30, 70.0, 10, 100) == {"max_drop_met": False, "best_epoch": 1}
+    assert run_.c.target == pytest.approx(f2) and run_.c.anchor_step == 30 and run_.c.ramp_end == 40
+    assert run_.restore_best(model)["epoch"] == 1
+    assert rel_bops(model, macs) == pytest.approx(f2)  # the checkpoint would be epoch 1's model
