@@ -14,7 +14,7 @@ logit learning rates) for ``--epochs`` epochs, and prints one table:
 * at 4%: distillation off and batch-norm re-estimation off, and the step
   time with and without distillation (from ``metrics.jsonl``).
 
-    python bench/budget.py [--epochs 2] [--out-dir codeq-demo] [--only bops4,grid] [--json results.json]
+    python bench/budget.py [--epochs 2] [--subset 200] [--out-dir codeq-demo] [--only bops4,grid0.2] [--table]
 
 Each run is written under ``OUT_DIR/bench-budget/``; results accumulate in
 ``OUT_DIR/bench-budget/results.json`` so that the table can be printed from
@@ -62,7 +62,7 @@ def step_seconds(run_dir: Path) -> float | None:
     return statistics.median(gaps) if gaps else None
 
 
-def run_one(name: str, spec: dict, data: Path, fp: Path, work: Path, epochs: int, demo) -> dict:
+def run_one(name: str, spec: dict, data: Path, fp: Path, work: Path, epochs: int, demo, subset: str | None) -> dict:
     from codeq_cli.commands import compress
     from codeq_cli.commands.report import report_data
     from codeq_cli.formats.checkpoint import load
@@ -72,14 +72,14 @@ def run_one(name: str, spec: dict, data: Path, fp: Path, work: Path, epochs: int
     res = compress.run(compress.CompressOptions(
         model=demo.DEFAULT_MODEL, data=data, recipe="mixed",
         overrides=[*demo._AUGMENT, *demo._SHORT, *spec.get("overrides", [])], out=out, weights=fp, num_classes=10,
-        img_size=32, batch_size=64, epochs=spec.get("epochs", epochs), workers=0, seed=0, overwrite=True,
+        img_size=32, batch_size=64, epochs=spec.get("epochs", epochs), workers=0, seed=0, overwrite=True, subset=subset,
         log_every=10, target_bops=spec.get("target_bops"), target_size=spec.get("target_size"),
     ))
     rep = report_data(load(out))
     q = [r for r in rep["layers"] if r["quantized"]]
     m = res.metrics
     return {
-        "name": name, "epochs": spec.get("epochs", epochs), "seconds": time.monotonic() - t0,
+        "name": name, "epochs": spec.get("epochs", epochs), "subset": subset, "seconds": time.monotonic() - t0,
         "target_bops": spec.get("target_bops"), "target_size": spec.get("target_size"),
         "rel_bops": rep["totals"]["rel_bops"], "file_bytes": rep["totals"]["file_bytes"],
         "top1": m["top1"], "fp_top1": m["fp_top1"], "top1_before_bn": m.get("top1_before_bn"),
@@ -102,7 +102,7 @@ def interpolate(grid: list[dict], bops: float) -> float | None:
 
 def table(results: dict[str, dict]) -> str:
     grid = [r for n, r in results.items() if n.startswith("grid")]
-    lines = ["| run | epochs | target | achieved | before trim | top-1 (FP) | grid top-1 at same BOPs | bits min–max | sparsity min–max |",
+    lines = ["| run | epochs (train images/class) | target | achieved | before trim | top-1 (FP) | grid top-1 at same BOPs | bits min–max | sparsity min–max |",
              "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if r.get("target_size"):
@@ -114,7 +114,7 @@ def table(results: dict[str, dict]) -> str:
             before = f"{r['before_trim']:.2f}%" if r.get("before_trim") is not None else "–"
         g = interpolate(grid, r["rel_bops"]) if grid and not name.startswith("grid") else None
         lines.append(
-            f"| {name} | {r['epochs']} | {target} | {achieved} | {before} | {r['top1']:.2f} ({r['fp_top1']:.2f}) | "
+            f"| {name} | {r['epochs']} ({r.get('subset') or 600}) | {target} | {achieved} | {before} | {r['top1']:.2f} ({r['fp_top1']:.2f}) | "
             f"{'–' if g is None else f'{g:.2f}'} | {r['bits'][0]}–{r['bits'][1]} | "
             f"{r['sparsity'][0]:.3f}–{r['sparsity'][1]:.3f} |")
     extra = []
@@ -134,6 +134,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out-dir", type=Path, default=Path("codeq-demo"))
     ap.add_argument("--size", default="300kB", help="the --target-size run's target")
+    ap.add_argument("--subset", default=None, help="training images per class for the compress runs (validation: all 100 per class)")
     ap.add_argument("--only", default=None, help="comma-separated run names (default: all)")
     ap.add_argument("--table", action="store_true", help="only print the table of the results so far")
     args = ap.parse_args()
@@ -152,7 +153,7 @@ def main() -> None:
         names = args.only.split(",") if args.only else list(todo)
         for name in names:
             print(f"running {name} ...", file=sys.stderr, flush=True)
-            results[name] = run_one(name, todo[name], data, fp, work, args.epochs, demo)
+            results[name] = run_one(name, todo[name], data, fp, work, args.epochs, demo, args.subset)
             store.write_text(json.dumps(results, indent=1))
             print(json.dumps(results[name]), file=sys.stderr, flush=True)
     print(table(results))
