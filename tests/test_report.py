@@ -45,7 +45,9 @@ def data(ckpt):
 
 
 def test_json_shape(data):
-    assert set(data) == {"file", "format_version", "model", "layers", "totals", "metrics", "recipe", "provenance", "notes"}
+    assert set(data) == {"file", "format_version", "model", "layers", "totals", "metrics", "recipe", "provenance",
+                         "history", "budget", "notes"}
+    assert data["history"] is None and data["budget"] is None  # saved without either
     assert set(data["model"]) >= {"label", "source", "name", "num_classes", "in_chans", "input_size", "classes"}
     for layer in data["layers"]:
         assert tuple(layer) == report.LAYER_KEYS

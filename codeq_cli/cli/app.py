@@ -153,7 +153,7 @@ def compress(
     if nproc is not None and nproc > 1:
         from codeq_cli.train.launch import launch
 
-        raise typer.Exit(launch(nproc, _argv()))
+        raise typer.Exit(launch(nproc, _argv(), device))
     from codeq_cli.commands.compress import CompressOptions, run
 
     output = _output(json_, quiet)
@@ -241,20 +241,35 @@ def _recipes_show(
 
 @app.command()
 def report(
-    file: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `codeq compress`.")],
+    files: Annotated[list[Path], typer.Argument(help="Compressed checkpoints written by `codeq compress` (one or more).")],
     json_: JsonOpt = False,
-    csv_: Annotated[bool, typer.Option("--csv", help="Print the per-layer rows as CSV.")] = False,
+    csv_: Annotated[bool, typer.Option("--csv", help="Print the per-layer rows as CSV (one file).")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the report as a Markdown table.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON/CSV/Markdown to this file.")] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page: plots and tables; with several files, top-1 against BOPs.")] = None,
 ) -> None:
-    """Per-layer sparsity, bits and BOPs of a checkpoint (no data, no model build)."""
+    """Per-layer sparsity, bits and BOPs of checkpoints (no data, no model build); --html draws them."""
     if sum((json_, csv_, markdown)) > 1:
         raise typer.BadParameter("choose one of --json, --csv and --markdown")
+    if csv_ and len(files) > 1:
+        raise UsageError(f"--csv takes one checkpoint, not {len(files)}",
+                         hint="run `codeq report FILE --csv` for each file, or use --json or --html")
     from codeq_cli.formats.checkpoint import load
     from codeq_cli.commands.report import render_table, report_data, to_csv, to_markdown
 
-    data = report_data(load(file))
+    datas = [report_data(load(f)) for f in files]
     output = _output(json_, False)
+    if len(datas) == 1:
+        data = datas[0]
+    else:
+        from codeq_cli.commands.report_html import comparison
+
+        data = {"reports": datas, "comparison": comparison(datas)["rows"]}
+    if html is not None:
+        from codeq_cli.commands.report_html import write_page
+
+        data = {**data, "html": str(write_page(html, datas))}
+        output.info(f"wrote {html} ({html.stat().st_size / 1e3:.0f} kB): open it in a browser")
     text = None
     if json_:
         import json
@@ -262,13 +277,14 @@ def report(
         text = json.dumps(data, indent=2) + "\n"
         output.result(data)
     elif csv_:
-        text = to_csv(data)
+        text = to_csv(datas[0])
         sys.stdout.write(text)
     elif markdown:
-        text = to_markdown(data)
+        text = "\n".join(to_markdown(d) for d in datas)
         sys.stdout.write(text)
     else:
-        render_table(data, output.out)
+        for d in datas:
+            render_table(d, output.out)
     if out is not None:
         from codeq_cli._io import write_text
 
@@ -304,6 +320,8 @@ def eval_(
         if e.get("event") == "data":
             how = "recorded at compress time" if e["recorded"] else "from --data"
             output.info(f"evaluating on {e['folder']} ({how})")
+        elif e.get("event") == "note":
+            output.info(e["text"])
 
     with progress:
         res = run(opts, on_batch=progress, on_event=on_event)
@@ -427,6 +445,7 @@ def demo(
         + (f"; target {res.target_bops:g}%)" if res.target_bops is not None else ")"),
         f"  sparsity          {res.sparsity:6.3f}    mean bits {res.avg_bits:.2f} (per layer {res.min_layer_bits}-{res.max_layer_bits})",
         f"  file size         {res.file_bytes / 1e6:6.2f} MB vs {res.fp32_bytes / 1e6:.2f} MB fp32 ({ratio:.1f}x smaller)",
+        f"  report            {res.report_html}   (plots and tables; open it in a browser)",
         "",
         "the same on your own data (ImageNet-style folder with train/ and val/):",
         *(f"  {c}" for c in res.commands),
@@ -495,7 +514,7 @@ def batch(
     quiet: QuietOpt = False,
 ) -> None:
     """Run many compressions in a row, each isolated; summary table, JSON and CSV; exit 1 if any job failed a gate."""
-    from codeq_cli.commands.batch import load_jobs, run_batch, summary, write_summary
+    from codeq_cli.commands.batch import load_jobs, run_batch, summary, write_summary, write_summary_html
 
     output = _output(json_, quiet)
     jobs = load_jobs(jobs_file)
@@ -511,12 +530,13 @@ def batch(
                      stderr=subprocess_devnull() if quiet or json_ else None)
     data = summary(rows)
     json_path, csv_path = write_summary(data, summary_dir or jobs_file.parent, jobs_file.stem)
-    data["summary_files"] = [str(json_path), str(csv_path)]
+    html_path = write_summary_html(data, summary_dir or jobs_file.parent, jobs_file.stem)
+    data["summary_files"] = [str(json_path), str(csv_path), str(html_path)]
     if json_:
         output.result(data)
     else:
         _batch_table(rows, output)
-        output.info(f"summary: {json_path}, {csv_path}")
+        output.info(f"summary: {json_path}, {csv_path}, {html_path}")
     if not data["passed"]:
         raise typer.Exit(1)
 

@@ -8,8 +8,8 @@
 3. It is compressed to a budget (``--target-bops 3``: 3% of the dense FP32
    BOPs) with the ``mixed`` recipe by the same code as ``codeq compress
    --weights`` (with the logits' learning rates raised for the four-epoch
-   schedule, and crops suited to 28x28 images), then reported and evaluated
-   from the file.
+   schedule, and crops suited to 28x28 images), then reported (also as
+   ``report.html``) and evaluated from the file.
 
 Everything goes under ``./codeq-demo/`` (or ``--out-dir``); the same seed
 gives the same numbers.
@@ -64,6 +64,7 @@ class DemoResult:
     seconds: float
     fp_cached: bool
     commands: list[str]
+    report_html: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -139,6 +140,7 @@ def run(opts: DemoOptions, on_event: Callable[[dict], None] = lambda e: None, sh
     from codeq_cli.formats.checkpoint import load
     from codeq_cli.data.fashion_mnist import write_image_folder
     from codeq_cli.commands.report import report_data
+    from codeq_cli.commands.report_html import write_page
 
     t0 = time.monotonic()
     opts.out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,10 +163,11 @@ def run(opts: DemoOptions, on_event: Callable[[dict], None] = lambda e: None, sh
     ev = evaluate.run(evaluate.EvalOptions(out, data=data, batch_size=256, workers=opts.workers,
                                            device=opts.device, subset=opts.subset))
     report = report_data(load(out))
+    html = write_page(opts.out_dir / "report.html", [report])
     t = report["totals"]
     cmds = [
         "codeq compress resnet18 --data /path/to/imagenet --target-bops 4.5 --out out.pt",
-        "codeq report out.pt",
+        "codeq report out.pt --html out.html",
         "codeq eval out.pt",
     ]
     return DemoResult(
@@ -174,5 +177,5 @@ def run(opts: DemoOptions, on_event: Callable[[dict], None] = lambda e: None, sh
         min_layer_bits=min(r["bits"] for r in report["layers"] if r["quantized"]),
         max_layer_bits=max(r["bits"] for r in report["layers"] if r["quantized"]), sparsity=float(t["sparsity"]), avg_bits=float(t["avg_bits"]),
         file_bytes=int(t["file_bytes"]), fp32_bytes=int(t["fp32_bytes"]), seconds=time.monotonic() - t0,
-        fp_cached=cached, commands=cmds,
+        fp_cached=cached, commands=cmds, report_html=str(html),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import TYPE_CHECKING
 
 from codeq_cli.core.bops import A_BITS, FP_BITS, bops_totals
@@ -89,8 +90,37 @@ def report_data(ckpt: CompressedModel) -> dict:
         "metrics": dict(ckpt.metrics),
         "recipe": dict(ckpt.recipe),
         "provenance": dict(ckpt.provenance),
+        "history": ckpt.history,
+        "budget": budget_pair(ckpt.meta.get("budget")),
         "notes": list(NOTES),
     }
+
+
+def _figure(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def budget_pair(budget) -> dict | None:
+    """A budget's target and achieved figures, when the checkpoint records them (optional metadata ``budget``).
+
+    ``{"target": T, "achieved": A, ...}`` where ``T`` and ``A`` are numbers (the
+    figure named by ``metric``, default ``rel_bops``) or objects of figure name
+    to number. Returns ``{"rows": [{"figure", "target", "achieved"}], ...}``
+    with the other keys kept, or None when there is no usable pair.
+    """
+    if not isinstance(budget, dict) or "target" not in budget or "achieved" not in budget:
+        return None
+    target, achieved = budget["target"], budget["achieved"]
+    if isinstance(target, dict) and isinstance(achieved, dict):
+        names = [k for k in target if isinstance(k, str)] + [k for k in achieved if isinstance(k, str) and k not in target]
+        rows = [{"figure": k, "target": _figure(target.get(k)), "achieved": _figure(achieved.get(k))} for k in names]
+    else:
+        metric = budget.get("metric") if isinstance(budget.get("metric"), str) else "rel_bops"
+        rows = [{"figure": metric, "target": _figure(target), "achieved": _figure(achieved)}]
+    rows = [r for r in rows if r["target"] is not None or r["achieved"] is not None]
+    if not rows:
+        return None
+    return {"rows": rows, **{k: v for k, v in budget.items() if k not in ("target", "achieved", "rows")}}
 
 
 # -- formatting helpers -----------------------------------------------------------

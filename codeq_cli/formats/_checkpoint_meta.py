@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from codeq_cli.core.quantizer import B_MAX, B_MIN
 from codeq_cli.errors import one_line
+from codeq_cli.formats import history as history_format
 
 Count = Annotated[int, Field(ge=0)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -112,6 +113,13 @@ class CheckpointMeta(_Strict):
     state_keys: list[str]
     layers: list[LayerMeta]
     tensors: list[TensorMeta]
+    history: dict | None = None  # optional: the compact training history (formats/history.py)
+
+    @field_validator("history")
+    @classmethod
+    def _history(cls, v: dict | None) -> dict | None:
+        history_format.validate(v)  # one home for its shape; ValueError names the column
+        return v
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> CheckpointMeta:

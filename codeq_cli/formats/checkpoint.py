@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from codeq_cli.formats import entropy
+from codeq_cli.formats import history as history_format
 from codeq_cli._io import _json_default, write_with
 from codeq_cli.core.bops import LayerRow, bops_rows
 from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError, one_line
@@ -113,6 +114,7 @@ def save(
     metrics: dict,
     macs: dict[str, int],
     data_dir: str | None = None,
+    history: dict | None = None,
 ) -> SaveInfo:
     """Write the compressed checkpoint of a live quantized model (after :func:`quantize_` and training).
 
@@ -121,7 +123,9 @@ def save(
     rest of the state dict goes in under the plain model's names
     (``layer1.0.conv1.weight``, never ``parametrizations.weight.original``);
     the quantizers' logits are training state and are not stored. The BOPs
-    rows are ``bops_rows(model, macs)``. Written atomically.
+    rows are ``bops_rows(model, macs)``. ``history``, when given, is the
+    run's compact training history (:mod:`codeq_cli.formats.history`), stored
+    under the metadata key ``history``. Written atomically.
     """
     payload = bytearray()
     layers, bound_bits = [], 0.0
@@ -171,6 +175,13 @@ def save(
         "layers": layers,
         "tensors": tensors,
     }
+    if history is not None:
+        try:
+            history_format.validate(history)
+        except ValueError as exc:
+            raise CodeqError(f"the training history to store is malformed ({exc})",
+                             hint="pass codeq_cli.formats.history.from_log(...) or None") from None
+        meta["history"] = history
     try:
         meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False, default=_json_default).encode("utf-8")
     except (TypeError, ValueError) as exc:
@@ -271,6 +282,7 @@ class CompressedModel:
     recipe = property(lambda self: self.meta["recipe"])
     provenance = property(lambda self: self.meta["provenance"])
     metrics = property(lambda self: self.meta["metrics"])
+    history = property(lambda self: self.meta.get("history"))  # None: written without one (see formats/history.py)
 
     @cached_property
     def tensors(self) -> dict[str, Tensor]:
