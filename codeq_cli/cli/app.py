@@ -143,6 +143,9 @@ def compress(
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Launch N processes on this machine (torch elastic launcher).")] = None,
     save_every: Annotated[float, typer.Option("--save-every", min=0.0, help="Save the run state at least every N seconds.")] = 600.0,
     log_every: Annotated[int, typer.Option("--log-every", min=1, help="Log compression figures every N steps.")] = 20,
+    target_bops: Annotated[Optional[float], typer.Option("--target-bops", help="Compress to this relative BOPs, in percent of the dense FP32 BOPs (as `codeq report` shows).")] = None,
+    target_size: Annotated[Optional[str], typer.Option("--target-size", help="Compress until the checkpoint fits this size: 2MB, 1.5MiB, 800kB or bytes.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Compress as far as possible while top-1 stays within this many points of the FP model.")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -159,7 +162,7 @@ def compress(
         pretrained=not no_pretrained, num_classes=num_classes, img_size=img_size, batch_size=batch_size,
         workers=workers, subset=subset, epochs=epochs, max_steps=max_steps, device=device, seed=seed,
         skip_baseline=skip_baseline, resume=resume, overwrite=overwrite, force=force, compile=compile_,
-        save_every=save_every, log_every=log_every,
+        save_every=save_every, log_every=log_every, target_bops=target_bops, target_size=target_size, max_drop=max_drop,
     )
     from codeq_cli.train import dist
 
@@ -185,9 +188,25 @@ def compress(
         + (f" (FP {m['fp_top1']:.2f}%)" if m.get("fp_top1") is not None else "")
         + f", rel BOPs {result.totals['rel_bops']:.2f}%, sparsity {result.totals['sparsity']:.3f}, "
         f"bits {result.totals['avg_bits']:.2f}\n"
-        f"  next: codeq report {result.out}    codeq eval {result.out}"
+        + _budget_line(result.budget, m)
+        + f"  next: codeq report {result.out}    codeq eval {result.out}"
     )
     output.result(result.to_dict(), human)
+
+
+def _budget_line(b: dict, m: dict) -> str:
+    """The budget and accuracy lines of the summary ('' when there is nothing to say)."""
+    lines = ""
+    if b.get("kind") == "bops":
+        lines += f"  budget: target {b['target']:.3g}% rel BOPs, achieved {b['achieved']:.3g}%\n"
+    elif b.get("kind") == "size":
+        lines += f"  budget: target {int(b['target'])} bytes, achieved {int(b['achieved'])} bytes\n"
+    elif b.get("kind") == "max_drop":
+        lines += (f"  budget: top-1 within {b['max_drop']:g} points of FP; checkpoint from epoch {b['best_epoch'] + 1}\n"
+                  if b.get("met") else f"  budget: no evaluation stayed within {b['max_drop']:g} points; the final model is written\n")
+    if m.get("top1_before_bn") is not None:
+        lines += f"  batch-norm re-estimation: top-1 {m['top1_before_bn']:.2f}% before, {m['top1']:.2f}% after\n"
+    return lines
 
 
 recipes_app = typer.Typer(help="List and show the built-in recipes.", no_args_is_help=False, invoke_without_command=True)
@@ -403,6 +422,7 @@ def demo(
     subset: Annotated[Optional[str], typer.Option("--subset", help="Images per class (or a fraction) for a quicker run.")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a key of the mixed recipe (repeatable).")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N [default: cuda when present].")] = None,
+    target_bops: Annotated[float, typer.Option("--target-bops", help="The budget: relative BOPs in percent (0: no budget, the recipe's λ).")] = 3.0,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -411,7 +431,8 @@ def demo(
 
     output = _output(json_, quiet)
     opts = DemoOptions(out_dir=out_dir, model=model, img_size=img_size, fp_epochs=fp_epochs, epochs=epochs,
-                       batch_size=batch_size, seed=seed, subset=subset, overrides=list(set_ or []), device=device)
+                       batch_size=batch_size, seed=seed, subset=subset, overrides=list(set_ or []), device=device,
+                       target_bops=None if target_bops <= 0 else target_bops)
     on_event = _compress_events(output)
     try:
         with _StopOnSignal(output) as stop:
@@ -431,8 +452,9 @@ def demo(
         f"codeq demo: {res.model} on Fashion-MNIST ({res.seconds:.0f} s, everything in {res.out_dir}/)",
         f"  FP32 top-1        {res.fp_top1:6.2f}%",
         f"  compressed top-1  {res.top1:6.2f}%   (drop {res.fp_top1 - res.top1:+.2f} points)",
-        f"  relative BOPs     {res.rel_bops:6.2f}%   (of FP32)",
-        f"  sparsity          {res.sparsity:6.3f}    mean bits {res.avg_bits:.2f}",
+        f"  relative BOPs     {res.rel_bops:6.2f}%   (of FP32"
+        + (f"; target {res.target_bops:g}%)" if res.target_bops is not None else ")"),
+        f"  sparsity          {res.sparsity:6.3f}    mean bits {res.avg_bits:.2f} (per layer {res.min_layer_bits}-{res.max_layer_bits})",
         f"  file size         {res.file_bytes / 1e6:6.2f} MB vs {res.fp32_bytes / 1e6:.2f} MB fp32 ({ratio:.1f}x smaller)",
         f"  report            {res.report_html}   (plots and tables; open it in a browser)",
         "",
@@ -465,6 +487,14 @@ def _compress_events(output):
             output.info(f"quantizers inserted into {e['layers']} layers")
         elif kind == "resumed":
             output.info(f"resumed at step {e['step']} (epoch {e['epoch'] + 1})")
+        elif kind == "budget":
+            if state["open"]:
+                progress.__exit__(None, None, None)
+                state["open"] = False
+            t = e.get("trim") or {}
+            if t.get("trimmed"):
+                output.info(f"trim: {e['kind']} {t['before']:.4g} -> {t['after']:.4g} "
+                            f"({t['weights_changed']} weights moved {'into' if t['direction'] == 'down' else 'out of'} the dead zones)")
         elif kind == "final":
             if state["open"]:
                 progress.__exit__(None, None, None)

@@ -53,6 +53,9 @@ class CompressOptions:
     compile: bool = False
     save_every: float = 600.0
     log_every: int = 20
+    target_bops: float | None = None  # the budget flags: recipe keys of the same names
+    target_size: str | None = None
+    max_drop: float | None = None
 
 
 @dataclass
@@ -65,6 +68,7 @@ class CompressResult:
     file_bytes: int
     seconds: float
     resumed_from_step: int | None = None
+    budget: dict = field(default_factory=dict)  # target, achieved, trim or max_drop's epoch (docs/method.md)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -85,6 +89,10 @@ def resolve_recipe(opts: CompressOptions):
         recipe = apply_overrides(recipe, [f"batch_size={opts.batch_size}"], origin="--batch-size")
     if opts.epochs is not None:
         recipe = apply_overrides(recipe, [f"epochs={opts.epochs}"], origin="--epochs")
+    for key in ("target_bops", "target_size", "max_drop"):
+        value = getattr(opts, key)
+        if value is not None:
+            recipe = apply_overrides(recipe, [f"{key}={value}"], origin="--" + key.replace("_", "-"))
     return recipe
 
 
@@ -255,6 +263,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     from codeq_cli.core.insert import dequantized_state_dict, quantize_
     from codeq_cli.models.factory import create, load_model, num_outputs
     from codeq_cli.train.recipe import quantizer_kwargs, recipe_to_yaml
+    from codeq_cli.train.distill import has_batchnorm, make_teacher
+    from codeq_cli.commands import _budget
 
     t0 = time.monotonic()
     info = dist.init(opts.device)
@@ -301,6 +311,15 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         )
     model.to(info.device)
     macs = _first_forward(model, loaded.data.input_size, opts, spec)  # before the baseline: no time lost on a bad size
+    # A budget that cannot be reached is refused here, before anything is printed.
+    save_kwargs = dict(spec=spec, data_config=loaded.data, class_names=classes, recipe=recipe.to_dict(),
+                       provenance=provenance(info, opts.seed, 0, loaded.weights), metrics={}, macs=macs,
+                       data_dir=str(Path(opts.data).resolve()))
+    budget, budget_info = _budget.prepare(recipe, model, macs, save_kwargs,
+                                          _budget.total_steps(len(train_set), recipe, opts.max_steps),
+                                          opts.skip_baseline, opts.resume, info.is_main)
+    from_weights = opts.weights is not None or opts.pretrained
+    teacher = make_teacher(model) if recipe.distill_weight > 0 and from_weights else None
     state = None
     if opts.resume:
         state = runstate.load_state(run_dir / runstate.STATE_FILE)
@@ -328,6 +347,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         res = loop.measure_accuracy(model, loader, info.device, amp=recipe.amp)
         progress.fp_top1 = res.top1
         on_event({"event": "baseline", **res.to_dict()})
+    if budget is not None:
+        budget.fp_top1 = progress.fp_top1
 
     wrapped = quantize_(model, **quantizer_kwargs(recipe), include=recipe.include, exclude=recipe.exclude)
     if not wrapped:
@@ -361,6 +382,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         on_event=on_event, should_stop=should_stop,
         debug_stop_after=int(os.environ.get("CODEQ_DEBUG_STOP_AFTER", "0") or 0),
         debug_dump_dir=Path(os.environ["CODEQ_DEBUG_DUMP_DIR"]) if os.environ.get("CODEQ_DEBUG_DUMP_DIR") else None,
+        budget=budget, teacher=teacher,
     )
     if info.is_main and state is None:
         write_text(run_dir / "recipe.yaml", recipe_to_yaml(recipe))
@@ -368,8 +390,20 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     resumed_from = progress.step if state is not None else None
     progress = fit.run()
 
-    # Evaluate what ships: the decoded model (quantized weights baked in).
+    # The budget's last word (max_drop's best model, or the trim), then batch-norm statistics for it.
     plain = dist.unwrap(net)
+    teacher = None
+    budget_entry = _budget.finish(budget, recipe, plain, macs, budget_info)
+    for ev in ([{"event": "budget", **budget_entry}] if budget_entry else []):
+        on_event(ev)
+    bn_entry = {}
+    if recipe.bn_reestimate > 0 and has_batchnorm(plain):
+        loader = loop.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
+        before_bn = loop.measure_accuracy(plain, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
+        seen = _budget.reestimate(plain, recipe, train_set, opts.seed, info, opts.workers, recipe.amp)
+        bn_entry = {"top1_before_bn": before_bn.top1, "bn_images": seen}
+
+    # Evaluate what ships: the decoded model (quantized weights baked in).
     rows = bops_rows(plain, macs)
     totals = bops_totals(rows)
     decoded = create(spec)
@@ -383,6 +417,9 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     metrics = {"top1": final.top1, "top5": final.top5, "val_samples": final.samples, "fp_top1": progress.fp_top1}
     if progress.fp_top1 is not None:
         metrics["top1_drop"] = progress.fp_top1 - final.top1
+    metrics.update(bn_entry)
+    metrics["distill_weight_used"] = recipe.distill_weight if setup.teacher is not None else 0.0
+    metrics.update(_budget.flat_metrics(budget_entry))
     on_event({"event": "final", **metrics, **{k: totals[k] for k in ("sparsity", "avg_bits", "rel_bops")}})
     for ds in (train_set, val_set):
         if ds.stats.skipped or ds.stats.ignored:
@@ -392,15 +429,20 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     if info.is_main:
         from codeq_cli.formats.history import from_log
 
-        saved = checkpoint.save(
-            opts.out, plain, spec=spec, data_config=loaded.data, class_names=classes, recipe=recipe.to_dict(),
-            provenance=provenance(info, opts.seed, progress.step, loaded.weights, arithmetic), metrics=metrics, macs=macs,
-            data_dir=str(Path(opts.data).resolve()), history=from_log(run_dir / "metrics.jsonl"),
-        )
+        def save():
+            return checkpoint.save(
+                opts.out, plain, spec=spec, data_config=loaded.data, class_names=classes, recipe=recipe.to_dict(),
+                provenance=provenance(info, opts.seed, progress.step, loaded.weights, arithmetic), metrics=metrics,
+                macs=macs, data_dir=str(Path(opts.data).resolve()), history=from_log(run_dir / "metrics.jsonl"),
+            )
+
+        saved = _budget.save_within(save, budget, recipe, plain, macs, budget_info, budget_entry, metrics)
+        totals = bops_totals(bops_rows(plain, macs))
         file_bytes = saved.file_bytes
         result = CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes,
-                                time.monotonic() - t0, resumed_from)
+                                time.monotonic() - t0, resumed_from, budget_entry)
         write_json(run_dir / "summary.json", {**result.to_dict(), "data": {
             "train": train_set.stats.to_dict(), "val": val_set.stats.to_dict()}})
     dist.barrier()
-    return CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes, time.monotonic() - t0, resumed_from)
+    return CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes, time.monotonic() - t0, resumed_from,
+                          budget_entry)

@@ -70,6 +70,7 @@ def report_data(ckpt: CompressedModel) -> dict:
         "avg_bits": t["avg_bits"],
         "mean_layer_sparsity": t["mean_layer_sparsity"],
         "mean_layer_bits": t["mean_layer_bits"],
+        **{k: t[k] for k in ("min_layer_bits", "max_layer_bits", "min_layer_sparsity", "max_layer_sparsity")},
         "file_bytes": ckpt.file_bytes,
         "fp32_bytes": fp32,
         "weight_bytes": weight_bytes,
@@ -204,7 +205,17 @@ def summary_lines(data: dict) -> list[str]:
         f"MACs {_si(t['macs'])}, relative BOPs {t['rel_bops']:.2f}%",
         f"sparsity {t['sparsity']:.3f}, bits {t['avg_bits']:.2f} (parameter-weighted; layer means "
         f"{t['mean_layer_sparsity']:.3f} and {t['mean_layer_bits']:.2f})",
+        f"per layer: bits {t['min_layer_bits']}–{t['max_layer_bits']}, "
+        f"sparsity {t['min_layer_sparsity']:.3f}–{t['max_layer_sparsity']:.3f}",
     ]
+    if m.get("budget_target_bops") is not None:
+        lines.append(f"budget: target {m['budget_target_bops']:.3g}% relative BOPs, achieved {t['rel_bops']:.3g}%")
+    elif m.get("budget_target_size") is not None:
+        lines.append(f"budget: target {int(m['budget_target_size'])} bytes, file {t['file_bytes']} bytes")
+    elif m.get("budget_max_drop") is not None:
+        epoch = m.get("budget_best_epoch")
+        lines.append(f"budget: top-1 within {m['budget_max_drop']:g} points of FP"
+                     + (f", checkpoint from epoch {int(epoch) + 1}" if epoch is not None else ", not met"))
     size = f"file {_mb(t['file_bytes'])}, fp32 {_mb(t['fp32_bytes'])}: {t['compression_ratio']:.1f}× smaller"
     if t["file_vs_bound"] is not None:
         size += (f"; entropy bound of the codes {_mb(t['entropy_bound_bytes'])} (file {t['file_vs_bound']:.3f}×, "

@@ -201,4 +201,9 @@ def bops_totals(rows: Iterable[LayerRow]) -> dict:
         "avg_bits": sum(r.bits * r.params for r in rows) / params if params else 0.0,
         "mean_layer_sparsity": sum(r.sparsity for r in q) / len(q) if q else 0.0,
         "mean_layer_bits": sum(r.bits for r in q) / len(q) if q else 0.0,
+        # the per-layer spread: learned bit-widths and sparsities that differ where the layers differ
+        "min_layer_bits": min((r.bits for r in q), default=0),
+        "max_layer_bits": max((r.bits for r in q), default=0),
+        "min_layer_sparsity": min((r.sparsity for r in q), default=0.0),
+        "max_layer_sparsity": max((r.sparsity for r in q), default=0.0),
     }

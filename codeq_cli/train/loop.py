@@ -54,6 +54,8 @@ from codeq_cli.formats import runstate
 from codeq_cli.formats.runstate import RunPosition
 from codeq_cli.data.folders import build_loader
 from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
+from codeq_cli.train.budget import BudgetRun
+from codeq_cli.train.distill import task_loss
 
 Event = dict
 OnEvent = Callable[[Event], None]
@@ -251,6 +253,8 @@ class FitSetup:
     should_stop: Callable[[], bool] = lambda: False
     debug_stop_after: int = 0  # the last rank asks to stop after this step (CODEQ_DEBUG_STOP_AFTER)
     debug_dump_dir: Path | None = None  # every rank dumps its quantizers here at the end (CODEQ_DEBUG_DUMP_DIR)
+    budget: BudgetRun | None = None  # the controller, when compressing to a budget (train.budget)
+    teacher: nn.Module | None = None  # the frozen FP model, for distillation (train.distill)
 
 
 class Fit:
@@ -271,6 +275,8 @@ class Fit:
         self.progress = progress or RunPosition()
         self.loader = build_loader(setup.train_set, batch_sampler=self.sampler, workers=setup.workers,
                                    pin_memory=setup.device.type == "cuda", seed=setup.seed)
+        if state is not None and setup.budget is not None:
+            setup.budget.load_state_dict(state)
         self.last_save = time.monotonic()
         self.saved_step = self.progress.step if state is not None else None  # the step of the state on disk
         self.metrics_path = setup.run_dir / "metrics.jsonl"
@@ -303,6 +309,8 @@ class Fit:
         if self.s.info.is_main:
             state = runstate.run_state(dist.unwrap(self.s.model), self.optimizer, self.scheduler, self.progress,
                                        self.s.fingerprint, self.s.info.world_size, rngs)
+            if self.s.budget is not None:
+                state.update(self.s.budget.state_dict())  # the controller's state (and max_drop's best model)
             runstate.save_state(state, self.s.run_dir / runstate.STATE_FILE)
         dist.barrier()
         self.last_save = time.monotonic()
@@ -324,8 +332,16 @@ class Fit:
     def _forward_loss(self, images, target, amp: bool, label_smoothing: float, lambda_bit: float):
         s, r = self.s, self.s.recipe
         with autocast_for(s.device, amp):
-            task = F.cross_entropy(_logits(s.model(images)).float(), target, label_smoothing=label_smoothing)
-        reg = penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
+            out = _logits(s.model(images)).float()
+            teacher = None
+            if s.teacher is not None and r.distill_weight > 0:
+                with torch.no_grad():
+                    teacher = _logits(s.teacher(images)).float()
+        task = task_loss(out, target, teacher, r.distill_weight, r.distill_temperature, label_smoothing)
+        if s.budget is not None:
+            reg = s.budget.penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
+        else:
+            reg = penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
         if self.act_bit_logits and r.lambda_act_bit:  # codeq's extension: λ_act_bit · Σ θ_act_bit²
             reg = reg + r.lambda_act_bit * torch.stack([p.square() for p in self.act_bit_logits]).sum()
         return task + reg, task, reg
@@ -373,10 +389,15 @@ class Fit:
                 raise NonFiniteLoss(p.step, loss_value, task_ok=math.isfinite(task_value))
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            before = s.budget.before_step(self.logits) if s.budget is not None else None
             self.optimizer.step()
+            if s.budget is not None:
+                s.budget.after_optimizer_step(before, self.logits)
             self.scheduler.step()
             p.step += 1
             p.batch += 1
+            if s.budget is not None:
+                s.budget.after_step(model, p.step, self.total_steps)
             event = {
                 "event": "step",
                 "epoch": epoch,
@@ -390,6 +411,8 @@ class Fit:
             if p.step % s.log_every == 0 or p.step == self.total_steps:
                 if s.info.is_main:
                     event.update(compression_stats(model, s.macs))
+                if s.budget is not None:
+                    event.update(s.budget.log_fields(p.step))
                 self.log(event)
             else:
                 s.on_event(event)
@@ -446,6 +469,9 @@ class Fit:
         event = {"event": "eval", "epoch": epoch, "step": self.progress.step, **res.to_dict()}
         if s.info.is_main:
             event.update(compression_stats(s.model, s.macs))
+        if s.budget is not None:
+            event.update(s.budget.on_eval(s.model, epoch, self.progress.step, res.top1, self.steps_per_epoch,
+                                          self.total_steps))
         self.progress.history.append({k: event[k] for k in event if k != "event"})
         self.log(event)
 

@@ -90,6 +90,19 @@ class Recipe(BaseModel):
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="two numbers [min, max] with 0 < min <= max <= 1")
     hflip: bool = Field(True, description="true or false")
 
+    # -- the budget (docs/method.md, "Compressing to a budget"): at most one of the three
+    target_bops: float | None = Field(None, gt=0, lt=100, description="a number in (0, 100): relative BOPs in percent, or null")
+    target_size: int | None = Field(None, ge=1, description="a size in bytes (2000000, 2MB, 1.5MiB, 800kB), or null")
+    max_drop: float | None = Field(None, ge=0, description="a number >= 0: top-1 points below the FP model, or null")
+    budget_ramp: float = Field(0.6, gt=0, le=1,
+                               description="a number in (0, 1]: the fraction of training by which the target is reached")
+    budget_every: int = Field(5, ge=1, description="an integer >= 1 (steps between measurements of the budget's figure)")
+
+    # -- accuracy at the budget (docs/method.md, "Accuracy at the budget")
+    distill_weight: float = Field(0.5, ge=0, le=1, description="a number in [0, 1] (0: no distillation)")
+    distill_temperature: float = Field(2.0, gt=0, description="a number > 0")
+    bn_reestimate: int = Field(20, ge=0, description="an integer >= 0 (training batches; 0: off)")
+
     # -- execution --------------------------------------------------------------
     amp: bool = Field(True, description="true or false")
     channels_last: bool = Field(False, description="true or false")
@@ -121,6 +134,16 @@ class Recipe(BaseModel):
             return [str(p) if isinstance(p, int) and not isinstance(p, bool) else p for p in v]
         return v
 
+    @field_validator("target_size", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        if isinstance(v, (str, float)) and not isinstance(v, bool):
+            try:
+                return parse_size(v)
+            except ValueError:
+                _fail("target_size", v, "is not a size")
+        return v
+
     @field_validator("crop_scale", mode="before")
     @classmethod
     def _pair(cls, v: Any) -> Any:
@@ -142,6 +165,10 @@ class Recipe(BaseModel):
         lo, hi = self.crop_scale
         if not (0 < lo <= hi <= 1):
             _fail("crop_scale", list(self.crop_scale), "is out of range")
+        given = [k for k in ("target_bops", "target_size", "max_drop") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise _error(f"{given[0]} and {given[1]} are both set; codeq compresses to one budget at a time",
+                         f"keep one: pass one of --target-bops, --target-size, --max-drop (in a recipe, set the others to null: {given[1]}: null)", given[1])
         if self.include is not None and not self.include:
             raise _error("include=[] would quantize no layer", "use include: null for every layer, or list patterns", "include")
         if self.act_b_min > self.act_b_max:
@@ -190,6 +217,24 @@ def quantizer_kwargs(recipe: Recipe) -> dict[str, Any]:
             exclude=tuple(recipe.act_exclude or ()),
         )
     return kw
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(value) -> int:
+    """``2MB``, ``1.5 MiB``, ``800kB``, ``123456`` → bytes (MB = 10⁶ bytes, MiB = 2²⁰)."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size")
+    return int(round(float(m.group(1)) * _UNITS[m.group(2).lower()]))
 
 
 # -- validation messages -----------------------------------------------------------

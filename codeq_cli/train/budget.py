@@ -1,0 +1,373 @@
+"""Compressing to a budget: the measured figure, what can be reached, and the pressure controller.
+
+``docs/method.md``, "Compressing to a budget" (codeq's extension, not the
+paper's). A budget is one of
+
+- ``target_bops``: relative BOPs in percent of the dense FP32 BOPs (``codeq report``'s figure);
+- ``target_size``: bytes of the compressed checkpoint as written;
+- ``max_drop``: top-1 points below the FP model's, compressing as far as that allows.
+
+The :class:`Controller` replaces the user's guess of λ by a pressure
+``p = exp(u)`` that multiplies the recipe's penalty, with per-layer weights
+``w_ℓ`` proportional to each layer's share of the measured cost::
+
+    L = task + p · (λ_dz Σ w_ℓ θ_dz,ℓ² + λ_bit Σ w_ℓ θ_bit,ℓ²)
+
+Every ``every`` steps it measures the figure (on rank 0, shared with every rank)
+and moves ``u`` by the log error against a planned path that goes
+geometrically from the starting figure to the target by ``ramp`` of the
+steps and then holds it. Exactness at the end is the job of
+:func:`codeq_cli.train.trim.trim`.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from codeq_cli.core.bops import A_BITS, FP_BITS, bops_rows, bops_totals
+from codeq_cli.core.insert import quantized_weights
+from codeq_cli.errors import UsageError
+from codeq_cli.train.recipe import parse_size  # noqa: F401  (re-exported: budget sizes)
+
+TOLERANCE = 0.03  # the end figure lies in [target·(1 − 3%), target]
+def budget_kind(recipe) -> str | None:
+    """``"bops"``, ``"size"``, ``"max_drop"`` or None (λ as given, the paper's way)."""
+    if recipe.target_bops is not None:
+        return "bops"
+    if recipe.target_size is not None:
+        return "size"
+    if recipe.max_drop is not None:
+        return "max_drop"
+    return None
+
+
+# -- measuring -------------------------------------------------------------------------
+def _table_bytes(counts: torch.Tensor) -> int:
+    """Bytes of the frequency table :func:`codeq_cli.formats.entropy.encode` writes."""
+    nz = counts[counts > 0].tolist()
+    varint = lambda v: max(1, (int(v).bit_length() + 6) // 7)  # noqa: E731
+    return varint(len(nz)) + sum(1 + varint(c) for c in nz)
+
+
+@torch.no_grad()
+def layer_figures(model: nn.Module, macs: dict[str, int], size: bool = False) -> list[dict]:
+    """Per quantized layer: params, MACs, bits, non-zero codes (and coded bytes, estimated from the histogram)."""
+    out = []
+    for qw in quantized_weights(model):
+        enc = qw.quantizer.encode(qw.original)
+        n = enc.codes.numel()
+        row = {"name": qw.name, "params": n, "macs": int(macs.get(qw.name, 0)), "bits": enc.bits,
+               "nonzero": int(torch.count_nonzero(enc.codes))}
+        if size:
+            counts = torch.bincount(enc.codes.reshape(-1).to(torch.int64) + 128, minlength=256).double()
+            p = counts[counts > 0] / n
+            bound_bits = float(-(counts[counts > 0] * torch.log2(p)).sum())
+            row["bytes"] = _table_bytes(counts) + 4 * (math.ceil(bound_bits / 32) + 1) if (counts > 0).sum() > 1 \
+                else _table_bytes(counts)
+        out.append(row)
+    return out
+
+
+def measure(kind: str, model: nn.Module, macs: dict[str, int], size_overhead: int = 0) -> tuple[float, list[float]]:
+    """The figure the budget is about (relative BOPs %, or bytes) and each quantized layer's cost share."""
+    if kind == "size":
+        rows = layer_figures(model, macs, size=True)
+        costs = [float(r["bytes"]) for r in rows]
+        return float(size_overhead + sum(costs)), costs
+    rows = layer_figures(model, macs)
+    costs = [r["nonzero"] / max(1, r["params"]) * r["macs"] * r["bits"] * A_BITS for r in rows]
+    return rel_bops(model, macs), costs
+
+
+def rel_bops(model: nn.Module, macs: dict[str, int]) -> float:
+    """Relative BOPs (%) as ``codeq report`` computes it."""
+    return float(bops_totals(bops_rows(model, macs))["rel_bops"])
+
+
+# -- what can be reached ----------------------------------------------------------------------
+@torch.no_grad()
+def reachable(kind: str, model: nn.Module, macs: dict[str, int], size_overhead: int, start: float) -> tuple[float, float]:
+    """``(lowest, start)``: the figure at the widest dead zones and fewest bits, and the figure now.
+
+    The widest dead zone is ``d = 2R`` (θ_dz = 0): every ``|w| ≤ R`` is
+    pruned and about 1 − quantile of the weights stay. The bit-width is then
+    ``b_min`` (mixed) or the fixed one. For the size, each kept weight costs at
+    least its sign, so a layer needs at least ``n·(h(ρ) + ρ)/8`` bytes
+    (``h``: binary entropy, ``ρ``: density), exact at 2 bits.
+    """
+    quantized = {}
+    for qw in quantized_weights(model):
+        w = qw.original.detach()
+        R = qw.quantizer.absmax(w)
+        rho = float((w.abs() > R).sum()) / max(1, w.numel())
+        bits = qw.quantizer.b_min if qw.quantizer.mixed else qw.quantizer.bits
+        quantized[qw.name] = (w.numel(), rho, bits)
+    if kind == "size":
+        low = float(size_overhead)
+        for n, rho, _ in quantized.values():
+            h = 0.0 if rho in (0.0, 1.0) else -(rho * math.log2(rho) + (1 - rho) * math.log2(1 - rho))
+            low += n * (h + rho) / 8.0
+        return low, start
+    rows = bops_rows(model, macs)
+    dense = sum(r.macs for r in rows) * FP_BITS * A_BITS
+    low = 0.0
+    for r in rows:
+        if r.name in quantized:
+            _, rho, bits = quantized[r.name]
+            low += rho * r.macs * bits * A_BITS
+        else:
+            low += r.bops
+    return (100.0 * low / dense if dense else 0.0), start
+
+
+def _show(kind: str, v: float) -> str:
+    return f"{v:.3g}%" if kind == "bops" else f"{int(math.ceil(v))} bytes ({v / 1e6:.3f} MB)"
+
+
+def check_target(kind: str, target: float, low: float, start: float, size_floor: float | None = None) -> None:
+    """Refuse, before training, a target outside ``(low, start)``: one line naming the reachable range."""
+    flag = {"bops": "--target-bops", "size": "--target-size"}[kind]
+    shown = f"{target:g}" if kind == "bops" else f"{int(target)}"
+    span = f"reachable from this start: {_show(kind, low)} to {_show(kind, start)}"
+    if kind == "size" and size_floor is not None and target < size_floor:
+        raise UsageError(f"{flag} {shown} is smaller than the float tensors and metadata alone ({int(size_floor)} bytes)",
+                         hint=f"{span}; exclude fewer layers or raise the target")
+    if target >= start:
+        raise UsageError(f"{flag} {shown} is already met at the start ({_show(kind, start)})",
+                         hint=f"{span}; choose a smaller target")
+    if target <= low * (1 + TOLERANCE):
+        raise UsageError(f"{flag} {shown} is below what the allowed bit-widths and sparsity can give",
+                         hint=f"{span}; raise the target, or lower b_min/bits")
+
+
+# -- the controller -----------------------------------------------------------------------------
+@dataclass
+class Controller:
+    """Rates and pressure of the logits from the measured figure, along a planned path.
+
+    The plan is geometric from ``anchor`` (the figure at ``anchor_step``) to
+    ``target`` at ``ramp_end``, then flat: the hold phase. After each
+    measurement, with ``e = ln(measured / planned)``:
+
+    - ``down = clip(k·e, 0, boost)``, ``up = clip(−k·e, 0, 1)``: the share of its
+      optimizer step a logit keeps when the step compresses (``|θ|`` falls) or
+      relaxes it. Above the plan only compressing moves happen, below it only
+      relaxing ones, at a speed proportional to the error; on the plan the
+      logits stand still while the weights keep training. Far above the plan
+      (more than ``1/k`` in log) the compressing steps are enlarged up to
+      ``boost`` times: a run whose logit learning rate is too small for its
+      budget still gets there.
+    - per-layer rates ``w_ℓ = sqrt(cost_ℓ / max cost)``: layers holding more of the
+      figure move faster (the penalty is weighted by the same ``w_ℓ``).
+    - ``u`` (the log of the pressure ``p`` on the penalty) moves by
+      ``gain·e`` (at most ``max_move``; ``|u| ≤ u_max``): when no layer's
+      step compresses any more, the pull grows until some do; below the plan
+      it shrinks and the task gradient relaxes the layers that need it most.
+    """
+
+    kind: str
+    target: float
+    start: float
+    total_steps: int
+    ramp: float = 0.6
+    every: int = 5
+    k: float = 20.0
+    boost: float = 4.0
+    gain: float = 0.5
+    max_move: float = 0.25
+    u_max: float = 8.0
+    u: float = 0.0
+    down: float = 1.0
+    up: float = 0.0
+    measured: float = float("nan")
+    weights: list[float] = field(default_factory=list)
+    anchor_step: int = 0
+    anchor: float = float("nan")
+    ramp_end: int = -1
+    updates: int = 0
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.anchor):
+            self.anchor = self.start
+        if math.isnan(self.measured):
+            self.measured = self.start
+        if self.ramp_end < 0:
+            self.ramp_end = max(1, int(round(self.ramp * self.total_steps)))
+
+    @property
+    def pressure(self) -> float:
+        return math.exp(self.u)
+
+    def planned(self, step: int) -> float:
+        span = max(1, self.ramp_end - self.anchor_step)
+        x = min(1.0, max(0.0, (step - self.anchor_step) / span))
+        return self.anchor * (self.target / self.anchor) ** x
+
+    def retarget(self, target: float, step: int, over_steps: int) -> None:
+        """A new target, reached from the figure measured now within ``over_steps`` (``max_drop``)."""
+        self.target, self.anchor_step, self.anchor = target, step, self.measured
+        self.ramp_end = step + max(1, over_steps)
+
+    def update(self, step: int, measured: float, costs: list[float]) -> None:
+        """One measurement after ``step`` steps: new rates, weights and pressure."""
+        self.measured = measured
+        e = math.log(max(measured, 1e-12) / max(self.planned(step), 1e-12))
+        self.down = min(self.boost, max(0.0, self.k * e))
+        self.up = min(1.0, max(0.0, -self.k * e))
+        self.u = min(self.u_max, max(-self.u_max, self.u + min(self.max_move, max(-self.max_move, self.gain * e))))
+        self.updates += 1
+        top = max(costs) if costs else 0.0
+        self.weights = [math.sqrt(c / top) for c in costs] if top > 0 else [1.0] * len(costs)
+
+    def _w(self, n: int) -> list[float]:
+        return self.weights if len(self.weights) == n else [1.0] * n
+
+    @torch.no_grad()
+    def scale_steps(self, before: list[torch.Tensor], logits: list[list[torch.Tensor]]) -> None:
+        """After the optimizer step: keep ``down·w_ℓ`` (compressing) or ``up·w_ℓ`` (relaxing) of each logit's move.
+
+        ``before`` holds the logits before the step, in the order of
+        ``logits`` flattened (dead-zone logits, then bit logits); each list
+        of ``logits`` has one entry per quantized layer.
+        """
+        i = 0
+        for group in logits:
+            w = self._w(len(group))
+            for j, p in enumerate(group):
+                old = before[i]
+                i += 1
+                compress = bool(p.abs() < old.abs())
+                p.copy_(old + (p - old) * (w[j] * (self.down if compress else self.up)))
+
+    def penalty(self, dz: list[torch.Tensor], bit: list[torch.Tensor], lambda_dz: float, lambda_bit: float,
+                device=None) -> torch.Tensor:
+        """``p · (λ_dz Σ w_ℓ θ_dz² + λ_bit Σ w_ℓ θ_bit²)``; before the first measurement every ``w_ℓ = 1``."""
+        total = torch.zeros((), device=dz[0].device if dz else device)
+        if not dz:
+            return total
+        w = torch.tensor(self._w(len(dz)), dtype=dz[0].dtype, device=dz[0].device)
+        if lambda_dz:
+            total = total + lambda_dz * (w * torch.stack([p.square() for p in dz])).sum()
+        if bit and lambda_bit:
+            total = total + lambda_bit * (w * torch.stack([p.square() for p in bit])).sum()
+        return self.pressure * total
+
+    def log_fields(self, step: int) -> dict:
+        return {"budget": self.kind, "target": self.target, "planned": self.planned(step), "measured": self.measured,
+                "pressure": self.pressure, "rate_down": self.down, "rate_up": self.up}
+
+    _STATE = ("target", "u", "down", "up", "measured", "weights", "anchor_step", "anchor", "ramp_end", "updates")
+
+    def state_dict(self) -> dict:
+        return {"kind": self.kind, "start": self.start, **{k: getattr(self, k) for k in self._STATE}}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in self._STATE:
+            setattr(self, k, state[k])
+        self.weights = list(state["weights"])
+
+
+# -- one run's budget: the controller wired to a model --------------------------------------------
+class BudgetRun:
+    """The controller of one training run, plus ``max_drop``'s bookkeeping.
+
+    :class:`codeq_cli.train.loop.Fit` calls :meth:`penalty` in the loss,
+    :meth:`before_step`/:meth:`after_optimizer_step` around the optimizer step,
+    :meth:`after_step` after it and :meth:`on_eval` after each evaluation;
+    :meth:`state_dict` goes into the run state. Every rank applies rank 0's
+    measurement (one host all-reduce per measurement), so every rank uses the
+    same rates and pressure at every step.
+    """
+
+    def __init__(self, controller: Controller, macs: dict[str, int], size_overhead: int = 0,
+                 max_drop: float | None = None, fp_top1: float | None = None, is_main: bool = True) -> None:
+        self.c = controller
+        self.macs = macs
+        self.size_overhead = size_overhead
+        self.max_drop = max_drop
+        self.fp_top1 = fp_top1
+        self.is_main = is_main
+        self.best: dict | None = None  # max_drop: {"epoch", "step", "figure", "top1"}
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.figure_kind = "size" if controller.kind == "size" else "bops"
+
+    # -- the step
+    def penalty(self, dz, bit, lambda_dz: float, lambda_bit: float, device=None) -> torch.Tensor:
+        return self.c.penalty(dz, bit, lambda_dz, lambda_bit, device)
+
+    @torch.no_grad()
+    def before_step(self, logits: tuple[list, list]) -> list[torch.Tensor]:
+        return [p.detach().clone() for group in logits for p in group]
+
+    def after_optimizer_step(self, before: list[torch.Tensor], logits: tuple[list, list]) -> None:
+        self.c.scale_steps(before, [g for g in logits if g])
+
+    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        if step % self.c.every and step != total_steps:
+            return
+        from codeq_cli.train import dist
+
+        plain = dist.unwrap(model)
+        n = sum(1 for _ in quantized_weights(plain))
+        if self.is_main:
+            figure, costs = measure(self.figure_kind, plain, self.macs, self.size_overhead)
+        else:
+            figure, costs = 0.0, [0.0] * n
+        figure, *costs = dist.host_sum([figure, *costs])  # rank 0's numbers on every rank
+        self.c.update(step, figure, costs)
+
+    def log_fields(self, step: int) -> dict:
+        return self.c.log_fields(step)
+
+    # -- max_drop
+    def on_eval(self, model: nn.Module, epoch: int, step: int, top1: float, steps_per_epoch: int, total_steps: int) -> dict:
+        """After an evaluation: keep the most compressed model within ``max_drop``; back off when it is missed."""
+        if self.max_drop is None or self.fp_top1 is None:
+            return {}
+        from codeq_cli.train import dist
+
+        plain = dist.unwrap(model)
+        figure = rel_bops(plain, self.macs) if self.is_main else 0.0
+        figure = dist.host_sum([figure])[0]
+        met = top1 >= self.fp_top1 - self.max_drop
+        if met and (self.best is None or figure < self.best["figure"]):
+            self.best = {"epoch": epoch, "step": step, "figure": figure, "top1": top1}
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in plain.state_dict().items()}
+        if not met and step < total_steps:
+            # Back off: aim at the best figure that met the bound (or halfway back up) over the next epoch.
+            goal = self.best["figure"] if self.best is not None else math.sqrt(figure * self.c.start)
+            self.c.retarget(max(goal, figure), step, steps_per_epoch)
+        return {"max_drop_met": met, "best_epoch": None if self.best is None else self.best["epoch"]}
+
+    def restore_best(self, model: nn.Module) -> dict | None:
+        """Load the most compressed model that met ``max_drop`` (None when none did)."""
+        if self.best_state is None:
+            return None
+        from codeq_cli.train import dist
+
+        dist.unwrap(model).load_state_dict(self.best_state)
+        return self.best
+
+    # -- the run state
+    def state_dict(self) -> dict:
+        import json
+
+        out = {"budget": json.dumps({"controller": self.c.state_dict(), "best": self.best})}
+        if self.best_state is not None:
+            out["budget_best"] = self.best_state
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        import json
+
+        if "budget" not in state:
+            return
+        data = json.loads(state["budget"])
+        self.c.load_state_dict(data["controller"])
+        self.best = data["best"]
+        self.best_state = state.get("budget_best")

@@ -1,0 +1,268 @@
+"""Compressing to a budget: the controller, the trim, the refusals, resume, distillation and BN re-estimation."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from codeq_cli.commands.compress import CompressOptions, run
+from codeq_cli.formats import checkpoint
+from codeq_cli.train.budget import Controller, parse_size
+from codeq_cli.train.distill import kd_loss, reestimate_bn, task_loss
+from codeq_cli.errors import InterruptedRun as Interrupted
+from conftest import TINY, make_image_folder, run_cli
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("bud") / "data", per_class=8, val_per_class=3, size=36)
+
+
+# -- the controller against a deterministic stand-in of training ----------------------------------
+def standin(target: float, steps: int = 400, every: int = 5, ramp: float = 0.6):
+    """Eight layers, one logit each, trained by AdamW on a task loss that resists compression.
+
+    The figure is a step function (resolution 0.05) of the logits, as BOPs are
+    of the codes; the layers differ in cost and in sensitivity.
+    """
+    g = torch.Generator().manual_seed(0)
+    cost = torch.tensor([1, 4, 4, 2, 8, 8, 3, 0.5])
+    sens = torch.tensor([2.0, 0.3, 0.5, 0.2, 0.1, 0.15, 0.4, 3.0]) * 2.0
+    thetas = [nn.Parameter(torch.tensor(3.0)) for _ in cost]
+    opt = torch.optim.AdamW(thetas, lr=0.02, weight_decay=0)
+
+    def t2():
+        return torch.tanh(torch.stack([t.detach() for t in thetas])).square()
+
+    def figure() -> float:
+        return float(torch.floor(25 * (cost * t2()).sum() / cost.sum() / 0.05) * 0.05)
+
+    c = Controller("bops", target, figure(), steps, ramp=ramp, every=every)
+    history = []
+    for s in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = 0.02 * 0.5 * (1 + math.cos(math.pi * s / steps))
+        opt.zero_grad()
+        th = torch.stack(thetas)
+        task = (sens * (1 - torch.tanh(th)).square()).sum() + 1e-3 * (torch.randn(len(cost), generator=g) * th).sum()
+        (task + c.penalty(thetas, [], 0.05, 0.0)).backward()
+        before = [p.detach().clone() for p in thetas]
+        opt.step()
+        c.scale_steps(before, [thetas])
+        if (s + 1) % every == 0:
+            c.update(s + 1, figure(), (cost * t2()).tolist())
+        history.append((s + 1, figure(), c.planned(s + 1)))
+    return c, history, [float(t.detach()) for t in thetas]
+
+
+@pytest.mark.parametrize("target", [2.0, 4.0, 8.0, 15.0])
+def test_controller_converges_without_oscillating_and_holds(target):
+    c, history, thetas = standin(target)
+    hold = [(s, f, p) for s, f, p in history if s >= c.ramp_end]
+    assert all(p == target for _, _, p in hold)  # the plan holds the target after the ramp
+    final = history[-1][1]
+    assert abs(final / target - 1) <= 0.03, final
+    # It settles within a fifth of the hold phase and stays there; it never overshoots below the target.
+    settle = c.ramp_end + (c.total_steps - c.ramp_end) // 5
+    assert all(abs(f / target - 1) <= 0.03 for s, f, _ in hold if s >= settle), [f for _, f, _ in hold]
+    assert all(f >= target * 0.97 for _, f, _ in hold) and all(f <= target * 1.15 for _, f, _ in hold)
+    crossings = sum(1 for (_, a, _), (_, b, _) in zip(hold, hold[1:]) if (a - target) * (b - target) < 0)
+    assert crossings <= 2
+    # Along the ramp it follows the plan, lagging at most 25% where the plan is steepest for the logits' speed.
+    mid = [(f, p) for s, f, p in history if c.ramp_end // 2 <= s < c.ramp_end]
+    assert all(f <= p * 1.25 for f, p in mid)
+    # The layers end at different logits: the costly, insensitive layers compressed most.
+    assert max(thetas) - min(thetas) > 0.5
+    assert thetas[4] < thetas[0] and thetas[5] < thetas[7]
+
+
+def test_controller_update_by_hand():
+    c = Controller("bops", target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
+    assert c.ramp_end == 50 and c.planned(0) == 20.0 and c.planned(50) == pytest.approx(5.0)
+    assert c.planned(25) == pytest.approx(10.0)  # geometric: halfway in log space
+    c.update(25, 11.0, [4.0, 1.0, 0.0])
+    e = math.log(11.0 / 10.0)
+    assert c.down == pytest.approx(min(4.0, 20 * e)) and c.up == 0.0
+    assert c.u == pytest.approx(min(0.25, 0.5 * e))
+    assert c.weights == [1.0, 0.5, 0.0]
+    c.update(30, 7.0, [1.0, 1.0, 1.0])
+    e2 = math.log(7.0 / (20 * 0.25 ** 0.6))
+    assert c.down == 0.0 and c.up == pytest.approx(min(1.0, -20 * e2))
+    # The penalty by hand: p · (λ_dz Σ w θ_dz² + λ_bit Σ w θ_bit²).
+    dz = [torch.tensor(2.0), torch.tensor(1.0), torch.tensor(3.0)]
+    bit = [torch.tensor(1.0), torch.tensor(2.0), torch.tensor(0.5)]
+    got = c.penalty(dz, bit, 0.1, 0.2)
+    assert float(got) == pytest.approx(c.pressure * (0.1 * (4 + 1 + 9) + 0.2 * (1 + 4 + 0.25)), rel=1e-6)
+    # Moves: compressing ones (|θ| falls) keep down·w, relaxing ones up·w.
+    c.down, c.up, c.weights = 0.5, 0.25, [1.0, 0.5]
+    before = [torch.tensor(1.0), torch.tensor(1.0)]
+    after = [torch.tensor(0.8), torch.tensor(1.4)]
+    c.scale_steps(before, [after])
+    assert float(after[0]) == pytest.approx(1.0 - 0.2 * 0.5) and float(after[1]) == pytest.approx(1.0 + 0.4 * 0.25 * 0.5)
+    state = c.state_dict()
+    d = Controller("bops", 5.0, 20.0, 100)
+    d.load_state_dict(json.loads(json.dumps(state)))
+    assert d.state_dict() == state
+
+
+def test_parse_size():
+    assert parse_size("2MB") == 2_000_000 and parse_size("1.5MiB") == 1_572_864 and parse_size("800kB") == 800_000
+    assert parse_size(1234) == 1234 and parse_size("1234") == 1234
+    with pytest.raises(ValueError):
+        parse_size("2XB")
+
+
+# -- distillation and batch-norm re-estimation -------------------------------------------------------
+def test_kd_loss_by_hand():
+    s = torch.tensor([[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [1.0, 1.0, 1.0]])
+    T = 2.0
+    total = 0.0
+    for i in range(2):
+        p_t = [math.exp(v / T) for v in t[i].tolist()]
+        p_t = [v / sum(p_t) for v in p_t]
+        p_s = [math.exp(v / T) for v in s[i].tolist()]
+        p_s = [v / sum(p_s) for v in p_s]
+        total += sum(a * math.log(a / b) for a, b in zip(p_t, p_s))
+    assert float(kd_loss(s, t, T)) == pytest.approx(T * T * total / 2, rel=1e-6)
+    y = torch.tensor([1, 2])
+    ce = float(nn.functional.cross_entropy(s, y))
+    assert float(task_loss(s, y, t, 0.25, T)) == pytest.approx(0.75 * ce + 0.25 * T * T * total / 2, rel=1e-6)
+    assert float(task_loss(s, y, None, 0.25, T)) == pytest.approx(ce)
+    assert float(kd_loss(t, t, T)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_bn_reestimation_changes_only_bn_buffers_and_averages_the_batches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 2))
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batches = [(torch.randn(5, 3, 8, 8), torch.zeros(5)) for _ in range(3)]
+    assert reestimate_bn(model, batches, torch.device("cpu")) == 15
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"1.running_mean", "1.running_var", "1.num_batches_tracked"}
+    assert not model.training and model[1].momentum == 0.1
+    # The cumulative average of the per-batch means of the conv output.
+    with torch.no_grad():
+        means = [model[0](x).mean(dim=(0, 2, 3)) for x, _ in batches]
+    torch.testing.assert_close(after["1.running_mean"], torch.stack(means).mean(0))
+    assert reestimate_bn(nn.Linear(2, 2), batches, torch.device("cpu")) == 0  # no BN: skipped
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+def _common(data: Path, **kw) -> dict:
+    base = dict(model="timm:test_resnet", data=data, pretrained=False, num_classes=3, img_size=32, workers=0,
+                log_every=2, seed=1)
+    base.update(kw)
+    return base
+
+
+def test_target_bops_lands_within_tolerance_and_is_reported(data, tmp_path, capsys):
+    out = tmp_path / "b.pt"
+    code, stdout, err = run_cli(["compress", *TINY, "--data", str(data), "--out", str(out), "--max-steps", "6",
+                                 "--batch-size", "8", "--log-every", "2", "--target-bops", "6", "--json",
+                                 "--set", "lr_dz=0.3", "--set", "lr_bit=0.3", "--set", "budget_every=1"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    b = result["budget"]
+    assert b["kind"] == "bops" and b["target"] == 6.0
+    assert 6.0 * 0.97 <= b["achieved"] <= 6.0
+    ck = checkpoint.load(out)
+    from codeq_cli.commands.report import report_data
+
+    rel = report_data(ck)["totals"]["rel_bops"]
+    assert rel == pytest.approx(b["achieved"]) and 6.0 * 0.97 <= rel <= 6.0
+    steps = [json.loads(x) for x in (tmp_path / "b.run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [e for e in steps if e["event"] == "step"]
+    assert logged and all({"target", "measured", "planned", "pressure", "rate_down"} <= e.keys() for e in logged)
+    assert logged[-1]["measured"] < logged[0]["measured"] or b["trim"]["trimmed"]
+
+
+def test_target_size_lands_within_tolerance(data, tmp_path):
+    out = tmp_path / "s.pt"
+    res = run(CompressOptions(out=out, max_steps=4, skip_baseline=True, target_size="120kB",
+                              **_common(data, overrides=["batch_size=8", "lr_dz=0.3", "budget_every=1"])))
+    size = out.stat().st_size
+    assert 120_000 * 0.97 <= size <= 120_000, size
+    assert res.budget["achieved"] == size == res.metrics["budget_achieved"]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--target-bops", "60"], "already met at the start"),
+    (["--target-bops", "0.01"], "below what the allowed bit-widths and sparsity can give"),
+    (["--target-size", "1kB"], "smaller than the float tensors and metadata alone"),
+    (["--target-bops", "5", "--max-drop", "1"], "one budget at a time"),
+    (["--max-drop", "1", "--skip-baseline"], "needs the FP top-1"),
+])
+def test_unreachable_targets_are_refused_before_training_with_the_range(data, tmp_path, capsys, flags, expected):
+    out = tmp_path / "r.pt"
+    code, stdout, err = run_cli(["compress", *TINY, "--data", str(data), "--out", str(out), "--max-steps", "2",
+                                 "--batch-size", "8", *flags], capsys)
+    assert code == 2 and expected in err and err.count("\n") == 1, err
+    if len(flags) == 2:  # a target: the line names the reachable range
+        assert "reachable from this start" in err and ("%" in err if "bops" in flags[0] else "bytes" in err)
+    assert not out.exists() and not stdout
+
+
+def test_resume_with_the_controller_and_teacher_ends_with_the_same_codes(data, tmp_path):
+    torch.manual_seed(5)
+    import timm
+
+    fp = tmp_path / "fp.pt"
+    torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), fp)
+    common = _common(data, max_steps=7, skip_baseline=True, target_bops=8.0, weights=fp, pretrained=True,
+                     overrides=["batch_size=8", "lr_dz=0.3", "lr_bit=0.3", "budget_every=1", "bn_reestimate=2"])
+    a = run(CompressOptions(out=tmp_path / "a.pt", **common))
+    assert a.metrics["distill_weight_used"] == 0.5 and a.metrics["bn_images"] == 16
+    calls = {"n": 0}
+
+    def stop_after_three() -> bool:
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    with pytest.raises(Interrupted):
+        run(CompressOptions(out=tmp_path / "b.pt", **common), should_stop=stop_after_three)
+    state = torch.load(tmp_path / "b.run" / "state.pt", weights_only=True)
+    assert json.loads(state["budget"])["controller"]["updates"] == 3
+    b = run(CompressOptions(out=tmp_path / "b.pt", resume=True, **common))
+    assert b.resumed_from_step == 3
+    ca, cb = checkpoint.load(tmp_path / "a.pt").layers, checkpoint.load(tmp_path / "b.pt").layers
+    assert ca.keys() == cb.keys()
+    for name in ca:
+        assert torch.equal(ca[name].codes, cb[name].codes), name
+    assert a.budget["achieved"] == b.budget["achieved"] and a.metrics["top1"] == b.metrics["top1"]
+
+
+def test_max_drop_keeps_the_most_compressed_model_that_met_the_bound_and_backs_off():
+    from codeq_cli.core.bops import measure_macs
+    from codeq_cli.core.insert import quantize_, quantized_weights
+    from codeq_cli.train.budget import BudgetRun, rel_bops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    macs = measure_macs(model, (3, 8, 8))
+    quantize_(model, bits=4)
+    start = rel_bops(model, macs)
+    run_ = BudgetRun(Controller("max_drop", start / 50, start, 100), macs, max_drop=1.0, fp_top1=80.0)
+
+    def prune(theta: float) -> float:
+        with torch.no_grad():
+            for qw in quantized_weights(model):
+                qw.quantizer.theta_dz.fill_(theta)
+        return rel_bops(model, macs)
+
+    f1 = prune(1.5)
+    assert run_.on_eval(model, 0, 10, 79.5, 10, 100) == {"max_drop_met": True, "best_epoch": 0}
+    f2 = prune(0.8)
+    assert f2 < f1 and run_.on_eval(model, 1, 20, 79.2, 10, 100)["best_epoch"] == 1
+    run_.c.measured = prune(0.3)
+    assert run_.on_eval(model, 2, 30, 70.0, 10, 100) == {"max_drop_met": False, "best_epoch": 1}
+    assert run_.c.target == pytest.approx(f2) and run_.c.anchor_step == 30 and run_.c.ramp_end == 40
+    assert run_.restore_best(model)["epoch"] == 1
+    assert rel_bops(model, macs) == pytest.approx(f2)  # the checkpoint would be epoch 1's model
