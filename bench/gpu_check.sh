@@ -14,6 +14,8 @@
 #               ranks identical, eval top-1 = compress top-1 (skipped with fewer than 2 GPUs)
 #   throughput  bench/throughput.py: ResNet-18, 224 px, bf16: images/s FP32 vs CoDeQ, peak memory
 #   memory      bench/linear_memory.py: peak memory of a 16384x16384 linear step, plain vs CoDeQ
+#   budget      --target-bops 3 with 8-bit activations and amp: the figure lands in [2.91, 3]
+#   tp_compile  throughput.py --compile: does compiling remove the quantizers' launch overhead?
 #
 # Environment: PYTHON (default python3); OUT (logs go to $OUT/gpu_check/, at most 8
 # files; else to a temporary folder); CODEQ_GPU_CHECK_CPU=1 is --cpu;
@@ -175,7 +177,28 @@ s_memory() {
     echo "KEY: $(tail -n 1 "$WORK/mem.txt")"
     return "$rc"
 }
-export -f s_env s_tests _same_top1 s_compress s_compile s_ddp s_throughput s_memory
+s_budget() {  # the budget controller, distillation-free random start, and 8-bit activations on the device
+    "$PY" -m codeq_cli compress timm:test_resnet $TINY --img-size 64 --device "$DEV" --target-bops 3 \
+        --set act_bits=8 --set amp=true --out "$WORK/budget.pt" > "$WORK/budget.json" || return 1
+    "$PY" - "$WORK/budget.json" <<'EOF2'
+import json, sys
+r = json.load(open(sys.argv[1]))
+rel = r["totals"]["rel_bops"]
+print(f"KEY: target 3% rel BOPs (8-bit activations): achieved {rel:.3f}%, top-1 {r['metrics']['top1']:.2f}")
+sys.exit(0 if 0.97 * 3 <= rel <= 3.0 + 1e-9 else 1)
+EOF2
+}
+
+s_tp_compile() {  # the same throughput with torch.compile on both models (launch overhead vs fused kernels)
+    [ "$CPU" = 1 ] && { echo "KEY: GPU only"; return 77; }
+    "$PY" bench/throughput.py --device cuda --model resnet18 --size 224 --batch 64 --steps 10 --warmup 3 --compile \
+        | tee "$WORK/tpc.txt"
+    local rc=${PIPESTATUS[0]}
+    awk '$1 == "fp32" {f = $2} $1 == "codeq" {c = $2} /^throughput_ratio=/ {split($1, r, "="); ratio = r[2]}
+         END {printf "KEY: compiled: images/s FP32 %s, CoDeQ %s (x%s)\n", f, c, ratio}' "$WORK/tpc.txt"
+    return "$rc"
+}
+export -f s_env s_tests _same_top1 s_compress s_compile s_ddp s_throughput s_memory s_budget s_tp_compile
 
 ROWS=()
 FAILED=0
@@ -211,6 +234,8 @@ section compile "$COMPILE_S"
 section ddp 90
 section throughput 75
 section memory 45
+section budget 60
+section tp_compile 150
 
 {
     echo
