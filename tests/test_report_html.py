@@ -276,7 +276,7 @@ def test_resnet50_page_is_under_2_mb():
             layers.append({"name": name, "kind": "conv2d" if isinstance(mod, torch.nn.Conv2d) else "linear",
                            "shape": list(mod.weight.shape), "params": params, "macs": params * 49, "bits": 4,
                            "sparsity": 0.61234567, "bops": params * 49 * 4 * 32.0, "bops_share": 100 / 54,
-                           "quantized": True})
+                           "quantized": True, "act_bits": 32})
     assert len(layers) == 54
     steps = list(range(1, 257))
     hist = {"step": steps, "total_steps": 256, **{k: [1.0 + (s % 7) for s in steps] for k in history.SERIES}}
