@@ -221,7 +221,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     from codeq_cli.train import loop
     from codeq_cli._io import write_json, write_text
     from codeq_cli.core.bops import bops_rows, bops_totals
-    from codeq_cli.data.folders import build_datasets, check_root, parse_subset
+    from codeq_cli.data.folders import build_datasets, check_root, class_folders, parse_subset
     from codeq_cli.core.insert import dequantized_state_dict, quantize_
     from codeq_cli.models.factory import create, load_model, num_outputs
     from codeq_cli.train.recipe import quantizer_kwargs, recipe_to_yaml
@@ -250,12 +250,13 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         raise UsageError(refusal[0], hint=refusal[1])
 
     # --data and --subset are cheap to check: a typo should not wait for a model download.
-    check_root(opts.data)
+    root = check_root(opts.data)
     parse_subset(opts.subset)
 
     # Model and data: the data config follows the model.
     loaded = load_model(
-        opts.model, weights=opts.weights, pretrained=opts.pretrained, num_classes=opts.num_classes, img_size=opts.img_size
+        opts.model, weights=opts.weights, pretrained=opts.pretrained, num_classes=opts.num_classes, img_size=opts.img_size,
+        data_classes=len(class_folders(root)),
     )
     model, spec = loaded.model, loaded.spec
     train_set, val_set, classes = build_datasets(

@@ -436,6 +436,11 @@ def check_root(data_dir: str | os.PathLike | None) -> Path:
     return root
 
 
+def class_folders(data_dir: str | os.PathLike) -> list[str]:
+    """The class names of ``data_dir/train`` (sorted folder names), without reading any image."""
+    return _class_dirs(Path(data_dir) / "train")
+
+
 def build_datasets(
     data_dir: str | os.PathLike | None,
     data_config: DataConfig,
