@@ -129,7 +129,7 @@ def compress(
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Replace the head with N outputs (must match the class folders).")] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", min=8, help="Input resolution instead of the model's own.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Global batch size (overrides the recipe).")] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Data-loading processes per GPU/process.")] = 4,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Data-loading processes per GPU/process [default: the CPUs, at most 4].")] = None,
     subset: Annotated[Optional[str], typer.Option("--subset", help="Use part of the data: a fraction (0.1) or images per class (50).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (overrides the recipe).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")] = None,
@@ -143,6 +143,7 @@ def compress(
     nproc: Annotated[Optional[int], typer.Option("--nproc", min=1, help="Launch N processes on this machine (torch elastic launcher).")] = None,
     save_every: Annotated[float, typer.Option("--save-every", min=0.0, help="Save the run state at least every N seconds.")] = 600.0,
     log_every: Annotated[int, typer.Option("--log-every", min=1, help="Log compression figures every N steps.")] = 20,
+    keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep the run state (state.pt) once the checkpoint is written.")] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -159,7 +160,7 @@ def compress(
         pretrained=not no_pretrained, num_classes=num_classes, img_size=img_size, batch_size=batch_size,
         workers=workers, subset=subset, epochs=epochs, max_steps=max_steps, device=device, seed=seed,
         skip_baseline=skip_baseline, resume=resume, overwrite=overwrite, force=force, compile=compile_,
-        save_every=save_every, log_every=log_every,
+        save_every=save_every, log_every=log_every, keep_state=keep_state,
     )
     from codeq_cli.train import dist
 
@@ -265,7 +266,7 @@ def eval_(
     file: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `codeq compress`.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="DIR with val/ class folders, or a folder of class folders [default: the one recorded at compress time].")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")] = 128,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Data-loading processes.")] = 4,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Data-loading processes [default: the CPUs, at most 4].")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N [default: cuda when present].")] = None,
     compare_fp: Annotated[bool, typer.Option("--compare-fp", help="Also evaluate the original FP model and print the drop.")] = False,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="With --compare-fp: the FP state dict [default: pretrained].")] = None,

@@ -40,7 +40,7 @@ class CompressOptions:
     num_classes: int | None = None
     img_size: int | None = None
     batch_size: int | None = None
-    workers: int = 4
+    workers: int | None = None  # None: default_workers(), the machine's CPUs up to 4
     subset: str | None = None
     epochs: int | None = None
     max_steps: int | None = None
@@ -53,6 +53,7 @@ class CompressOptions:
     compile: bool = False
     save_every: float = 600.0
     log_every: int = 20
+    keep_state: bool = False  # keep run_dir/state.pt once the checkpoint is written
 
 
 @dataclass
@@ -221,7 +222,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     from codeq_cli.train import loop
     from codeq_cli._io import write_json, write_text
     from codeq_cli.core.bops import bops_rows, bops_totals
-    from codeq_cli.data.folders import build_datasets, check_root, class_folders, parse_subset
+    from codeq_cli.data.folders import build_datasets, check_root, class_folders, default_workers, parse_subset
     from codeq_cli.core.insert import dequantized_state_dict, quantize_
     from codeq_cli.models.factory import create, load_model, num_outputs
     from codeq_cli.train.recipe import quantizer_kwargs, recipe_to_yaml
@@ -251,6 +252,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
 
     # --data and --subset are cheap to check: a typo should not wait for a model download.
     root = check_root(opts.data)
+    if opts.workers is None:
+        opts.workers = default_workers()
     parse_subset(opts.subset)
 
     # Model and data: the data config follows the model.
@@ -362,5 +365,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
                                 time.monotonic() - t0, resumed_from)
         write_json(run_dir / "summary.json", {**result.to_dict(), "data": {
             "train": train_set.stats.to_dict(), "val": val_set.stats.to_dict()}})
+        if not opts.keep_state:  # the checkpoint is written: the resumable state has no further use
+            runstate.discard_state(run_dir)
     dist.barrier()
     return CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes, time.monotonic() - t0, resumed_from)

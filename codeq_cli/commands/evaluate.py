@@ -22,7 +22,7 @@ class EvalOptions:
     checkpoint: Path
     data: Path | None = None
     batch_size: int = 128
-    workers: int = 4
+    workers: int | None = None  # None: default_workers(), the machine's CPUs up to 4
     device: str | None = None
     compare_fp: bool = False
     weights: Path | None = None
@@ -45,11 +45,13 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
     """Evaluate the checkpoint; returns ``{"top1", "top5", "samples", "loss", "data", ...}`` (percent)."""
     from codeq_cli.train import dist
     from codeq_cli.formats.checkpoint import load
-    from codeq_cli.data.folders import build_loader, eval_folder
+    from codeq_cli.data.folders import build_loader, default_workers, eval_folder
     from codeq_cli.train.loop import measure_accuracy
 
     if opts.batch_size < 1:
         raise UsageError(f"--batch-size {opts.batch_size} must be at least 1")
+    if opts.workers is None:
+        opts.workers = default_workers()
     ckpt = load(opts.checkpoint)
     folder, recorded = data_folder(opts.data, ckpt.data_dir)
     device = dist.resolve_device(opts.device)
