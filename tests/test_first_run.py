@@ -120,3 +120,44 @@ def test_resolved_note_only_when_the_name_changed():
 
     assert load_model("timm:test_resnet", pretrained=False, num_classes=3).notes == []
     assert load_model("test_resnet", pretrained=False, num_classes=3).notes == ["test_resnet resolved to timm:test_resnet"]
+
+
+def test_preprocessing_the_user_chose_is_used_stored_and_the_eval_default(data, tmp_path, capsys):
+    from codeq_cli.data.transforms import eval_resize
+    from codeq_cli.formats import checkpoint
+
+    out = tmp_path / "p.pt"
+    code, _, err = cli(["compress", "timm:test_resnet", "--no-pretrained", "--data", str(data), "--out", str(out),
+                        "--img-size", "32", "--workers", "0", "--max-steps", "1", "--batch-size", "4", "--skip-baseline",
+                        "--crop-pct", "1.0", "--mean", "0.5,0.5,0.5", "--std", "0.25 0.25 0.25",
+                        "--set", "interpolation=nearest"], capsys)
+    assert code == 0, err
+    assert "input 32x32 (crop 1, nearest)" in err
+    cfg = checkpoint.load(out).data_config
+    assert (cfg.crop_pct, cfg.mean, cfg.std, cfg.interpolation) == (1.0, (0.5,) * 3, (0.25,) * 3, "nearest")
+    assert eval_resize(cfg) == 32  # no centre crop: resized straight to the input size
+    recipe = (tmp_path / "p.run" / "recipe.yaml").read_text()
+    assert "crop_pct: 1.0" in recipe and "interpolation: nearest" in recipe
+    code, stdout, err = cli(["eval", str(out), "--workers", "0", "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["preprocessing"] == {"mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "nearest",
+                                                   "crop_pct": 1.0}
+    code, stdout, err = cli(["eval", str(out), "--workers", "0", "--json", "--crop-pct", "0.5",
+                             "--interpolation", "bicubic"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["preprocessing"]["crop_pct"] == 0.5
+    assert json.loads(stdout)["preprocessing"]["interpolation"] == "bicubic"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--crop-pct", "1.5"], "crop_pct=1.5 is out of range"),
+    (["--mean", "a,b"], "--mean 'a,b' is not a list of numbers"),
+    (["--std", "0.5,0,0.5"], "std=[0.5, 0.0, 0.5] is out of range"),
+    (["--interpolation", "cubic"], "interpolation='cubic' is not one of the choices"),
+])
+def test_bad_preprocessing_is_one_usage_line(data, tmp_path, capsys, args, words):
+    code, _, err = cli(["eval", str(tmp_path / "none.pt"), *args], capsys)
+    assert code == 2 and words in err and err.count("\n") == 1, err
+    code, _, err = cli(["compress", "timm:test_resnet", "--no-pretrained", "--data", str(data),
+                        "--out", str(tmp_path / "x.pt"), *args], capsys)
+    assert code == 2 and words in err and err.count("\n") == 1, err

@@ -47,6 +47,26 @@ def _main(
     _state["debug"] = debug
 
 
+CropPctOpt = Annotated[Optional[float], typer.Option("--crop-pct", help="Centre-crop fraction for evaluation, in (0, 1]; 1.0: no crop [default: the model's; eval: the checkpoint's].")]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Normalization mean per channel: 0.5,0.5,0.5 [default: the model's; eval: the checkpoint's].")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Normalization std per channel: 0.5,0.5,0.5 [default: the model's; eval: the checkpoint's].")]
+InterpOpt = Annotated[Optional[str], typer.Option("--interpolation", help="Resize interpolation: bilinear, bicubic, nearest, box, hamming, lanczos [default: the model's; eval: the checkpoint's].")]
+
+
+def _numbers(flag: str, text: str | None) -> list[float] | None:
+    """``--mean 0.5,0.4,0.3`` (commas or spaces) as numbers."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values:
+        raise UsageError(f"{flag} {text!r} is not a list of numbers", hint=f"write it like {flag} 0.485,0.456,0.406")
+    return values
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout (logs go to stderr).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result.")]
 
@@ -144,6 +164,10 @@ def compress(
     save_every: Annotated[float, typer.Option("--save-every", min=0.0, help="Save the run state at least every N seconds.")] = 600.0,
     log_every: Annotated[int, typer.Option("--log-every", min=1, help="Log compression figures every N steps.")] = 20,
     keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep the run state (state.pt) once the checkpoint is written.")] = False,
+    crop_pct: CropPctOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    interpolation: InterpOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -160,7 +184,8 @@ def compress(
         pretrained=not no_pretrained, num_classes=num_classes, img_size=img_size, batch_size=batch_size,
         workers=workers, subset=subset, epochs=epochs, max_steps=max_steps, device=device, seed=seed,
         skip_baseline=skip_baseline, resume=resume, overwrite=overwrite, force=force, compile=compile_,
-        save_every=save_every, log_every=log_every, keep_state=keep_state,
+        save_every=save_every, log_every=log_every, keep_state=keep_state, crop_pct=crop_pct,
+        mean=_numbers("--mean", mean), std=_numbers("--std", std), interpolation=interpolation,
     )
     from codeq_cli.train import dist
 
@@ -272,6 +297,10 @@ def eval_(
     weights: Annotated[Optional[Path], typer.Option("--weights", help="With --compare-fp: the FP state dict [default: pretrained].")] = None,
     min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Exit 1 when top-1 (percent) is below this (CI gate).")] = None,
     subset: Annotated[Optional[str], typer.Option("--subset", help="Evaluate on part of the data: a fraction or images per class.")] = None,
+    crop_pct: CropPctOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    interpolation: InterpOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -279,7 +308,8 @@ def eval_(
     from codeq_cli.commands.evaluate import EvalOptions, run
 
     output = _output(json_, quiet)
-    opts = EvalOptions(file, data, batch_size, workers, device, compare_fp, weights, subset)
+    opts = EvalOptions(file, data, batch_size, workers, device, compare_fp, weights, subset, crop_pct=crop_pct,
+                       mean=_numbers("--mean", mean), std=_numbers("--std", std), interpolation=interpolation)
     progress = _BatchProgress(output)
 
     def on_event(e: dict) -> None:
@@ -429,7 +459,8 @@ def _compress_events(output):
             output.info(e["text"])
         elif kind == "data":
             output.info(f"data: {e['train']} training and {e['val']} validation images, {e['classes']} classes, "
-                        f"input {'x'.join(str(x) for x in e['input_size'][1:])}")
+                        f"input {'x'.join(str(x) for x in e['input_size'][1:])}"
+                        + (f" (crop {e['crop_pct']:g}, {e['interpolation']})" if "crop_pct" in e else ""))
         elif kind == "baseline":
             output.info(f"FP baseline: top-1 {e['top1']:.2f}%  top-5 {e['top5']:.2f}% ({e['samples']} images)")
         elif kind == "quantized":

@@ -54,6 +54,11 @@ class CompressOptions:
     save_every: float = 600.0
     log_every: int = 20
     keep_state: bool = False  # keep run_dir/state.pt once the checkpoint is written
+    # Preprocessing (None: the recipe's, else the model's data config); they become recipe overrides.
+    crop_pct: float | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = None
 
 
 @dataclass
@@ -86,7 +91,27 @@ def resolve_recipe(opts: CompressOptions):
         recipe = apply_overrides(recipe, [f"batch_size={opts.batch_size}"], origin="--batch-size")
     if opts.epochs is not None:
         recipe = apply_overrides(recipe, [f"epochs={opts.epochs}"], origin="--epochs")
+    return with_preprocessing_flags(recipe, opts)
+
+
+def with_preprocessing_flags(recipe, opts):
+    """``recipe`` with ``--crop-pct/--mean/--std/--interpolation`` applied, validated as recipe keys."""
+    from codeq_cli.train.recipe import apply_overrides
+
+    for key in PREPROCESSING:
+        value = getattr(opts, key)
+        if value is not None:
+            text = f"[{', '.join(repr(float(x)) for x in value)}]" if isinstance(value, (list, tuple)) else repr(value)
+            recipe = apply_overrides(recipe, [f"{key}={text}"], origin=f"--{key.replace('_', '-')}")
     return recipe
+
+
+PREPROCESSING = ("crop_pct", "mean", "std", "interpolation")  # options and recipe keys of the same name
+
+
+def chosen_preprocessing(data_config, recipe):
+    """The model's data config with the preprocessing the recipe (or its flags) chose."""
+    return data_config.with_preprocessing(**{k: getattr(recipe, k) for k in PREPROCESSING})
 
 
 def _check_paths(opts: CompressOptions, run_dir: Path) -> None:
@@ -262,6 +287,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         data_classes=len(class_folders(root)),
     )
     model, spec = loaded.model, loaded.spec
+    loaded.data = chosen_preprocessing(loaded.data, recipe)  # used for training and evaluation, stored in the checkpoint
     train_set, val_set, classes = build_datasets(
         opts.data, loaded.data, subset=opts.subset, seed=opts.seed, crop_scale=recipe.crop_scale, hflip=recipe.hflip
     )
@@ -290,7 +316,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     for note in loaded.notes:
         on_event({"event": "note", "text": note})
     on_event({"event": "data", "train": len(train_set), "val": len(val_set), "classes": len(classes),
-              "input_size": list(loaded.data.input_size)})
+              "input_size": list(loaded.data.input_size), "crop_pct": loaded.data.crop_pct,
+              "interpolation": loaded.data.interpolation})
 
     # FP baseline, before any quantizer.
     progress = runstate.progress_from_state(state) if state is not None else runstate.RunPosition()

@@ -27,6 +27,11 @@ class EvalOptions:
     compare_fp: bool = False
     weights: Path | None = None
     subset: str | None = None
+    # Preprocessing (None: what the checkpoint records, the one compress used).
+    crop_pct: float | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = None
 
 
 def data_folder(requested: Path | None, recorded: str | None) -> tuple[Path, bool]:
@@ -52,10 +57,15 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
         raise UsageError(f"--batch-size {opts.batch_size} must be at least 1")
     if opts.workers is None:
         opts.workers = default_workers()
+    from codeq_cli.commands.compress import chosen_preprocessing, with_preprocessing_flags
+    from codeq_cli.train.recipe import Recipe
+
+    checked = with_preprocessing_flags(Recipe(), opts)  # a bad value is refused before any loading
     ckpt = load(opts.checkpoint)
     folder, recorded = data_folder(opts.data, ckpt.data_dir)
     device = dist.resolve_device(opts.device)
-    dataset = eval_folder(folder, ckpt.data_config, class_names=ckpt.class_names, subset=opts.subset)
+    config = chosen_preprocessing(ckpt.data_config, checked)
+    dataset = eval_folder(folder, config, class_names=ckpt.class_names, subset=opts.subset)
     if len(dataset) == 0:
         raise UsageError(f"no images to evaluate in {str(folder)!r}", hint="pass a folder with val/<class>/ images")
     on_event({"event": "data", "folder": str(folder), "recorded": recorded, "images": len(dataset)})
@@ -70,6 +80,7 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
         **res.to_dict(),
         "compress_fp_top1": (ckpt.metrics or {}).get("fp_top1"),
         "skipped_images": dataset.stats.skipped,
+        "preprocessing": {k: v for k, v in config.to_dict().items() if k != "input_size"},
     }
     if opts.compare_fp:
         out.update(_compare_fp(ckpt, opts, dataset, device, on_batch))

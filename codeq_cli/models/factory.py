@@ -67,6 +67,23 @@ class DataConfig:
         c = self.input_size[0]
         return DataConfig((c, int(size), int(size)), self.mean, self.std, self.interpolation, self.crop_pct)
 
+    def with_preprocessing(
+        self,
+        *,
+        crop_pct: float | None = None,
+        mean: tuple[float, ...] | list[float] | None = None,
+        std: tuple[float, ...] | list[float] | None = None,
+        interpolation: str | None = None,
+    ) -> DataConfig:
+        """This config with the preprocessing a user chose (``None`` keeps the model's own)."""
+        return replace(
+            self,
+            crop_pct=self.crop_pct if crop_pct is None else float(crop_pct),
+            mean=self.mean if mean is None else tuple(float(x) for x in mean),
+            std=self.std if std is None else tuple(float(x) for x in std),
+            interpolation=self.interpolation if interpolation is None else str(interpolation),
+        )
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["input_size"] = list(self.input_size)

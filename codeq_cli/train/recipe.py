@@ -81,6 +81,13 @@ class Recipe(BaseModel):
     crop_scale: tuple[float, float] = Field((0.08, 1.0), description="two numbers [min, max] with 0 < min <= max <= 1")
     hflip: bool = Field(True, description="true or false")
 
+    # -- preprocessing the user chose (null: the model's data config; docs/data.md) ------------------------
+    crop_pct: float | None = Field(None, gt=0, le=1, description="a number in (0, 1] (1.0: no centre crop), or null for the model's own")
+    mean: tuple[float, ...] | None = Field(None, min_length=1, description="a list of numbers, one per input channel, or null for the model's own")
+    std: tuple[float, ...] | None = Field(None, min_length=1, description="a list of numbers > 0, one per input channel, or null for the model's own")
+    interpolation: Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"] | None = Field(
+        None, description="'nearest', 'bilinear', 'bicubic', 'box', 'hamming' or 'lanczos', or null for the model's own")
+
     # -- execution --------------------------------------------------------------
     amp: bool = Field(True, description="true or false")
     channels_last: bool = Field(False, description="true or false")
@@ -103,10 +110,15 @@ class Recipe(BaseModel):
             return [str(p) if isinstance(p, int) and not isinstance(p, bool) else p for p in v]
         return v
 
-    @field_validator("crop_scale", mode="before")
+    @field_validator("crop_scale", "mean", "std", mode="before")
     @classmethod
     def _pair(cls, v: Any) -> Any:
         return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("interpolation", mode="before")
+    @classmethod
+    def _interp(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
@@ -124,6 +136,8 @@ class Recipe(BaseModel):
         lo, hi = self.crop_scale
         if not (0 < lo <= hi <= 1):
             _fail("crop_scale", list(self.crop_scale), "is out of range")
+        if self.std is not None and not all(s > 0 for s in self.std):
+            _fail("std", list(self.std), "is out of range")
         if self.include is not None and not self.include:
             raise _error("include=[] would quantize no layer", "use include: null for every layer, or list patterns", "include")
         for key in ("include", "exclude"):
@@ -230,6 +244,8 @@ def _condense(exc: ValidationError, data: dict[str, Any]) -> RecipeError:
         return _error(f"{key}={_show(value)} {problem}{more}", "quote layer names that look like numbers ('1.10')", key)
     elif key == "crop_scale":
         problem = "is not a list of two numbers"
+    elif key in ("mean", "std"):
+        problem = "is not a list of numbers" if kind != "too_short" else "is empty"
     else:
         problem = _TYPE_WORDS.get(kind, "is not valid")
     return _error(f"{key}={_show(value)} {problem}{more}", f"{key} must be {ALLOWED[key]}", key)
