@@ -14,7 +14,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -278,7 +278,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     # --data and --subset are cheap to check: a typo should not wait for a model download.
     root = check_root(opts.data)
     if opts.workers is None:
-        opts.workers = default_workers()
+        opts = replace(opts, workers=default_workers())
     parse_subset(opts.subset)
 
     # Model and data: the data config follows the model.

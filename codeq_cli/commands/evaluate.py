@@ -9,7 +9,7 @@ validation folder recorded at compress time is used.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -56,7 +56,7 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
     if opts.batch_size < 1:
         raise UsageError(f"--batch-size {opts.batch_size} must be at least 1")
     if opts.workers is None:
-        opts.workers = default_workers()
+        opts = replace(opts, workers=default_workers())
     from codeq_cli.commands.compress import chosen_preprocessing, with_preprocessing_flags
     from codeq_cli.train.recipe import Recipe
 
