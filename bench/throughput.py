@@ -1,8 +1,8 @@
 """Training throughput (images/s) of FP32 and of CoDeQ, side by side, on this machine's device.
 
 One step is what ``codeq compress`` does per batch: forward (bf16 autocast
-on CUDA), cross-entropy plus the CoDeQ regularizer, one read of the loss (the
-step's single host synchronisation), backward, AdamW. Two models are built
+on CUDA), cross-entropy plus the CoDeQ regularizer, backward, one read of the loss (the
+step's single host synchronisation), AdamW. Two models are built
 from the same random weights: plain FP32 training and CoDeQ (every conv and
 linear wrapped; mixed precision by default). Their steps alternate so both
 see the same machine state; the medians are compared. On CUDA the models and
@@ -83,9 +83,9 @@ def main() -> None:
             loss = nn.functional.cross_entropy(net(x).float(), y)
         if name == "codeq":
             loss = loss + penalty(*logits, 0.02, lambda_bit)
-        float(loss.detach())  # as in training: the one host synchronisation per step
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        float(loss.detach())  # as in training: the one host synchronisation per step, after backward
         opt.step()
 
     def sync() -> None:

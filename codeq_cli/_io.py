@@ -178,8 +178,10 @@ def load_refusal(path: str | os.PathLike, exc: BaseException) -> UnsafeFile | Un
             head = fh.read(8)
     except OSError:
         head = b""
-    if isinstance(exc, pickle.UnpicklingError):
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    # timm's loader re-raises torch's UnpicklingError as a RuntimeError ("Unsupported globals: ...").
+    chain = [e for e in (exc, exc.__cause__, exc.__context__) if e is not None]
+    if any(isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e) for e in chain):
+        found = next((m for e in chain for m in [re.search(r"(?:GLOBAL|Unsupported globals:) ([\w.]+)", str(e))] if m), None)
         if found:
             return UnsafeFile(f"it holds Python objects other than tensors ({found.group(1)}); unpickling them "
                               "could run code, so it was not loaded")

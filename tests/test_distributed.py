@@ -135,6 +135,7 @@ def test_two_rank_state_resumes_on_two_exactly_and_on_one(data, tmp_path, two_ra
     assert proc.returncode != 0 and "interrupted after step 2" in proc.stderr, proc.stderr[-3000:]
     state = torch.load(tmp_path / "b.run" / "state.pt", weights_only=True)
     assert state["progress"]["step"] == 2 and state["world_size"] == 2 and not out.exists()
+    assert len(state["rng_ranks"]) == 2  # every rank's generators, restored by rank on 2 processes
     shutil.copytree(tmp_path / "b.run", tmp_path / "c.run")
 
     proc = torchrun([*TINY, "--data", str(data), "--out", str(out), *RUN, "--resume"])

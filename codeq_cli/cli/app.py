@@ -175,7 +175,7 @@ def compress(
     if nproc is not None and nproc > 1:
         from codeq_cli.train.launch import launch
 
-        raise typer.Exit(launch(nproc, _argv()))
+        raise typer.Exit(launch(nproc, _argv(), device))
     from codeq_cli.commands.compress import CompressOptions, run
 
     output = _output(json_, quiet)
@@ -316,6 +316,8 @@ def eval_(
         if e.get("event") == "data":
             how = "recorded at compress time" if e["recorded"] else "from --data"
             output.info(f"evaluating on {e['folder']} ({how})")
+        elif e.get("event") == "note":
+            output.info(e["text"])
 
     with progress:
         res = run(opts, on_batch=progress, on_event=on_event)

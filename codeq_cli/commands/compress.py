@@ -200,7 +200,7 @@ def _check_classes(model_classes: int | None, data_classes: int, opts: CompressO
         )
 
 
-def provenance(info: dist.DistInfo, seed: int, steps: int, weights: str) -> dict:
+def provenance(info: dist.DistInfo, seed: int, steps: int, weights: str, arithmetic=None) -> dict:
     import timm
     import torchvision
 
@@ -216,6 +216,7 @@ def provenance(info: dist.DistInfo, seed: int, steps: int, weights: str) -> dict
         "device": info.device.type,
         "weights": weights,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **(arithmetic.to_provenance() if arithmetic is not None else {}),  # what `codeq eval` repeats
     }
 
 
@@ -244,7 +245,8 @@ def _differences(old: dict, new: dict) -> list[str]:
 def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: False) -> CompressResult:
     """Compress ``opts.model`` as ``opts`` say; returns where the result went and its figures."""
     from codeq_cli.formats import checkpoint
-    from codeq_cli.train import loop
+    from codeq_cli.train import loop, precision
+    from codeq_cli.train._compile import check_compile
     from codeq_cli._io import write_json, write_text
     from codeq_cli.core.bops import bops_rows, bops_totals
     from codeq_cli.data.folders import build_datasets, check_root, class_folders, default_workers, parse_subset
@@ -263,6 +265,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
             hint=f"use a multiple of {info.world_size} (the recipe's batch size is global)",
         )
     dist.check_sync_bn(info, recipe.sync_bn)
+    if opts.compile:
+        check_compile(info)
     refusal = None
     if info.is_main:
         try:
@@ -313,7 +317,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
             )
     # Everything the user gave is checked: from here on, report progress (a
     # mistake above is one error line with nothing printed before it).
-    for note in loaded.notes:
+    arithmetic, amp_note = precision.resolve(recipe.amp, recipe.channels_last, info.device)
+    for note in [*loaded.notes, *([amp_note] if amp_note else [])]:
         on_event({"event": "note", "text": note})
     on_event({"event": "data", "train": len(train_set), "val": len(val_set), "classes": len(classes),
               "input_size": list(loaded.data.input_size), "crop_pct": loaded.data.crop_pct,
@@ -335,7 +340,10 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
 
     if state is not None:
         _load_run_state(model, state, run_dir, spec.label)
-        runstate.set_rng_state(state["rng"])
+        if not runstate.restore_rng_state(state, info.rank, info.world_size, info.device):
+            on_event({"event": "note", "text": f"the run state was saved by {state.get('world_size', 1)} processes: "
+                      "every process resumes with rank 0's random generators (dropout masks differ from an "
+                      "uninterrupted run)"})
         on_event({"event": "resumed", "step": progress.step, "epoch": progress.epoch})
     if recipe.channels_last and info.device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -371,7 +379,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     if recipe.channels_last and info.device.type == "cuda":
         decoded.to(memory_format=torch.channels_last)
     loader = loop.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
-    final = loop.measure_accuracy(decoded, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
+    final = loop.measure_accuracy(decoded, loader, info.device, arithmetic=arithmetic)
     metrics = {"top1": final.top1, "top5": final.top5, "val_samples": final.samples, "fp_top1": progress.fp_top1}
     if progress.fp_top1 is not None:
         metrics["top1_drop"] = progress.fp_top1 - final.top1
@@ -384,7 +392,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     if info.is_main:
         saved = checkpoint.save(
             opts.out, plain, spec=spec, data_config=loaded.data, class_names=classes, recipe=recipe.to_dict(),
-            provenance=provenance(info, opts.seed, progress.step, loaded.weights), metrics=metrics, macs=macs,
+            provenance=provenance(info, opts.seed, progress.step, loaded.weights, arithmetic), metrics=metrics, macs=macs,
             data_dir=str(Path(opts.data).resolve()),
         )
         file_bytes = saved.file_bytes

@@ -3,7 +3,9 @@
 The model is rebuilt from the file alone (:meth:`CompressedModel.build_model`)
 and evaluated with the checkpoint's own data config on ``DIR/val`` (or on DIR
 itself when it is a folder of class folders). Without ``--data`` the
-validation folder recorded at compress time is used.
+validation folder recorded at compress time is used. The arithmetic is the
+one compress evaluated in (recorded in the provenance, see
+:mod:`codeq_cli.train.precision`), so the two top-1 figures are the same computation.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
     from codeq_cli.formats.checkpoint import load
     from codeq_cli.data.folders import build_loader, default_workers, eval_folder
     from codeq_cli.train.loop import measure_accuracy
+    from codeq_cli.train.precision import Arithmetic, for_device
 
     if opts.batch_size < 1:
         raise UsageError(f"--batch-size {opts.batch_size} must be at least 1")
@@ -64,30 +67,39 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
     ckpt = load(opts.checkpoint)
     folder, recorded = data_folder(opts.data, ckpt.data_dir)
     device = dist.resolve_device(opts.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the pin-memory thread uses the current device
     config = chosen_preprocessing(ckpt.data_config, checked)
     dataset = eval_folder(folder, config, class_names=ckpt.class_names, subset=opts.subset)
     if len(dataset) == 0:
         raise UsageError(f"no images to evaluate in {str(folder)!r}", hint="pass a folder with val/<class>/ images")
     on_event({"event": "data", "folder": str(folder), "recorded": recorded, "images": len(dataset)})
     loader = build_loader(dataset, opts.batch_size, workers=opts.workers, pin_memory=device.type == "cuda")
+    # The arithmetic compress evaluated in (autocast dtype, memory format), so the figures compare.
+    arithmetic, note = for_device(Arithmetic.from_provenance(ckpt.provenance, ckpt.meta.get("recipe")), device)
+    if note:
+        on_event({"event": "note", "text": note})
     model = ckpt.build_model().to(device)
-    res = measure_accuracy(model, loader, device, on_batch=on_batch)
+    if arithmetic.channels_last:
+        model.to(memory_format=torch.channels_last)
+    res = measure_accuracy(model, loader, device, arithmetic=arithmetic, on_batch=on_batch)
     out = {
         "checkpoint": str(opts.checkpoint),
         "model": ckpt.spec.label,
         "data": str(folder),
         "data_recorded": recorded,
         **res.to_dict(),
+        "arithmetic": arithmetic.to_provenance(),
         "compress_fp_top1": (ckpt.metrics or {}).get("fp_top1"),
         "skipped_images": dataset.stats.skipped,
         "preprocessing": {k: v for k, v in config.to_dict().items() if k != "input_size"},
     }
     if opts.compare_fp:
-        out.update(_compare_fp(ckpt, opts, dataset, device, on_batch))
+        out.update(_compare_fp(ckpt, opts, dataset, device, on_batch, arithmetic))
     return out
 
 
-def _compare_fp(ckpt, opts: EvalOptions, dataset, device: torch.device, on_batch) -> dict:
+def _compare_fp(ckpt, opts: EvalOptions, dataset, device: torch.device, on_batch, arithmetic) -> dict:
     """The original FP model (``--weights`` or the pretrained weights) on the same images."""
     from codeq_cli.data.folders import build_loader
     from codeq_cli.models.factory import load_model
@@ -97,5 +109,5 @@ def _compare_fp(ckpt, opts: EvalOptions, dataset, device: torch.device, on_batch
     loaded = load_model(spec.label, weights=opts.weights, pretrained=opts.weights is None,
                         num_classes=spec.num_classes, in_chans=spec.in_chans)
     loader = build_loader(dataset, opts.batch_size, workers=opts.workers, pin_memory=device.type == "cuda")
-    fp = measure_accuracy(loaded.model.to(device), loader, device, on_batch=on_batch)
+    fp = measure_accuracy(loaded.model.to(device), loader, device, arithmetic=arithmetic, on_batch=on_batch)
     return {"fp_top1": fp.top1, "fp_top5": fp.top5, "fp_weights": loaded.weights}

@@ -127,6 +127,19 @@ class _FusedDeadZone(torch.autograd.Function):
         return g, grad_dz, grad_bit, None, None
 
 
+def flat_alike(*ts: Tensor) -> tuple[Tensor, ...]:
+    """1-D views of same-layout tensors in memory order (no copy), for sums of their products.
+
+    ``reshape(-1)`` of a channels_last tensor copies it into NCHW order; the
+    element-wise products and sums above only need the elements paired, which
+    any common order gives. Tensors of different layouts fall back to ``reshape``.
+    """
+    views = [_kernels.flat(t) for t in ts]
+    if all(v is not None for v in views) and len({t.stride() for t in ts}) == 1:
+        return tuple(views)  # type: ignore[return-value]
+    return tuple(t.reshape(-1) for t in ts)
+
+
 def _sign(x: float) -> float:
     return (x > 0) - (x < 0)
 
@@ -155,11 +168,11 @@ class _DeadZoneSTE(torch.autograd.Function):
         w, err, kept = ctx.saved_tensors
         grad_s = grad_shift = None
         if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
-            g_sign = torch.sign(w).mul_(g).reshape(-1)  # g · sign(w)
+            g_sign, err, kept = flat_alike(torch.sign(w).mul_(g), err, kept)  # g · sign(w), in w's layout
             # Σ g·(q − r) = −Σ g·sign(w)·(|r| − |q|)
-            grad_s = -torch.dot(g_sign, err.reshape(-1))
+            grad_s = -torch.dot(g_sign, err)
             # Σ g·(sign(q) − sign(w)) = −Σ_{q = 0} g·sign(w)
-            grad_shift = -g_sign.masked_fill_(kept.reshape(-1), 0).sum()
+            grad_shift = -g_sign.masked_fill_(kept, 0).sum()
         return g, None, grad_s, grad_shift, None
 
 

@@ -19,20 +19,63 @@ STATE_VERSION = 1
 STATE_FILE = "state.pt"  # in the run folder
 
 
-def rng_state() -> dict:
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's generators: torch's CPU one, Python's, and the CUDA one of ``device``.
+
+    Only this process's own GPU: under torchrun every rank drives one device,
+    and the generators of the others belong to other processes.
+    """
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore :func:`rng_state` (``device``: this process's GPU, for the CUDA generator)."""
     torch.set_rng_state(state["torch"])
     random.setstate(_as_tuple(state["python"]))
-    if "cuda" in state and torch.cuda.is_available():
-        cuda = state["cuda"]
-        if len(cuda) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda)
+    cuda = state.get("cuda")
+    if cuda is None or device is None or device.type != "cuda":
+        return
+    if isinstance(cuda, (list, tuple)):  # version 1: every visible GPU's generator, from rank 0's process
+        index = device.index or 0
+        if index < len(cuda):
+            torch.cuda.set_rng_state(cuda[index], device)
+        return
+    torch.cuda.set_rng_state(cuda, device)
+
+
+def gather_rng_states(device: torch.device | None = None, group=None) -> list[dict]:
+    """Every rank's :func:`rng_state`, in rank order (a collective: every rank calls it).
+
+    Dropout and drop-path draw from each rank's own generators, which advance
+    differently on each; rank 0 alone cannot save them. One process: ``[rng_state()]``.
+    ``group``: the process group to gather over (a gloo group keeps it off the GPU).
+    """
+    import torch.distributed as td
+
+    mine = rng_state(device)
+    if not (td.is_available() and td.is_initialized()) or td.get_world_size() == 1:
+        return [mine]
+    out: list = [None] * td.get_world_size()
+    td.all_gather_object(out, mine, group=group)  # between this job's own processes, never from a file
+    return out
+
+
+def restore_rng_state(state: dict, rank: int, world_size: int, device: torch.device | None = None) -> bool:
+    """Restore this rank's generators from a run state; True when they are its own.
+
+    With the world size of the saved run every rank gets back the generators it
+    had, so dropout and drop-path masks continue as in an uninterrupted run. On
+    another number of processes (or from a version-1 state) every rank takes
+    rank 0's: the run continues correctly, but its random masks (like its
+    per-process batch statistics) differ from an uninterrupted run.
+    """
+    ranks = state.get("rng_ranks")
+    own = isinstance(ranks, (list, tuple)) and len(ranks) == world_size
+    set_rng_state(ranks[rank] if own else state["rng"], device)
+    return own or world_size == 1
 
 
 def _as_tuple(x):
@@ -50,9 +93,14 @@ class RunPosition:
     fp_top1: float | None = None
 
 
-def run_state(model, optimizer, scheduler, position: RunPosition, fingerprint: dict, world_size: int) -> dict:
-    """Everything a run needs to continue exactly: ``model`` is the plain (unwrapped) module."""
+def run_state(model, optimizer, scheduler, position: RunPosition, fingerprint: dict, world_size: int,
+              rngs: list[dict] | None = None) -> dict:
+    """Everything a run needs to continue exactly: ``model`` is the plain (unwrapped) module.
+
+    ``rngs``: every rank's generators (:func:`gather_rng_states`); without them this process's.
+    """
     p = position
+    rngs = rngs or [rng_state()]
     return {
         "format": STATE_FORMAT,
         "version": STATE_VERSION,
@@ -61,7 +109,8 @@ def run_state(model, optimizer, scheduler, position: RunPosition, fingerprint: d
         "scheduler": scheduler.state_dict(),
         "progress": {"epoch": p.epoch, "batch": p.batch, "step": p.step, "fp_top1": p.fp_top1},
         "history": json.dumps(p.history),
-        "rng": rng_state(),
+        "rng": rngs[0],
+        "rng_ranks": rngs,  # restored by rank when the world size matches (restore_rng_state)
         "fingerprint": json.dumps(fingerprint, sort_keys=True),
         "world_size": world_size,
     }

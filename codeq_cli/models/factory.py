@@ -285,11 +285,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if p.is_dir():
         raise UsageError(f"weights path {str(p)!r} is a folder", hint="pass a .pt, .pth or .safetensors file")
     try:
-        with open(p, "rb"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
-            obj = load_state_dict(str(p), use_ema=False, weights_only=True)
+        with open(p, "rb"):
+            pass
     except OSError as exc:
         raise ModelError(f"cannot read --weights {str(p)!r} ({exc.strerror or exc})", hint="check the file's permissions") from exc
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch warns about pickle protocols before refusing
+            obj = load_state_dict(str(p), use_ema=False, weights_only=True)
     except (AttributeError, TypeError):  # it loaded, but holds no mapping for timm to clean: say what it holds
         obj = torch_load_safe(p)
     except Exception as exc:

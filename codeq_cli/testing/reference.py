@@ -37,7 +37,7 @@ class _Relu(torch.autograd.Function):
 class _Clip(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lo, hi):  # type: ignore[override]
-        return torch.clamp(x, min=lo, max=hi)
+        return torch.clamp(x, min=lo.to(x.device), max=hi.to(x.device))
 
     @staticmethod
     def backward(ctx, g):  # type: ignore[override]
@@ -74,7 +74,7 @@ def reference_dequantize(
     if bits is None:
         b = _Round.apply(torch.tanh(theta_bit.abs()) * (b_max - b_min) + b_min)
     else:
-        b = torch.tensor(float(bits))
+        b = torch.tensor(float(bits), device=w.device)
     Q = torch.pow(2.0, b - 1.0) - 1.0
     d = 2.0 * R * (1.0 - torch.tanh(theta_dz.abs()))
     s = (R - d / 2.0) / (Q - 0.5) + EPS

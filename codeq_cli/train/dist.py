@@ -45,20 +45,40 @@ class DistInfo:
         return self.world_size > 1
 
 
-def resolve_device(spec: str | None, local_rank: int = 0) -> torch.device:
-    """``--device``: ``cuda``/``cuda:N``/``cpu``; default CUDA when present."""
+def resolve_device(spec: str | None, local_rank: int = 0, local_world: int = 1) -> torch.device:
+    """``--device``: ``cuda``/``cuda:N``/``cpu``; default CUDA when present.
+
+    ``local_world`` is the number of processes on this machine (torchrun's
+    ``LOCAL_WORLD_SIZE``): with several, each takes ``cuda:LOCAL_RANK`` and an
+    explicit index would put them all on one GPU. MPS is refused: evaluation
+    and the ranks' reductions sum in float64, which MPS cannot hold.
+    """
     if spec in (None, "", "auto"):
-        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {spec!r} is not a device", hint="use cpu, cuda or cuda:N") from exc
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec!r}: no CUDA device is available", hint="use --device cpu")
-        if dev.index is None:
-            dev = torch.device(f"cuda:{local_rank}")
-    return dev
+        dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        try:
+            dev = torch.device(spec)
+        except RuntimeError as exc:
+            raise UsageError(f"--device {spec!r} is not a device", hint="use cpu, cuda or cuda:N") from exc
+    if dev.type == "mps":
+        raise UsageError(f"--device {spec!r}: Apple MPS is not supported (evaluation sums in float64, which MPS lacks)",
+                         hint="use --device cpu")
+    if dev.type != "cuda":
+        return dev
+    if not torch.cuda.is_available():
+        raise UsageError(f"--device {spec!r}: no CUDA device is available", hint="use --device cpu")
+    count = torch.cuda.device_count()
+    if dev.index is not None and local_world > 1:
+        raise UsageError(f"--device {spec}: with {local_world} processes on this machine every one would use GPU {dev.index}",
+                         hint="pass --device cuda (process r then uses cuda:r)")
+    index = local_rank if dev.index is None else dev.index
+    if index >= count:
+        if dev.index is not None:
+            raise UsageError(f"--device {spec}: this machine has {count} GPU{'s' if count != 1 else ''} "
+                             f"(cuda:0 to cuda:{count - 1})", hint=f"pass --device cuda:N with N below {count}")
+        raise UsageError(f"{local_world} processes on this machine but only {count} GPU{'s' if count != 1 else ''} visible",
+                         hint=f"start at most {count} processes per machine (--nproc {count}, torchrun --nproc-per-node {count})")
+    return torch.device(f"cuda:{index}")
 
 
 def _limit_cpu_threads() -> None:
@@ -79,15 +99,22 @@ def init(device: str | None = None) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local)
+    dev = resolve_device(device, local, int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+    if dev.type == "cuda":
+        # Always, also for one process: the pin-memory thread and any tensor made on
+        # plain "cuda" use the current device, which is otherwise GPU 0.
+        torch.cuda.set_device(dev)
     if world > 1 and not td.is_initialized():
         _limit_cpu_threads()
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
         backend = "nccl" if dev.type == "cuda" else "gloo"
         td.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
         _host_group = td.new_group(backend="gloo") if backend != "gloo" else None
     return DistInfo(rank, world, local, dev)
+
+
+def host_group():
+    """The gloo group of :func:`host_sum` (None: the default group, or no group at all)."""
+    return _host_group
 
 
 def shutdown() -> None:
@@ -166,10 +193,25 @@ def wrap(model: torch.nn.Module, info: DistInfo, sync_bn: bool = False) -> torch
         return model
     check_sync_bn(info, sync_bn)
     if sync_bn:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = convert_sync_batchnorm(model)
     return torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[info.device.index] if info.device.type == "cuda" else None
     )
+
+
+def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    """Every BatchNorm of ``model`` as SyncBatchNorm, keeping timm's fused activations.
+
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` turns timm's
+    ``BatchNormAct2d`` (EfficientNet, MobileNetV3, RegNet, ...) into a plain
+    SyncBatchNorm whose forward drops the layer's ``act``/``drop``: training
+    would run another network than the one evaluated and shipped. timm's
+    converter makes ``SyncBatchNormAct`` for those and plain SyncBatchNorm for
+    the rest; the parameters and buffers keep their names.
+    """
+    from timm.layers import convert_sync_batchnorm as timm_convert
+
+    return timm_convert(model)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

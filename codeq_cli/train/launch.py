@@ -36,13 +36,33 @@ def threads_per_process(nproc: int) -> int:
     return max(1, cores // max(1, nproc))
 
 
-def launch(nproc: int, argv: list[str]) -> int:
+def check_gpus(nproc: int, device: str | None) -> None:
+    """Refuse more processes than GPUs before starting any (each would fail with "invalid device ordinal")."""
+    import torch
+
+    from codeq_cli.errors import UsageError
+
+    if device is not None and not str(device).startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        return  # CPU processes (gloo); an explicit --device cuda is refused by every process alike
+    count = torch.cuda.device_count()
+    if nproc > count:
+        raise UsageError(f"--nproc {nproc}: this machine has {count} GPU{'s' if count != 1 else ''}",
+                         hint=f"pass --nproc {count} or fewer (one process per GPU)")
+    if device is not None and ":" in str(device):
+        raise UsageError(f"--device {device} with --nproc {nproc} would put every process on one GPU",
+                         hint="pass --device cuda (process r then uses cuda:r)")
+
+
+def launch(nproc: int, argv: list[str], device: str | None = None) -> int:
     """Run ``codeq <argv without --nproc>`` in ``nproc`` processes; the exit code of the group.
 
     Unless ``OMP_NUM_THREADS`` is set, each process gets an equal share of the
     cores (torchrun alone would give each one thread). A failed group returns
     the exit code of its first failed process (2 for a usage error).
     """
+    check_gpus(nproc, device)
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 

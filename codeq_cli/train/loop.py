@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from codeq_cli.train import dist
+from codeq_cli.train import dist, precision
 from codeq_cli.train._compile import compile_errors
 from codeq_cli.train.recipe import Recipe
 from codeq_cli.core.bops import bops_rows, bops_totals
@@ -138,9 +138,8 @@ def _logits(output) -> torch.Tensor:
 
 
 def autocast_for(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+    """Training's autocast: bfloat16 on a CUDA device that has it (:func:`precision.resolve`)."""
+    return precision.resolve(enabled, False, device)[0].autocast(device)
 
 
 @torch.inference_mode()
@@ -151,28 +150,32 @@ def measure_accuracy(
     *,
     amp: bool = False,
     channels_last: bool = False,
+    arithmetic: precision.Arithmetic | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> EvalResult:
     """Top-1/top-5 (percent) and mean loss over the loader, summed across ranks.
 
+    ``arithmetic`` (autocast dtype, memory format) is what ``codeq eval``
+    reads from a checkpoint; without it, training's for ``amp`` and
+    ``channels_last`` on ``device`` (:func:`precision.resolve`), so
+    evaluations during and after training and ``codeq eval`` compute alike.
     ``model`` must be a plain module, not DDP: the ranks' shares of the
     validation set differ by up to one image, so they run different numbers
     of batches and DDP's per-forward buffer broadcast would not pair up.
     The sums stay on the device until the end (one synchronisation).
     """
+    arith = arithmetic or precision.resolve(amp, channels_last, device)[0]
     was_training = model.training
     model.eval()
     sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, loss
     count = 0
     total = len(loader)
-    to_cl = channels_last and device.type == "cuda"
     for i, batch in enumerate(loader):
         images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
         if images.numel() == 0:
             continue
-        if to_cl:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with autocast_for(device, amp):
+        images = arith.inputs(images)
+        with arith.autocast(device):
             logits = _logits(model(images)).float()
         k = min(5, logits.shape[1])
         hit = logits.topk(k, dim=1).indices.eq(target[:, None])
@@ -292,9 +295,10 @@ class Fit:
             self.last_save = time.monotonic()
             self.log({"event": "not saved", "reason": "non-finite weights", "step": self.progress.step})
             return
+        rngs = runstate.gather_rng_states(self.s.device, dist.host_group())  # every rank's: dropout differs by rank
         if self.s.info.is_main:
             state = runstate.run_state(dist.unwrap(self.s.model), self.optimizer, self.scheduler, self.progress,
-                                       self.s.fingerprint, self.s.info.world_size)
+                                       self.s.fingerprint, self.s.info.world_size, rngs)
             runstate.save_state(state, self.s.run_dir / runstate.STATE_FILE)
         dist.barrier()
         self.last_save = time.monotonic()
@@ -349,17 +353,18 @@ class Fit:
                 images = images.contiguous(memory_format=torch.channels_last)
             with compile_errors():
                 loss, task, reg = self._forward_loss(images, target, amp, label_smoothing, lambda_bit)
-                # The step's one device synchronisation: the three loss values together.
-                values = torch.stack([loss.detach(), task.detach(), reg.detach()]).tolist()
-                # One host all-reduce: the mean loss, a non-finite loss anywhere, a stop asked
-                # anywhere, a periodic save due (rank 0's clock): the ranks must not disagree.
-                save_due = s.info.is_main and time.monotonic() - self.last_save >= s.save_every_s
-                *totals, stops, saves = dist.host_sum([*values, float(self._stop_requested()), float(save_due)])
-                loss_value, task_value, reg_value = (v / world for v in totals)
-                if not math.isfinite(loss_value):
-                    raise NonFiniteLoss(p.step, loss_value, task_ok=math.isfinite(task_value))
+                values = HostCopy(torch.stack([loss.detach(), task.detach(), reg.detach()]))
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+            # After backward is queued (the GPU keeps working meanwhile), before the step: the
+            # step's one device synchronisation (the three loss values, copied before backward)
+            # and one host all-reduce: the mean loss, a non-finite loss anywhere, a stop asked
+            # anywhere, a periodic save due (rank 0's clock): the ranks must not disagree.
+            save_due = s.info.is_main and time.monotonic() - self.last_save >= s.save_every_s
+            *totals, stops, saves = dist.host_sum([*values.tolist(), float(self._stop_requested()), float(save_due)])
+            loss_value, task_value, reg_value = (v / world for v in totals)
+            if not math.isfinite(loss_value):  # no step: the weights stay those before the bad batch
+                raise NonFiniteLoss(p.step, loss_value, task_ok=math.isfinite(task_value))
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             self.optimizer.step()
@@ -449,6 +454,30 @@ def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, worker
         workers=workers,
         pin_memory=device.type == "cuda",
     )
+
+
+class HostCopy:
+    """A small device tensor on its way to the host, started now and read later.
+
+    On CUDA the copy goes into pinned memory without blocking and an event marks
+    it: the copy is queued behind the forward, so :meth:`tolist` waits for the
+    forward only, not for the backward queued after it. Elsewhere it is a plain copy.
+    """
+
+    def __init__(self, t: torch.Tensor):
+        self.event = None
+        if t.device.type == "cuda":
+            self.host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self.host.copy_(t, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host = t
+
+    def tolist(self) -> list:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
 
 
 def _non_finite_hint(saved_step: int | None, step: int, saved_now: bool) -> str:
