@@ -52,7 +52,7 @@ def torchvision_models() -> list[str]:
     return [f"tv:{n}" for n in sorted(names, key=size)]
 
 
-def _rank(name: str) -> tuple[int, int, str]:
+def _rank(name: str) -> tuple[int, int, int, str]:
     big = any(s in name for s in ("384", "448", "512", "_huge", "_giant", "large")) or name.endswith(_NOT_CLASSIFIERS)
     key = next((i for i, k in enumerate(_SMALL) if k in name), len(_SMALL))
     return (int(big), key, len(name), name)
