@@ -74,6 +74,11 @@ jobs:
     assert json.loads(files[0].read_text())["failed"] == 1
     rows = list(csv.DictReader(files[1].open()))
     assert [r["status"] for r in rows] == ["ok", "failed", "gate failed"]
+    page = tmp_path / "jobs.summary.html"
+    assert summary["summary_files"] == [str(f) for f in files] + [str(page)]
+    html = page.read_text(encoding="utf-8")  # every job listed; the two checkpoints written compared
+    assert all(f'data-value="&quot;{n}&quot;"' in html for n in ("good", "broken", "gate failed"))
+    assert html.count("<details>") == 2 and "Accuracy against cost" in html and "<script" not in html
 
     # --resume: complete outputs are skipped, the rest run again.
     try:

@@ -48,6 +48,11 @@ def test_end_to_end_writes_checkpoint_run_dir_and_json(data, tmp_path, capsys):
     assert ck.spec.name == "test_resnet" and ck.class_names == ["cat", "dog", "fox"]
     assert ck.meta["metrics"]["top1"] == pytest.approx(result["metrics"]["top1"])
     assert ck.meta["provenance"]["steps"] == 4
+    # the compact history in the checkpoint: the logged steps and the epoch's evaluation, from metrics.jsonl
+    evals = {e["step"]: e["top1"] for e in events if e["event"] == "eval"}
+    assert ck.history["step"] == sorted({2, 4} | set(evals)) and ck.history["total_steps"] == 4
+    assert [ck.history["top1"][ck.history["step"].index(s)] for s in evals] == list(evals.values())
+    assert ck.history["task_loss"][ck.history["step"].index(2)] is not None
 
 
 def _sparsity(data: Path, out: Path, lam: float) -> float:

@@ -35,6 +35,10 @@ def test_demo_runs_the_pipeline_and_is_deterministic(tmp_path, capsys):
     out_dir = tmp_path / "a"
     assert (out_dir / "compressed.pt").exists() and (out_dir / "fp32.safetensors").exists()
     assert not list(out_dir.rglob("state.pt"))  # finished runs keep no resumable state (issue 11)
+    page = out_dir / "report.html"
+    assert first["report_html"] == str(page)
+    html = page.read_text(encoding="utf-8")  # with the curves of the run: the history is in the checkpoint
+    assert "timm:test_resnet" in html and html.count("<svg") == 2 and 'id="no-history"' not in html
     assert sorted(p.name for p in (out_dir / "data" / "train").iterdir()) == sorted(CLASSES)
     again = _demo(tmp_path / "a", capsys)
     assert again["fp_cached"] is True

@@ -45,7 +45,9 @@ def data(ckpt):
 
 
 def test_json_shape(data):
-    assert set(data) == {"file", "format_version", "model", "layers", "totals", "metrics", "recipe", "provenance", "notes"}
+    assert set(data) == {"file", "format_version", "model", "layers", "totals", "metrics", "recipe", "provenance",
+                         "history", "budget", "notes"}
+    assert data["history"] is None and data["budget"] is None  # saved without either
     assert set(data["model"]) >= {"label", "source", "name", "num_classes", "in_chans", "input_size", "classes"}
     for layer in data["layers"]:
         assert tuple(layer) == report.LAYER_KEYS
@@ -111,7 +113,7 @@ def test_markdown(data):
     md = report.to_markdown(data)
     lines = md.splitlines()
     assert lines[0] == "## timm:test_resnet (3×32×32)"
-    header = lines.index("| layer | kind | shape | params | MACs | bits | sparsity | BOPs | share |")
+    header = lines.index("| layer | kind | shape | params | MACs | bits | a-bits | sparsity | BOPs | share |")
     assert lines[header + 1].startswith("|:---|")
     table = [ln for ln in lines[header + 2 :] if ln.startswith("|")]
     assert len(table) == len(data["layers"]) + 1 and table[-1].startswith("| **total** |")

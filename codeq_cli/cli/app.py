@@ -248,20 +248,35 @@ def _recipes_show(
 
 @app.command()
 def report(
-    file: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `codeq compress`.")],
+    files: Annotated[list[Path], typer.Argument(help="Compressed checkpoints written by `codeq compress` (one or more).")],
     json_: JsonOpt = False,
-    csv_: Annotated[bool, typer.Option("--csv", help="Print the per-layer rows as CSV.")] = False,
+    csv_: Annotated[bool, typer.Option("--csv", help="Print the per-layer rows as CSV (one file).")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print the report as a Markdown table.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the JSON/CSV/Markdown to this file.")] = None,
+    html: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML page: plots and tables; with several files, top-1 against BOPs.")] = None,
 ) -> None:
-    """Per-layer sparsity, bits and BOPs of a checkpoint (no data, no model build)."""
+    """Per-layer sparsity, bits and BOPs of checkpoints (no data, no model build); --html draws them."""
     if sum((json_, csv_, markdown)) > 1:
         raise typer.BadParameter("choose one of --json, --csv and --markdown")
+    if csv_ and len(files) > 1:
+        raise UsageError(f"--csv takes one checkpoint, not {len(files)}",
+                         hint="run `codeq report FILE --csv` for each file, or use --json or --html")
     from codeq_cli.formats.checkpoint import load
     from codeq_cli.commands.report import render_table, report_data, to_csv, to_markdown
 
-    data = report_data(load(file))
+    datas = [report_data(load(f)) for f in files]
     output = _output(json_, False)
+    if len(datas) == 1:
+        data = datas[0]
+    else:
+        from codeq_cli.commands.report_html import comparison
+
+        data = {"reports": datas, "comparison": comparison(datas)["rows"]}
+    if html is not None:
+        from codeq_cli.commands.report_html import write_page
+
+        data = {**data, "html": str(write_page(html, datas))}
+        output.info(f"wrote {html} ({html.stat().st_size / 1e3:.0f} kB): open it in a browser")
     text = None
     if json_:
         import json
@@ -269,13 +284,14 @@ def report(
         text = json.dumps(data, indent=2) + "\n"
         output.result(data)
     elif csv_:
-        text = to_csv(data)
+        text = to_csv(datas[0])
         sys.stdout.write(text)
     elif markdown:
-        text = to_markdown(data)
+        text = "\n".join(to_markdown(d) for d in datas)
         sys.stdout.write(text)
     else:
-        render_table(data, output.out)
+        for d in datas:
+            render_table(d, output.out)
     if out is not None:
         from codeq_cli._io import write_text
 
@@ -367,7 +383,7 @@ class _BatchProgress:
 def export(
     file: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `codeq compress`.")],
     to: Annotated[Path, typer.Option("--to", help="Output: .safetensors or .pt (dense state dict) or .onnx.")],
-    format_: Annotated[Optional[str], typer.Option("--format", help="safetensors, pt or onnx [default: from the suffix of --to].")] = None,
+    format_: Annotated[Optional[str], typer.Option("--format", help="safetensors, pt, onnx or onnx-int8 (QDQ graph on integer kernels; needs act_bits) [default: from the suffix of --to].")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
     json_: JsonOpt = False,
@@ -378,14 +394,25 @@ def export(
     from codeq_cli.formats.export import export_onnx, export_state_dict
 
     fmt = (format_ or to.suffix.lstrip(".")).lower()
-    suffixes = {"safetensors": ".safetensors", "pt": ".pt", "pth": ".pth", "onnx": ".onnx"}
+    suffixes = {"safetensors": ".safetensors", "pt": ".pt", "pth": ".pth", "onnx": ".onnx", "onnx-int8": ".onnx"}
     if fmt not in suffixes:
-        raise UsageError(f"--format {fmt!r} is not supported", hint="use safetensors, pt or onnx")
+        raise UsageError(f"--format {fmt!r} is not supported", hint="use safetensors, pt, onnx or onnx-int8")
     if to.suffix.lower() != suffixes[fmt] and not (fmt == "pt" and to.suffix.lower() == ".pth"):
         to = to.with_name(to.name + suffixes[fmt])
     if to.exists() and not overwrite:
         raise UsageError(f"{str(to)!r} exists", hint="pass --overwrite to replace it")
     ckpt = load(file)
+    if fmt == "onnx-int8":
+        from codeq_cli.formats.onnx_int8 import export_onnx_int8
+
+        info = export_onnx_int8(ckpt, to, opset=opset)
+        _output(json_, False).result(
+            {"path": str(info.path), "format": fmt, "bytes": info.bytes, "model": ckpt.spec.label,
+             **{k: v for k, v in info.to_dict().items() if k not in ("path", "bytes", "weight_errors")}},
+            f"wrote {info.path} ({info.bytes / 1e6:.2f} MB, int8 QDQ ONNX: {info.int8_layers} integer layers, "
+            f"largest int8 weight rounding {info.max_weight_error:.3g})",
+        )
+        return
     path = export_onnx(ckpt, to, opset=opset) if fmt == "onnx" else export_state_dict(ckpt, to)
     size = Path(path).stat().st_size
     _output(json_, False).result(
@@ -438,6 +465,7 @@ def demo(
         f"  relative BOPs     {res.rel_bops:6.2f}%   (of FP32)",
         f"  sparsity          {res.sparsity:6.3f}    mean bits {res.avg_bits:.2f}",
         f"  file size         {res.file_bytes / 1e6:6.2f} MB vs {res.fp32_bytes / 1e6:.2f} MB fp32 ({ratio:.1f}x smaller)",
+        f"  report            {res.report_html}   (plots and tables; open it in a browser)",
         "",
         "the same on your own data (ImageNet-style folder with train/ and val/):",
         *(f"  {c}" for c in res.commands),
@@ -499,7 +527,7 @@ def batch(
     quiet: QuietOpt = False,
 ) -> None:
     """Run many compressions in a row, each isolated; summary table, JSON and CSV; exit 1 if any job failed a gate."""
-    from codeq_cli.commands.batch import load_jobs, run_batch, summary, write_summary
+    from codeq_cli.commands.batch import load_jobs, run_batch, summary, write_summary, write_summary_html
 
     output = _output(json_, quiet)
     jobs = load_jobs(jobs_file)
@@ -515,12 +543,13 @@ def batch(
                      stderr=subprocess_devnull() if quiet or json_ else None)
     data = summary(rows)
     json_path, csv_path = write_summary(data, summary_dir or jobs_file.parent, jobs_file.stem)
-    data["summary_files"] = [str(json_path), str(csv_path)]
+    html_path = write_summary_html(data, summary_dir or jobs_file.parent, jobs_file.stem)
+    data["summary_files"] = [str(json_path), str(csv_path), str(html_path)]
     if json_:
         output.result(data)
     else:
         _batch_table(rows, output)
-        output.info(f"summary: {json_path}, {csv_path}")
+        output.info(f"summary: {json_path}, {csv_path}, {html_path}")
     if not data["passed"]:
         raise typer.Exit(1)
 

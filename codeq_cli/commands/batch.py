@@ -305,3 +305,21 @@ def write_summary(data: dict[str, Any], folder: Path, stem: str) -> tuple[Path, 
     write_json(json_path, data)
     write_text(csv_path, to_csv(data["jobs"]))
     return json_path, csv_path
+
+
+def write_summary_html(data: dict[str, Any], folder: Path, stem: str) -> Path:
+    """``<stem>.summary.html``: every job's status, and the checkpoints written compared (top-1 against BOPs)."""
+    from codeq_cli.commands.report import report_data
+    from codeq_cli.commands.report_html import write_page
+    from codeq_cli.errors import CodeqError
+    from codeq_cli.formats.checkpoint import load
+
+    reports = []
+    for row in data["jobs"]:
+        if row["status"] in ("ok", "skipped", "gate failed"):  # a failed gate still wrote its checkpoint
+            try:
+                reports.append(report_data(load(row["out"])))
+            except CodeqError:  # gone or damaged since: its row says what happened to the job
+                continue
+    folder.mkdir(parents=True, exist_ok=True)
+    return write_page(folder / f"{stem}.summary.html", reports, title=f"codeq batch: {stem}", jobs=data["jobs"])

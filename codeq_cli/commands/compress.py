@@ -242,6 +242,33 @@ def _differences(old: dict, new: dict) -> list[str]:
     return out
 
 
+CALIBRATION_BATCHES = 4
+
+
+def _calibrate_activations(model, train_set, recipe, opts: CompressOptions, info, on_event) -> None:
+    """Initialise the activation quantizers once, before training, from the first global batches.
+
+    Every rank reads the same whole global batches (epoch 0's order, its
+    augmentations), so all compute the same steps; DDP then starts from rank 0's.
+    """
+    from codeq_cli.core.act_quant import calibrate_
+    from codeq_cli.data.folders import build_loader
+    from codeq_cli.data.sampling import GlobalBatchSampler
+
+    sampler = GlobalBatchSampler(len(train_set), recipe.batch_size, opts.seed)
+    loader = build_loader(train_set, batch_sampler=sampler, workers=0, seed=opts.seed)
+
+    def batches():
+        for i, (images, _) in enumerate(loader):
+            if i >= CALIBRATION_BATCHES:
+                return
+            if images.numel():
+                yield images.to(info.device)
+
+    n = calibrate_(model, batches())
+    on_event({"event": "note", "text": f"activation quantizers initialised from {n} batches"})
+
+
 def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: False) -> CompressResult:
     """Compress ``opts.model`` as ``opts`` say; returns where the result went and its figures."""
     from codeq_cli.formats import checkpoint
@@ -250,6 +277,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     from codeq_cli._io import write_json, write_text
     from codeq_cli.core.bops import bops_rows, bops_totals
     from codeq_cli.data.folders import build_datasets, check_root, class_folders, default_workers, parse_subset
+    from codeq_cli.core import act_quant
     from codeq_cli.core.insert import dequantized_state_dict, quantize_
     from codeq_cli.models.factory import create, load_model, num_outputs
     from codeq_cli.train.recipe import quantizer_kwargs, recipe_to_yaml
@@ -338,6 +366,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     model.to(info.device)
     on_event({"event": "quantized", "layers": len(wrapped)})
 
+    if recipe.act_bits is not None and state is None:
+        _calibrate_activations(model, train_set, recipe, opts, info, on_event)
     if state is not None:
         _load_run_state(model, state, run_dir, spec.label)
         if not runstate.restore_rng_state(state, info.rank, info.world_size, info.device):
@@ -375,6 +405,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     totals = bops_totals(rows)
     decoded = create(spec)
     decoded.load_state_dict(dequantized_state_dict(plain))
+    act_quant.freeze_into(decoded, act_quant.frozen_entries(plain))  # activation quantizers, as shipped
     decoded.to(info.device)
     if recipe.channels_last and info.device.type == "cuda":
         decoded.to(memory_format=torch.channels_last)
@@ -390,10 +421,12 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
 
     file_bytes = 0
     if info.is_main:
+        from codeq_cli.formats.history import from_log
+
         saved = checkpoint.save(
             opts.out, plain, spec=spec, data_config=loaded.data, class_names=classes, recipe=recipe.to_dict(),
             provenance=provenance(info, opts.seed, progress.step, loaded.weights, arithmetic), metrics=metrics, macs=macs,
-            data_dir=str(Path(opts.data).resolve()),
+            data_dir=str(Path(opts.data).resolve()), history=from_log(run_dir / "metrics.jsonl"),
         )
         file_bytes = saved.file_bytes
         result = CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes,

@@ -8,7 +8,7 @@
 3. It is compressed with the ``mixed`` recipe by the same code as
    ``codeq compress --weights`` (with the logits' learning rates raised for
    the four-epoch schedule, and crops suited to 28x28 images), then reported
-   and evaluated from the file.
+   (also as ``report.html``) and evaluated from the file.
 
 Everything goes under ``./codeq-demo/`` (or ``--out-dir``); the same seed
 gives the same numbers.
@@ -59,6 +59,7 @@ class DemoResult:
     seconds: float
     fp_cached: bool
     commands: list[str]
+    report_html: str = ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,6 +135,7 @@ def run(opts: DemoOptions, on_event: Callable[[dict], None] = lambda e: None, sh
     from codeq_cli.formats.checkpoint import load
     from codeq_cli.data.fashion_mnist import write_image_folder
     from codeq_cli.commands.report import report_data
+    from codeq_cli.commands.report_html import write_page
 
     t0 = time.monotonic()
     opts.out_dir.mkdir(parents=True, exist_ok=True)
@@ -155,10 +157,11 @@ def run(opts: DemoOptions, on_event: Callable[[dict], None] = lambda e: None, sh
     ev = evaluate.run(evaluate.EvalOptions(out, data=data, batch_size=256, workers=opts.workers,
                                            device=opts.device, subset=opts.subset))
     report = report_data(load(out))
+    html = write_page(opts.out_dir / "report.html", [report])
     t = report["totals"]
     cmds = [
         "codeq compress resnet18 --data /path/to/imagenet --recipe mixed --out out.pt",
-        "codeq report out.pt",
+        "codeq report out.pt --html out.html",
         "codeq eval out.pt",
     ]
     return DemoResult(
@@ -166,5 +169,5 @@ def run(opts: DemoOptions, on_event: Callable[[dict], None] = lambda e: None, sh
         model=result.model, fp_top1=float(result.metrics["fp_top1"]), top1=float(ev["top1"]), top5=float(ev["top5"]),
         rel_bops=float(t["rel_bops"]), sparsity=float(t["sparsity"]), avg_bits=float(t["avg_bits"]),
         file_bytes=int(t["file_bytes"]), fp32_bytes=int(t["fp32_bytes"]), seconds=time.monotonic() - t0,
-        fp_cached=cached, commands=cmds,
+        fp_cached=cached, commands=cmds, report_html=str(html),
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from typing import TYPE_CHECKING
 
 from codeq_cli.core.bops import A_BITS, FP_BITS, bops_totals
@@ -23,9 +24,13 @@ if TYPE_CHECKING:  # pragma: no cover
 
     from codeq_cli.formats.checkpoint import CompressedModel
 
-LAYER_KEYS = ("name", "kind", "shape", "params", "macs", "bits", "sparsity", "bops", "bops_share", "quantized")
+LAYER_KEYS = ("name", "kind", "shape", "params", "macs", "bits", "sparsity", "bops", "bops_share", "quantized", "act_bits")
 NOTES = ("BOPs count the weight × activation products of convolution and linear layers at 32-bit activations; "
          "products of two activations (attention's QKᵀ and AV) are in neither sum",)
+# With activation quantizers (codeq's extension, docs/method.md): what the BOPs then count.
+ACT_NOTES = ("BOPs count the weight × activation products of convolution and linear layers at each layer's weight "
+             "bits × input activation bits (a-bits; 32 where the input stays float, e.g. layers excluded by "
+             "act_exclude); products of two activations (attention's QKᵀ and AV) are in neither sum",)
 
 
 def report_data(ckpt: CompressedModel) -> dict:
@@ -45,6 +50,7 @@ def report_data(ckpt: CompressedModel) -> dict:
             "bops": r.bops,
             "bops_share": 100.0 * r.bops / bops if bops else 0.0,
             "quantized": r.quantized,
+            "act_bits": r.act_bits,  # codeq's extension: 32 = float activations
         }
         for r in rows
     ]
@@ -88,8 +94,37 @@ def report_data(ckpt: CompressedModel) -> dict:
         "metrics": dict(ckpt.metrics),
         "recipe": dict(ckpt.recipe),
         "provenance": dict(ckpt.provenance),
-        "notes": list(NOTES),
+        "history": ckpt.history,
+        "budget": budget_pair(ckpt.meta.get("budget")),
+        "notes": list(ACT_NOTES if any(r.act_bits != A_BITS for r in rows) else NOTES),
     }
+
+
+def _figure(v):
+    return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def budget_pair(budget) -> dict | None:
+    """A budget's target and achieved figures, when the checkpoint records them (optional metadata ``budget``).
+
+    ``{"target": T, "achieved": A, ...}`` where ``T`` and ``A`` are numbers (the
+    figure named by ``metric``, default ``rel_bops``) or objects of figure name
+    to number. Returns ``{"rows": [{"figure", "target", "achieved"}], ...}``
+    with the other keys kept, or None when there is no usable pair.
+    """
+    if not isinstance(budget, dict) or "target" not in budget or "achieved" not in budget:
+        return None
+    target, achieved = budget["target"], budget["achieved"]
+    if isinstance(target, dict) and isinstance(achieved, dict):
+        names = [k for k in target if isinstance(k, str)] + [k for k in achieved if isinstance(k, str) and k not in target]
+        rows = [{"figure": k, "target": _figure(target.get(k)), "achieved": _figure(achieved.get(k))} for k in names]
+    else:
+        metric = budget.get("metric") if isinstance(budget.get("metric"), str) else "rel_bops"
+        rows = [{"figure": metric, "target": _figure(target), "achieved": _figure(achieved)}]
+    rows = [r for r in rows if r["target"] is not None or r["achieved"] is not None]
+    if not rows:
+        return None
+    return {"rows": rows, **{k: v for k, v in budget.items() if k not in ("target", "achieved", "rows")}}
 
 
 # -- formatting helpers -----------------------------------------------------------
@@ -151,6 +186,10 @@ def recipe_line(recipe: dict) -> str:
     if mixed:
         lrs += f" lr_bit={_value(r['lr_bit'])}"
     parts += [lrs, f"{r['epochs']} epochs {r['schedule']}", f"batch {r['batch_size']}"]
+    act = r.get("act_bits")
+    if act is not None:  # codeq's extension
+        parts.append(f"activations {r.get('act_b_min')}-{r.get('act_b_max')} bits learned" if act == "learned"
+                     else f"activations {act} bits")
     for key in ("include", "exclude"):
         if r.get(key):
             parts.append(f"{key}={_value(r[key])}")
@@ -193,6 +232,7 @@ def _cells(layer: dict) -> list[str]:
         _si(layer["params"]),
         _si(layer["macs"]),
         str(layer["bits"]) if layer["quantized"] else "fp32",
+        str(layer["act_bits"]) if layer["act_bits"] != A_BITS else "fp32",
         f"{layer['sparsity']:.3f}",
         _si(layer["bops"]),
         f"{layer['bops_share']:.2f}%",
@@ -201,11 +241,11 @@ def _cells(layer: dict) -> list[str]:
 
 def _total_cells(data: dict) -> list[str]:
     t = data["totals"]
-    return ["total", "", "", _si(t["params"]), _si(t["macs"]), f"{t['avg_bits']:.2f}", f"{t['sparsity']:.3f}",
+    return ["total", "", "", _si(t["params"]), _si(t["macs"]), f"{t['avg_bits']:.2f}", "", f"{t['sparsity']:.3f}",
             _si(t["bops"]), "100.00%" if t["bops"] else "0.00%"]
 
 
-_HEADERS = ("layer", "kind", "shape", "params", "MACs", "bits", "sparsity", "BOPs", "share")
+_HEADERS = ("layer", "kind", "shape", "params", "MACs", "bits", "a-bits", "sparsity", "BOPs", "share")
 
 
 # -- renderers --------------------------------------------------------------------
@@ -240,7 +280,7 @@ def to_csv(data: dict) -> str:
         w.writerow([
             layer["name"], layer["kind"], "x".join(str(d) for d in layer["shape"]), layer["params"], layer["macs"],
             layer["bits"], repr(float(layer["sparsity"])), repr(float(layer["bops"])), repr(float(layer["bops_share"])),
-            layer["quantized"],
+            layer["quantized"], layer["act_bits"],
         ])
     return buf.getvalue()
 

@@ -3,8 +3,12 @@
 Per convolution or linear layer ℓ::
 
     MACs_dense = (c_in / groups) · c_out · k_h · k_w · m_h · m_w     (linear: in · out per token)
-    BOPs       = density · MACs_dense · w_bits · a_bits,   a_bits = 32
+    BOPs       = density · MACs_dense · w_bits · a_bits
 
+``a_bits`` is 32 (the paper's setting) unless the layer's input carries an
+activation quantizer (codeq's extension, :mod:`codeq_cli.core.act_quant`),
+then its bit-width: every BOPs figure, and so anything built on
+:func:`bops_rows`/:func:`bops_totals`, counts activation bits.
 Relative BOPs = Σ BOPs / Σ (MACs_dense · 32 · 32); a layer left in float counts
 at 32 × 32, dense. MACs are measured by running the model once at its input
 resolution with batch 1 (forward hooks, no tracing). Products of two
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from codeq_cli.core.act_quant import act_bits as _act_bits
 from codeq_cli.core.insert import _CONV, _LINEAR, layer_name, plan, quantized_weights
 
 A_BITS = 32
@@ -122,19 +127,26 @@ class LayerRow:
     sparsity: float  # fraction of zero codes (0.0 for float layers)
     bops: float
     quantized: bool
+    act_bits: int = A_BITS  # the input's bit-width; 32: float activations
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        if d["act_bits"] == A_BITS:  # float activations: the row as codeq has always written it
+            del d["act_bits"]
+        return d
 
 
-def make_row(name: str, kind: str, shape: Sequence[int], macs: int, bits: int | None, nonzero: int | None) -> LayerRow:
-    """A row from plain figures; ``bits=None`` means left in float (dense, 32 bits)."""
+def make_row(name: str, kind: str, shape: Sequence[int], macs: int, bits: int | None, nonzero: int | None,
+             act_bits: int | None = None) -> LayerRow:
+    """A row from plain figures; ``bits=None`` means left in float (dense, 32 bits);
+    ``act_bits=None`` means float activations (32 bits)."""
     params = math.prod(shape)
     if bits is None or nonzero is None:
         return LayerRow(name, kind, list(shape), params, int(macs), FP_BITS, 0.0, float(macs) * FP_BITS * A_BITS, False)
+    a = A_BITS if act_bits is None else int(act_bits)
     density = nonzero / params if params else 0.0
     return LayerRow(
-        name, kind, list(shape), params, int(macs), int(bits), 1.0 - density, density * macs * bits * A_BITS, True
+        name, kind, list(shape), params, int(macs), int(bits), 1.0 - density, density * macs * bits * a, True, a
     )
 
 
@@ -147,13 +159,15 @@ def bops_rows(model: nn.Module, macs: dict[str, int], encoded: dict | None = Non
     """
     if encoded is None:
         encoded = {qw.name: qw.quantizer.encode(qw.original) for qw in quantized_weights(model)}
+    abits = _act_bits(model)
     rows = []
     for t in plan(model):
         if t.kind == "other":
             continue
         e = encoded.get(t.name)
         if e is not None:
-            rows.append(make_row(t.name, t.kind, tuple(e.codes.shape), macs.get(t.name, 0), e.bits, int(torch.count_nonzero(e.codes))))
+            rows.append(make_row(t.name, t.kind, tuple(e.codes.shape), macs.get(t.name, 0), e.bits,
+                                 int(torch.count_nonzero(e.codes)), abits.get(t.name)))
         else:
             rows.append(make_row(t.name, t.kind, t.shape, macs.get(t.name, 0), None, None))
     # out_proj of nn.MultiheadAttention is found by plan() as a Linear: nothing more to add.

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from codeq_cli.core import act_quant
 from codeq_cli.core.quantizer import DeadZoneQuantizer
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ def quantize_(
     bits: int | None = 4,
     include: Iterable[str] | str | None = None,
     exclude: Iterable[str] | str | None = None,
+    *,
+    activations: act_quant.ActSpec | None = None,
     **quantizer_kwargs,
 ) -> list[str]:
     """Wrap every convolution and linear weight of ``model`` in a :class:`DeadZoneQuantizer`.
@@ -193,6 +196,11 @@ def quantize_(
     cannot be wrapped are left in float and logged with the reason; see
     :func:`plan` for the full list. Build the optimizer afterwards: the
     quantizers' logits are new parameters.
+
+    ``activations`` (codeq's extension, ``docs/method.md``) also puts an
+    :class:`~codeq_cli.core.act_quant.ActQuantizer` on the input of every
+    wrapped convolution and linear layer; they stay transparent until
+    :func:`~codeq_cli.core.act_quant.calibrate_` has run. Default: none.
     """
     wrapped = []
     for t in plan(model, include, exclude):
@@ -205,6 +213,8 @@ def quantize_(
         qz = DeadZoneQuantizer(bits, **quantizer_kwargs).to(device=weight.device)
         parametrize.register_parametrization(module, t.param_name, qz, unsafe=True)
         wrapped.append(t.name)
+    if activations is not None:
+        act_quant.add_(model, wrapped, activations)
     return wrapped
 
 
@@ -266,7 +276,7 @@ def plain_state(model: nn.Module, state: dict | None = None) -> Iterator[tuple[s
     decides what to store: ``ŵ``, or its codes), placed before its module's
     other entries as the plain model has it (parametrize moved it behind
     them); every other entry comes as its tensor; the quantizers' own state
-    (the logits) is left out. ``state`` is ``model.state_dict()`` when the
+    (the logits, and the activation quantizers' steps and flags) is left out. ``state`` is ``model.state_dict()`` when the
     caller has it already.
     """
     owned = {(f"{qw.module_name}." if qw.module_name else "") + f"parametrizations.{qw.param_name}.": qw
@@ -274,7 +284,11 @@ def plain_state(model: nn.Module, state: dict | None = None) -> Iterator[tuple[s
     pending: dict[str, list[QuantizedWeight]] = {}  # module name -> its quantized weights not yet placed
     for qw in owned.values():
         pending.setdefault(qw.module_name, []).append(qw)
+    act_prefixes = tuple(f"{name}.{act_quant.ATTR}." if name else f"{act_quant.ATTR}."
+                         for name, _ in act_quant.act_quantizers(model))
     for key, value in (model.state_dict() if state is None else state).items():
+        if act_prefixes and key.startswith(act_prefixes):
+            continue
         qw = next((q for prefix, q in owned.items() if key.startswith(prefix)), None)
         for placed in pending.pop(qw.module_name if qw is not None else key.rpartition(".")[0], ()):
             yield placed.key, placed

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from codeq_cli.core.quantizer import B_MAX, B_MIN
 from codeq_cli.errors import one_line
+from codeq_cli.formats import history as history_format
 
 Count = Annotated[int, Field(ge=0)]
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -58,6 +59,7 @@ class RowMeta(_Strict):
     sparsity: Finite
     bops: Finite
     quantized: bool
+    act_bits: Annotated[int, Field(ge=B_MIN, le=32)] = 32  # codeq's extension; absent: float activations
 
 
 class _Span(_Strict):
@@ -75,6 +77,22 @@ class LayerMeta(_Span):
     crc32: Count
 
     @field_validator("step", "shift")
+    @classmethod
+    def _float32(cls, v: float) -> float:
+        if float(np.float32(v)) != v:
+            raise ValueError("is not a float32 value")
+        return v
+
+
+class ActivationMeta(_Strict):
+    """One activation quantizer (codeq's extension): its layer, bit-width, sign and step."""
+
+    name: str
+    bits: Annotated[int, Field(ge=B_MIN, le=B_MAX)]
+    signed: bool
+    step: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+    @field_validator("step")
     @classmethod
     def _float32(cls, v: float) -> float:
         if float(np.float32(v)) != v:
@@ -113,6 +131,14 @@ class CheckpointMeta(_Strict):
     module_versions: dict[str, Count] | None = None  # format 2: the modules' versions other than 1 (_metadata)
     layers: list[LayerMeta]
     tensors: list[TensorMeta]
+    activations: list[ActivationMeta] | None = None
+    history: dict | None = None  # optional: the compact training history (formats/history.py)
+
+    @field_validator("history")
+    @classmethod
+    def _history(cls, v: dict | None) -> dict | None:
+        history_format.validate(v)  # one home for its shape; ValueError names the column
+        return v
 
     @model_validator(mode="after")
     def _consistent(self, info: ValidationInfo) -> CheckpointMeta:

@@ -40,12 +40,14 @@ import torch
 from torch import Tensor, nn
 
 from codeq_cli.formats import entropy
+from codeq_cli.formats import history as history_format
 from codeq_cli._io import _json_default, write_with
 from codeq_cli.core.bops import LayerRow, bops_rows
 from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError, one_line
 from codeq_cli.core.insert import QuantizedWeight, plain_state
 from codeq_cli.models.factory import DataConfig, ModelSpec, with_module_versions
 from codeq_cli.core.quantizer import dequantize
+from codeq_cli.core import act_quant
 from codeq_cli.formats._checkpoint_meta import validate as validate_meta
 
 MAGIC = b"CODEQ\r\n\x1a"
@@ -115,6 +117,7 @@ def save(
     metrics: dict,
     macs: dict[str, int],
     data_dir: str | None = None,
+    history: dict | None = None,
     format_version: int = FORMAT_VERSION,
 ) -> SaveInfo:
     """Write the compressed checkpoint of a live quantized model (after :func:`quantize_` and training).
@@ -124,7 +127,9 @@ def save(
     rest of the state dict goes in under the plain model's names
     (``layer1.0.conv1.weight``, never ``parametrizations.weight.original``);
     the quantizers' logits are training state and are not stored. The BOPs
-    rows are ``bops_rows(model, macs)``. Written atomically.
+    rows are ``bops_rows(model, macs)``. ``history``, when given, is the
+    run's compact training history (:mod:`codeq_cli.formats.history`), stored
+    under the metadata key ``history``. Written atomically.
     ``format_version=1`` writes the metadata uncompressed, for codeq
     versions that read only format 1.
     """
@@ -180,6 +185,16 @@ def save(
         "layers": layers,
         "tensors": tensors,
     }
+    if history is not None:
+        try:
+            history_format.validate(history)
+        except ValueError as exc:
+            raise CodeqError(f"the training history to store is malformed ({exc})",
+                             hint="pass codeq_cli.formats.history.from_log(...) or None") from None
+        meta["history"] = history
+    activations = act_quant.frozen_entries(model)
+    if activations:  # codeq's extension; absent for float activations (the file is then as before)
+        meta["activations"] = activations
     try:
         meta_bytes = json.dumps(meta, separators=(",", ":"), ensure_ascii=False, default=_json_default).encode("utf-8")
     except (TypeError, ValueError) as exc:
@@ -309,6 +324,8 @@ class CompressedModel:
         self.macs: dict[str, int] = meta["macs"]
         self.data_dir: str | None = meta["data_dir"]
         self._payload = payload
+        # Activation quantizers (codeq's extension): {"name", "bits", "signed", "step"} per layer, or none.
+        self.activations: list[dict] = list(meta.get("activations") or [])
         self.layers: dict[str, QuantizedLayer] = {
             e["name"]: QuantizedLayer(path, e, payload[e["offset"] : e["offset"] + e["nbytes"]]) for e in meta["layers"]
         }
@@ -316,6 +333,7 @@ class CompressedModel:
     recipe = property(lambda self: self.meta["recipe"])
     provenance = property(lambda self: self.meta["provenance"])
     metrics = property(lambda self: self.meta["metrics"])
+    history = property(lambda self: self.meta.get("history"))  # None: written without one (see formats/history.py)
 
     @cached_property
     def tensors(self) -> dict[str, Tensor]:
@@ -362,7 +380,12 @@ class CompressedModel:
         return out
 
     def build_model(self) -> nn.Module:
-        """The plain architecture (no parametrizations) holding the decoded weights, in eval mode."""
+        """The plain architecture (no parametrizations) holding the decoded weights, in eval mode.
+
+        With activation quantizers in the file, each is put back on its layer's
+        input as a :class:`~codeq_cli.core.act_quant.FrozenActQuantizer`, so the
+        logits equal the fake-quantized model's.
+        """
         from codeq_cli.models.factory import create
 
         model = create(self.spec, pretrained=False)
@@ -375,6 +398,11 @@ class CompressedModel:
                 f"{self.path} does not fit {self.spec.label} as this installation builds it ({one_line(exc, 160)})",
                 hint=f"install the versions that wrote it ({versions})" if versions else "compress the model again",
             ) from None
+        try:
+            act_quant.freeze_into(model, self.activations)
+        except (AttributeError, ValueError) as exc:  # no such layer, or named twice
+            raise CheckpointError(f"{self.path}: an activation quantizer does not fit {self.spec.label} ({one_line(exc, 120)})",
+                                  hint="it was not written by codeq for this model; compress again") from None
         return model.eval()
 
     def __repr__(self) -> str:

@@ -49,6 +49,7 @@ from codeq_cli.train.recipe import Recipe
 from codeq_cli.core.bops import bops_rows, bops_totals
 from codeq_cli.errors import InterruptedRun, TrainingError
 from codeq_cli.core.insert import quantizer_parameters
+from codeq_cli.core.act_quant import act_parameters
 from codeq_cli.formats import runstate
 from codeq_cli.formats.runstate import RunPosition
 from codeq_cli.data.folders import build_loader
@@ -77,10 +78,15 @@ def penalty(
 
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW or SGD with three groups: network weights, dead-zone logits, bit logits."""
+    """AdamW or SGD with three groups: network weights, dead-zone logits, bit logits.
+
+    With activation quantizers (``act_bits``), two more: their steps (``lr_act``)
+    and their bit logits (``lr_bit``), both without weight decay.
+    """
     plain = dist.unwrap(model)
     dz, bit = quantizer_parameters(plain)
-    logit_ids = {id(p) for p in dz + bit}
+    act_steps, act_bit = act_parameters(plain)
+    logit_ids = {id(p) for p in dz + bit + act_steps + act_bit}
     weights = [p for p in plain.parameters() if p.requires_grad and id(p) not in logit_ids]
     groups = [
         {"params": weights, "lr": recipe.lr, "weight_decay": recipe.weight_decay, "name": "weights"},
@@ -88,6 +94,10 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     ]
     if bit:
         groups.append({"params": bit, "lr": recipe.lr_bit, "weight_decay": recipe.weight_decay_bit, "name": "bits"})
+    if act_steps:
+        groups.append({"params": act_steps, "lr": recipe.lr_act, "weight_decay": 0.0, "name": "act_steps"})
+    if act_bit:
+        groups.append({"params": act_bit, "lr": recipe.lr_bit, "weight_decay": 0.0, "name": "act_bits"})
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.lr, momentum=recipe.momentum, nesterov=False)
     return torch.optim.AdamW(groups, lr=recipe.lr)
@@ -274,6 +284,7 @@ class Fit:
         if setup.info.is_main and state is None and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run (--overwrite) starts a fresh log
         self.logits = quantizer_parameters(dist.unwrap(setup.model))
+        self.act_bit_logits = act_parameters(dist.unwrap(setup.model))[1]
 
     # ---------------------------------------------------------------- logging
     def log(self, event: Event) -> None:
@@ -322,6 +333,8 @@ class Fit:
         with autocast_for(s.device, amp):
             task = F.cross_entropy(_logits(s.model(images)).float(), target, label_smoothing=label_smoothing)
         reg = penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
+        if self.act_bit_logits and r.lambda_act_bit:  # codeq's extension: λ_act_bit · Σ θ_act_bit²
+            reg = reg + r.lambda_act_bit * torch.stack([p.square() for p in self.act_bit_logits]).sum()
         return task + reg, task, reg
 
     def train_one_epoch(self, epoch: int) -> bool:

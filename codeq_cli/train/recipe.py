@@ -57,6 +57,15 @@ class Recipe(BaseModel):
     include: list[str] | None = Field(None, description="a list of layer-name patterns (fnmatch), or null for every layer")
     exclude: list[str] | None = Field(None, description="a list of layer-name patterns (fnmatch), or null")
 
+    # -- codeq's extension: activation quantizers (docs/method.md, "codeq's extension") -------------
+    act_bits: int | str | None = Field(
+        None, description=f"null (float activations), an integer from {B_MIN} to {B_MAX}, or 'learned'")
+    act_b_min: int = Field(4, ge=B_MIN, le=B_MAX, description=f"an integer from {B_MIN} to {B_MAX}, at most act_b_max")
+    act_b_max: int = Field(B_MAX, ge=B_MIN, le=B_MAX, description=f"an integer from {B_MIN} to {B_MAX}, at least act_b_min")
+    act_exclude: list[str] | None = Field(None, description="a list of layer-name patterns (fnmatch) whose input stays float, or null")
+    lr_act: float = Field(1e-4, ge=0, description="a number >= 0 (0 freezes the activation steps)")
+    lambda_act_bit: float = Field(0.2, ge=0, description="a number >= 0")
+
     # -- optimizer: three parameter groups (weights, dead-zone logits, bit logits)
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="'adamw' or 'sgd'")
     lr: float = Field(1e-4, gt=0, description="a number > 0")
@@ -98,7 +107,16 @@ class Recipe(BaseModel):
     def _lower(cls, v: Any) -> Any:
         return v.strip().lower() if isinstance(v, str) else v
 
-    @field_validator("include", "exclude", mode="before")
+    @field_validator("act_bits", mode="before")
+    @classmethod
+    def _act_bits(cls, v: Any) -> Any:
+        if isinstance(v, str) and v.strip().lower() == "learned":
+            return "learned"
+        if v is None or (isinstance(v, int) and not isinstance(v, bool) and B_MIN <= v <= B_MAX):
+            return v
+        _fail("act_bits", v, "is not valid")
+
+    @field_validator("include", "exclude", "act_exclude", mode="before")
     @classmethod
     def _patterns(cls, v: Any) -> Any:
         # A single pattern is a one-element list; tuples (Python callers) are lists;
@@ -140,7 +158,9 @@ class Recipe(BaseModel):
             _fail("std", list(self.std), "is out of range")
         if self.include is not None and not self.include:
             raise _error("include=[] would quantize no layer", "use include: null for every layer, or list patterns", "include")
-        for key in ("include", "exclude"):
+        if self.act_b_min > self.act_b_max:
+            _fail("act_b_min", self.act_b_min, f"is above act_b_max={self.act_b_max}", "lower act_b_min or raise act_b_max")
+        for key in ("include", "exclude", "act_exclude"):
             pats = getattr(self, key)
             if pats is not None and any(not p.strip() for p in pats):
                 _fail(key, pats, "holds an empty pattern")
@@ -163,8 +183,11 @@ ALLOWED: dict[str, str] = {name: field.description or "" for name, field in Reci
 
 
 def quantizer_kwargs(recipe: Recipe) -> dict[str, Any]:
-    """Arguments of :func:`codeq_cli.core.insert.quantize_` (with ``recipe.include``/``exclude``)."""
-    return {
+    """Arguments of :func:`codeq_cli.core.insert.quantize_` (with ``recipe.include``/``exclude``).
+
+    ``activations`` is there only when the recipe quantizes activations (``act_bits`` not null).
+    """
+    kw: dict[str, Any] = {
         "bits": None if recipe.mixed else recipe.bits,
         "b_min": recipe.b_min,
         "b_max": recipe.b_max,
@@ -172,6 +195,15 @@ def quantizer_kwargs(recipe: Recipe) -> dict[str, Any]:
         "init_bit": recipe.init_bit,
         "quantile": recipe.quantile,
     }
+    if recipe.act_bits is not None:
+        from codeq_cli.core.act_quant import ActSpec
+
+        kw["activations"] = ActSpec(
+            bits=None if recipe.act_bits == "learned" else int(recipe.act_bits),
+            b_min=recipe.act_b_min, b_max=recipe.act_b_max, init_bit=recipe.init_bit,
+            exclude=tuple(recipe.act_exclude or ()),
+        )
+    return kw
 
 
 # -- validation messages -----------------------------------------------------------

@@ -1,0 +1,152 @@
+"""The int8 QDQ ONNX export: the grid mapping of the dead-zone levels by hand, and the round trip
+through ONNX Runtime on a small model against the decoded model it came from."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from codeq_cli.core.act_quant import ActSpec, calibrate_
+from codeq_cli.core.bops import measure_macs
+from codeq_cli.core.insert import quantize_
+from codeq_cli.errors import CodeqError, UsageError
+from codeq_cli.formats import checkpoint, onnx_int8
+from codeq_cli.models.factory import DataConfig, ModelSpec, create
+
+HAS_ORT = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
+needs_ort = pytest.mark.skipif(not HAS_ORT, reason="pip install 'codeq[onnx]' (onnx, onnxruntime)")
+
+
+def test_int8_grid_is_exact_when_the_shift_is_a_multiple_of_a_substep():
+    # 4-bit levels ±(0.1·k + 0.05), k = 1..7: σ = 0.05 holds them all (codes 3, 5, ..., 15)
+    sigma, err = onnx_int8.int8_grid(0.1, 0.05, 7)
+    assert err < 1e-12 and 0.1 / sigma == pytest.approx(round(0.1 / sigma))
+    assert sigma == pytest.approx(0.05)
+    # δ = s/3: the first exact grid is s/3 (levels 3k + 1), coarser ones round δ
+    sigma, err = onnx_int8.int8_grid(0.3, 0.1, 7)
+    assert sigma == pytest.approx(0.1) and err < 1e-12
+
+
+def test_int8_grid_error_bound_for_8_bit_weights():
+    # 8-bit levels fill ±127 steps already: only the max|ŵ|/127 grid fits, error ≤ σ/2
+    s, d = 0.01, 0.013
+    sigma, err = onnx_int8.int8_grid(s, d, 127)
+    levels = s * np.arange(1, 128) + d
+    assert sigma == pytest.approx(levels[-1] / 127)
+    assert 0 < err <= sigma / 2 + 1e-15
+    assert err == pytest.approx(np.abs(np.rint(levels / sigma) * sigma - levels).max())
+
+
+@pytest.fixture(scope="module", params=[8, None], ids=["act8", "learned"])
+def ckpt(request, tmp_path_factory):
+    spec = ModelSpec("timm", "test_resnet", num_classes=4)
+    torch.manual_seed(0)
+    model = create(spec)
+    macs = measure_macs(model, (3, 32, 32))
+    quantize_(model, bits=None, init_dz=0.8, init_bit=0.3, activations=ActSpec(bits=request.param))
+    x = torch.randn(8, 3, 32, 32)
+    model.train()
+    for _ in range(2):
+        model(x)  # move the BN statistics away from their initial values
+    calibrate_(model, [x])
+    model.eval()
+    path = tmp_path_factory.mktemp("int8") / "m.codeq"
+    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
+                    recipe={}, provenance={}, metrics={}, macs=macs)
+    return checkpoint.load(path), x
+
+
+@needs_ort
+def test_round_trip_through_onnx_runtime(tmp_path, ckpt):
+    import onnx
+    import onnxruntime as ort
+
+    ck, x = ckpt
+    info = onnx_int8.export_onnx_int8(ck, tmp_path / "m.onnx")
+    graph = onnx.load(str(info.path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") == len(ck.activations) == info.int8_layers
+    int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
+    assert len(int8) == info.int8_layers  # every quantized weight is an int8 initializer
+    sess = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = ck.build_model()(x).numpy()
+    # Not bit-exact (BN folded in float, the weights' int8 grid, rounding ties), but close:
+    # a few activation steps at most, and the same predictions.
+    scale = np.abs(ref).max()
+    assert np.abs(got - ref).max() <= 0.2 * scale
+    assert (got.argmax(1) == ref.argmax(1)).mean() >= 0.75
+
+
+@needs_ort
+def test_8_bit_graph_runs_on_integer_kernels(tmp_path, ckpt):
+    import onnx
+    import onnxruntime as ort
+
+    ck, _ = ckpt
+    if any(a["bits"] != 8 for a in ck.activations):
+        pytest.skip("sub-8-bit activations carry a Clip that blocks ONNX Runtime's fusion (docs/format.md)")
+    info = onnx_int8.export_onnx_int8(ck, tmp_path / "m.onnx")
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(info.path), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+    assert ops.count("QLinearConv") + ops.count("QGemm") >= 4
+
+
+def test_refuses_a_checkpoint_without_activation_quantizers(tmp_path):
+    spec = ModelSpec("timm", "test_resnet", num_classes=4)
+    model = create(spec)
+    macs = measure_macs(model, (3, 32, 32))
+    quantize_(model, bits=4)
+    path = tmp_path / "w.codeq"
+    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
+                    recipe={}, provenance={}, metrics={}, macs=macs)
+    if not importlib.util.find_spec("onnx"):
+        pytest.skip("onnx missing: the install hint comes first")
+    with pytest.raises(UsageError, match="act_bits=8"):
+        onnx_int8.export_onnx_int8(checkpoint.load(path), tmp_path / "m.onnx")
+
+
+def test_without_onnx_says_what_to_install(tmp_path, ckpt, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    with pytest.raises(CodeqError, match=r"pip install 'codeq\[onnx\]'"):
+        onnx_int8.export_onnx_int8(ckpt[0], tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
+
+
+@needs_ort
+def test_cli_export_onnx_int8_answers_in_json(tmp_path, ckpt, capsys):
+    import json
+
+    from conftest import run_cli
+
+    out = tmp_path / "model.onnx"
+    code, stdout, stderr = run_cli(["export", str(ckpt[0].path), "--format", "onnx-int8", "--to", str(out), "--json"], capsys)
+    assert code == 0, stderr
+    answer = json.loads(stdout)
+    assert answer["format"] == "onnx-int8" and answer["int8_layers"] == len(ckpt[0].activations)
+    assert out.stat().st_size == answer["bytes"]
+
+
+def test_cli_refuses_onnx_int8_without_activation_quantizers(tmp_path, capsys):
+    from conftest import run_cli
+
+    spec = ModelSpec("timm", "test_resnet", num_classes=4)
+    model = create(spec)
+    macs = measure_macs(model, (3, 32, 32))
+    quantize_(model, bits=4)
+    path = tmp_path / "w.codeq"
+    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
+                    recipe={}, provenance={}, metrics={}, macs=macs)
+    code, _, stderr = run_cli(["export", str(path), "--format", "onnx-int8", "--to", str(tmp_path / "m.onnx")], capsys)
+    lines = [line for line in stderr.strip().splitlines() if line]
+    has_onnx = importlib.util.find_spec("onnx") is not None
+    assert code == (2 if has_onnx else 1) and len(lines) == 1
+    assert ("act_bits=8" if has_onnx else "codeq[onnx]") in lines[0]
