@@ -292,10 +292,12 @@ def _with_meta(good: bytes, edit) -> bytes:
     """``good`` with its metadata changed by ``edit(meta)`` and a matching checksum: a crafted file."""
     import hashlib
 
+    import zlib
+
     meta_len = struct.unpack_from("<I", good, 12)[0]
-    meta = json.loads(good[checkpoint.HEADER_BYTES : checkpoint.HEADER_BYTES + meta_len])
+    meta = json.loads(zlib.decompress(good[checkpoint.HEADER_BYTES : checkpoint.HEADER_BYTES + meta_len]))
     edit(meta)
-    body = json.dumps(meta).encode()
+    body = zlib.compress(json.dumps(meta).encode())
     payload = good[checkpoint.HEADER_BYTES + meta_len :]
     head = bytearray(good[:24])
     struct.pack_into("<I", head, 12, len(body))
@@ -395,3 +397,64 @@ def test_codes_that_decode_differently_are_refused(tmp_path, good, monkeypatch):
     layer = next(iter(ckpt.layers.values()))
     with pytest.raises(CheckpointError, match="decodes to different codes"):
         layer.codes
+
+
+# -- format 2: compressed metadata, module versions ---------------------------------
+
+
+def _mnasnet(tmp_path: Path, **kw):
+    spec = ModelSpec("torchvision", "mnasnet0_5", num_classes=3)
+    torch.manual_seed(0)
+    model = create(spec).eval()
+    x = torch.randn(2, 3, 32, 32)
+    macs = measure_macs(model, x.shape[1:])
+    quantize_(model, bits=4)
+    return model, save(tmp_path / "mnas.codeq", model, spec, x, macs, class_names=["a", "b", "c"], **kw), x
+
+
+def test_metadata_is_compressed_and_format_1_files_still_read(tmp_path, saved):
+    import zlib
+
+    model, x, macs, path, _, spec = saved
+    data = path.read_bytes()
+    version, meta_len = struct.unpack_from("<H", data, 8)[0], struct.unpack_from("<I", data, 12)[0]
+    assert version == checkpoint.FORMAT_VERSION == 2
+    plain = zlib.decompress(data[checkpoint.HEADER_BYTES : checkpoint.HEADER_BYTES + meta_len])
+    assert json.loads(plain)["format_version"] == 2 and meta_len < len(plain) / 2
+    # A format-1 file (plain JSON metadata), as the previous codeq wrote it, reads the same.
+    ck2 = checkpoint.load(path)
+    old = save(path.with_suffix(".v1"), model, spec, x, macs, format_version=1)
+    raw = old.path.read_bytes()
+    assert struct.unpack_from("<H", raw, 8)[0] == 1
+    assert json.loads(raw[checkpoint.HEADER_BYTES : checkpoint.HEADER_BYTES + old.meta_bytes])["format_version"] == 1
+    ck1 = checkpoint.load(old.path)
+    assert ck1.format_version == 1 and ck1.meta["layers"] == ck2.meta["layers"]
+    with torch.no_grad():
+        torch.testing.assert_close(ck1.build_model()(x), ck2.build_model()(x), rtol=0, atol=0)
+
+
+def test_refuses_metadata_that_does_not_inflate(tmp_path, good):
+    import hashlib
+    import zlib
+
+    meta_len = struct.unpack_from("<I", good, 12)[0]
+    payload = good[checkpoint.HEADER_BYTES + meta_len :]
+    for body, why in ((b"{not zlib", "does not decompress"), (zlib.compress(b"{" * 1000)[:-6], "cut short")):
+        head = bytearray(good[:24])
+        struct.pack_into("<I", head, 12, len(body))
+        p = tmp_path / "z.codeq"
+        p.write_bytes(bytes(head) + hashlib.sha256(bytes(head) + body + payload).digest() + body + payload)
+        assert why in _refused(p, "malformed metadata")
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_module_versions_survive_for_mnasnet(tmp_path, version):
+    """torchvision's MNASNet refuses a state dict without its version metadata (issue 11)."""
+    model, info, x = _mnasnet(tmp_path, format_version=version)
+    ck = checkpoint.load(info.path)
+    sd = ck.state_dict()
+    if version == 2:
+        assert ck.meta["module_versions"][""] == 2 and sd._metadata[""] == {"version": 2}
+    rebuilt = ck.build_model()  # format 1 records none: the installed code's versions are used
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), model(x), rtol=0, atol=0)

@@ -35,7 +35,8 @@ def test_end_to_end_writes_checkpoint_run_dir_and_json(data, tmp_path, capsys):
     assert result["out"] == str(out) and result["model"] == "timm:test_resnet"
     assert 0.0 <= result["metrics"]["top1"] <= 100.0 and result["metrics"]["fp_top1"] is not None
     run_dir = tmp_path / "model.run"
-    assert (run_dir / "state.pt").exists() and (run_dir / "recipe.yaml").exists()
+    # A finished run folder: no run state (it only served --resume), the logs and the recipe.
+    assert sorted(p.name for p in run_dir.iterdir()) == ["metrics.jsonl", "recipe.yaml", "summary.json"]
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     kinds = {e["event"] for e in events}
     assert {"start", "step", "eval", "saved"} <= kinds
@@ -99,7 +100,8 @@ def test_refuses_to_overwrite_and_resume_checks(data, tmp_path, capsys):
     out = tmp_path / "m.pt"
     base = ["compress", *TINY, "--data", str(data), "--out", str(out), "--max-steps", "1", "--batch-size", "8",
             "--skip-baseline"]
-    assert cli(base, capsys)[0] == 0
+    assert cli(base + ["--keep-state"], capsys)[0] == 0
+    assert (tmp_path / "m.run" / "state.pt").exists()  # --keep-state: kept for a later --resume
     code, _, err = cli(base, capsys)
     assert code == 2 and "--overwrite" in err and err.count("\n") == 1
     code, _, err = cli(base + ["--resume", "--set", "lambda_dz=0.5"], capsys)
@@ -110,9 +112,24 @@ def test_refuses_to_overwrite_and_resume_checks(data, tmp_path, capsys):
 
 
 def test_class_count_must_match_the_head(data, tmp_path, capsys):
-    code, _, err = cli(["compress", "timm:test_resnet", "--no-pretrained", "--data", str(data), "--out",
+    from codeq_cli.models.factory import ModelSpec, create
+
+    weights = tmp_path / "w.pt"  # weights with the architecture's own 1000-class head
+    torch.save(create(ModelSpec("timm", "test_resnet")).state_dict(), weights)
+    code, _, err = cli(["compress", "timm:test_resnet", "--weights", str(weights), "--data", str(data), "--out",
                         str(tmp_path / "x.pt"), "--img-size", "32", "--workers", "0"], capsys)
     assert code == 2 and "--num-classes 3" in err and "Traceback" not in err
+
+
+def test_random_weights_take_the_class_count_of_the_folders(data, tmp_path, capsys):
+    """--no-pretrained: no head to keep, so the model is built for the 3 class folders, said in one line."""
+    out = tmp_path / "x.pt"
+    code, _, err = cli(["compress", "timm:test_resnet", "--no-pretrained", "--data", str(data), "--out", str(out),
+                        "--img-size", "32", "--workers", "0", "--max-steps", "1", "--batch-size", "8",
+                        "--skip-baseline"], capsys)
+    assert code == 0, err
+    assert "built with 3 outputs, one per class folder" in err and "resolved to" not in err
+    assert checkpoint.load(out).spec.num_classes == 3
 
 
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_state(data, tmp_path, capsys):

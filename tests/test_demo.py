@@ -34,6 +34,7 @@ def test_demo_runs_the_pipeline_and_is_deterministic(tmp_path, capsys):
     assert 0 < first["rel_bops"] < 100 and first["file_bytes"] < first["fp32_bytes"]
     out_dir = tmp_path / "a"
     assert (out_dir / "compressed.pt").exists() and (out_dir / "fp32.safetensors").exists()
+    assert not list(out_dir.rglob("state.pt"))  # finished runs keep no resumable state (issue 11)
     page = out_dir / "report.html"
     assert first["report_html"] == str(page)
     html = page.read_text(encoding="utf-8")  # with the curves of the run: the history is in the checkpoint

@@ -60,7 +60,8 @@ CASES = [
     Case("data-mostly-unreadable", compress("--quiet", data="{w}/manybroken"), 1,
          ("{w}/manybroken/train/", "unreadable", "10%")),
     Case("data-different-classes", compress(data="{w}/diffclasses"), 1, ("only in train/: fox", "only in val/: wolf")),
-    Case("data-classes-vs-head", compress(model=["timm:test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0"]),
+    Case("data-classes-vs-head", compress("--weights", "{w}/default_head.pt",
+                                          model=["timm:test_resnet", "--img-size", "32", "--workers", "0"]),
          2, ("3 classes", "1000 outputs", "--num-classes 3")),
     Case("data-num-classes-wrong", compress("--num-classes", "5"), 2, ("--num-classes 5", "3 class folders")),
     Case("data-subset-zero", compress("--subset", "0"), 2, ("--subset 0",)),
@@ -196,6 +197,7 @@ def world(tmp_path_factory) -> Path:
     torch.save({"encoder.weight": torch.zeros(4, 4)}, w / "other_arch.pt")
     sd = timm.create_model("test_resnet", num_classes=3).state_dict()
     torch.save(sd, w / "wide_head.pt")  # 3 outputs, where the default head has 1000
+    torch.save(timm.create_model("test_resnet").state_dict(), w / "default_head.pt")  # 1000 outputs
     (w / "trunc_sd.pt").write_bytes((w / "wide_head.pt").read_bytes()[:5000])
     save_file({k: v.contiguous() for k, v in sd.items()}, str(w / "weights.safetensors"))
     torch.save({"fc.weight": _Evil(str(w / "pwned"))}, w / "evil.pt")

@@ -6,6 +6,7 @@ import hashlib
 import json
 import re
 import struct
+import zlib
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def files(tmp_path_factory, model_and_macs):
 def _raw_meta(path: Path) -> dict:
     data = path.read_bytes()
     meta_len = struct.unpack_from("<I", data, 12)[0]
-    return json.loads(data[checkpoint.HEADER_BYTES: checkpoint.HEADER_BYTES + meta_len])
+    return json.loads(zlib.decompress(data[checkpoint.HEADER_BYTES: checkpoint.HEADER_BYTES + meta_len]))  # format 2
 
 
 def _rewrite_meta(path: Path, mutate) -> Path:
@@ -67,7 +68,7 @@ def _rewrite_meta(path: Path, mutate) -> Path:
     meta_len = struct.unpack_from("<I", data, 12)[0]
     meta = _raw_meta(path)
     mutate(meta)
-    body = json.dumps(meta).encode()
+    body = zlib.compress(json.dumps(meta).encode())
     payload = data[checkpoint.HEADER_BYTES + meta_len:]
     head = bytearray(data[:24])
     struct.pack_into("<I", head, 12, len(body))

@@ -47,6 +47,26 @@ def _main(
     _state["debug"] = debug
 
 
+CropPctOpt = Annotated[Optional[float], typer.Option("--crop-pct", help="Centre-crop fraction for evaluation, in (0, 1]; 1.0: no crop [default: the model's; eval: the checkpoint's].")]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Normalization mean per channel: 0.5,0.5,0.5 [default: the model's; eval: the checkpoint's].")]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Normalization std per channel: 0.5,0.5,0.5 [default: the model's; eval: the checkpoint's].")]
+InterpOpt = Annotated[Optional[str], typer.Option("--interpolation", help="Resize interpolation: bilinear, bicubic, nearest, box, hamming, lanczos [default: the model's; eval: the checkpoint's].")]
+
+
+def _numbers(flag: str, text: str | None) -> list[float] | None:
+    """``--mean 0.5,0.4,0.3`` (commas or spaces) as numbers."""
+    if text is None:
+        return None
+    parts = [p for p in text.replace(",", " ").split() if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if not values:
+        raise UsageError(f"{flag} {text!r} is not a list of numbers", hint=f"write it like {flag} 0.485,0.456,0.406")
+    return values
+
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout (logs go to stderr).")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result.")]
 
@@ -129,7 +149,7 @@ def compress(
     num_classes: Annotated[Optional[int], typer.Option("--num-classes", min=1, help="Replace the head with N outputs (must match the class folders).")] = None,
     img_size: Annotated[Optional[int], typer.Option("--img-size", min=8, help="Input resolution instead of the model's own.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Global batch size (overrides the recipe).")] = None,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Data-loading processes per GPU/process.")] = 4,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Data-loading processes per GPU/process [default: the CPUs, at most 4].")] = None,
     subset: Annotated[Optional[str], typer.Option("--subset", help="Use part of the data: a fraction (0.1) or images per class (50).")] = None,
     epochs: Annotated[Optional[int], typer.Option("--epochs", help="Epochs (overrides the recipe).")] = None,
     max_steps: Annotated[Optional[int], typer.Option("--max-steps", min=1, help="Stop after this many optimizer steps.")] = None,
@@ -146,6 +166,11 @@ def compress(
     target_bops: Annotated[Optional[float], typer.Option("--target-bops", help="Compress to this relative BOPs, in percent of the dense FP32 BOPs (as `codeq report` shows).")] = None,
     target_size: Annotated[Optional[str], typer.Option("--target-size", help="Compress until the checkpoint fits this size: 2MB, 1.5MiB, 800kB or bytes.")] = None,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Compress as far as possible while top-1 stays within this many points of the FP model.")] = None,
+    keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep the run state (state.pt) once the checkpoint is written.")] = False,
+    crop_pct: CropPctOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    interpolation: InterpOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -163,6 +188,8 @@ def compress(
         workers=workers, subset=subset, epochs=epochs, max_steps=max_steps, device=device, seed=seed,
         skip_baseline=skip_baseline, resume=resume, overwrite=overwrite, force=force, compile=compile_,
         save_every=save_every, log_every=log_every, target_bops=target_bops, target_size=target_size, max_drop=max_drop,
+        keep_state=keep_state, crop_pct=crop_pct,
+        mean=_numbers("--mean", mean), std=_numbers("--std", std), interpolation=interpolation,
     )
     from codeq_cli.train import dist
 
@@ -300,12 +327,16 @@ def eval_(
     file: Annotated[Path, typer.Argument(help="A compressed checkpoint written by `codeq compress`.")],
     data: Annotated[Optional[Path], typer.Option("--data", help="DIR with val/ class folders, or a folder of class folders [default: the one recorded at compress time].")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", min=1, help="Images per batch.")] = 128,
-    workers: Annotated[int, typer.Option("--workers", "-j", min=0, help="Data-loading processes.")] = 4,
+    workers: Annotated[Optional[int], typer.Option("--workers", "-j", min=0, help="Data-loading processes [default: the CPUs, at most 4].")] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="cpu, cuda or cuda:N [default: cuda when present].")] = None,
     compare_fp: Annotated[bool, typer.Option("--compare-fp", help="Also evaluate the original FP model and print the drop.")] = False,
     weights: Annotated[Optional[Path], typer.Option("--weights", help="With --compare-fp: the FP state dict [default: pretrained].")] = None,
     min_top1: Annotated[Optional[float], typer.Option("--min-top1", help="Exit 1 when top-1 (percent) is below this (CI gate).")] = None,
     subset: Annotated[Optional[str], typer.Option("--subset", help="Evaluate on part of the data: a fraction or images per class.")] = None,
+    crop_pct: CropPctOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    interpolation: InterpOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -313,7 +344,8 @@ def eval_(
     from codeq_cli.commands.evaluate import EvalOptions, run
 
     output = _output(json_, quiet)
-    opts = EvalOptions(file, data, batch_size, workers, device, compare_fp, weights, subset)
+    opts = EvalOptions(file, data, batch_size, workers, device, compare_fp, weights, subset, crop_pct=crop_pct,
+                       mean=_numbers("--mean", mean), std=_numbers("--std", std), interpolation=interpolation)
     progress = _BatchProgress(output)
 
     def on_event(e: dict) -> None:
@@ -480,7 +512,8 @@ def _compress_events(output):
             output.info(e["text"])
         elif kind == "data":
             output.info(f"data: {e['train']} training and {e['val']} validation images, {e['classes']} classes, "
-                        f"input {'x'.join(str(x) for x in e['input_size'][1:])}")
+                        f"input {'x'.join(str(x) for x in e['input_size'][1:])}"
+                        + (f" (crop {e['crop_pct']:g}, {e['interpolation']})" if "crop_pct" in e else ""))
         elif kind == "baseline":
             output.info(f"FP baseline: top-1 {e['top1']:.2f}%  top-5 {e['top5']:.2f}% ({e['samples']} images)")
         elif kind == "quantized":

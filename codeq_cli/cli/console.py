@@ -72,6 +72,16 @@ def _default(obj):
     return str(obj)
 
 
+# Compression figures a step or eval event may carry: (key, label, format).
+FIGURES = (("sparsity", "sparsity", "{:.3f}"), ("avg_bits", "bits", "{:.2f}"), ("rel_bops", "rel BOPs", "{:.2f}%"))
+# Loss terms beside the task loss and the penalty, shown when an event carries them.
+LOSS_TERMS = (("distill_loss", "distill"),)
+
+
+def _figures(e: dict) -> list[str]:
+    return [f"{label} {fmt.format(e[key])}" for key, label, fmt in FIGURES if e.get(key) is not None]
+
+
 class TrainingDisplay:
     """Renders training events: a rich progress bar on a terminal, plain lines elsewhere."""
 
@@ -82,6 +92,7 @@ class TrainingDisplay:
         self.stats: dict = {}
         self.progress = None
         self.task = None
+        self.quantized = True  # the start event says whether the model has quantizers (no penalty without)
 
     def __enter__(self):
         if self.o.animated:
@@ -105,19 +116,22 @@ class TrainingDisplay:
             self.progress.stop()
 
     def _status(self, e: dict) -> str:
-        parts = [f"loss {e['loss']:.3f}"] if "loss" in e else []
-        st = self.stats
-        if st:
-            parts.append(f"sparsity {st['sparsity']:.2f}")
-            parts.append(f"bits {st['avg_bits']:.2f}")
-            parts.append(f"rel BOPs {st['rel_bops']:.2f}%")
-        return "  ".join(parts)
+        """The step's losses, the task loss and each extra term apart, then the last measured figures."""
+        if "task_loss" in e:
+            parts = [f"task loss {e['task_loss']:.3f}"]
+            if self.quantized:
+                parts.append(f"penalty {e['reg_loss']:.3f}")
+            parts += [f"{label} {e[key]:.3f}" for key, label in LOSS_TERMS if e.get(key) is not None]
+        else:
+            parts = [f"loss {e['loss']:.3f}"] if "loss" in e else []
+        return "  ".join(parts + _figures(self.stats))
 
     def __call__(self, e: dict) -> None:
         kind = e.get("event")
-        if "sparsity" in e:
-            self.stats = {k: e[k] for k in ("sparsity", "avg_bits", "rel_bops")}
+        if any(k in e for k, _, _ in FIGURES):  # only what was measured, never a placeholder
+            self.stats = {k: e[k] for k, _, _ in FIGURES if k in e}
         if kind == "start":
+            self.quantized = bool(e.get("quantized_layers", 1))
             if self.progress is not None:
                 self.task = self.progress.add_task("training", total=e["total_steps"], completed=e["step"], status="")
             else:
@@ -131,8 +145,7 @@ class TrainingDisplay:
                 self.last_plain = time.monotonic()
                 self.o.info(f"step {e['step']}/{e['total_steps']} epoch {e['epoch'] + 1}  {self._status(e)}  lr {e['lr']:.2e}")
         elif kind == "eval":
-            line = (f"epoch {e['epoch'] + 1}: top-1 {e['top1']:.2f}%  top-5 {e['top5']:.2f}%"
-                    + (f"  sparsity {e['sparsity']:.3f}  bits {e['avg_bits']:.2f}  rel BOPs {e['rel_bops']:.2f}%" if "sparsity" in e else ""))
+            line = "  ".join([f"epoch {e['epoch'] + 1}: top-1 {e['top1']:.2f}%", f"top-5 {e['top5']:.2f}%", *_figures(e)])
             if self.progress is not None:
                 self.progress.console.print(line, markup=False)
             else:

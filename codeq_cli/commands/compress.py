@@ -14,7 +14,7 @@ import os
 import platform
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ class CompressOptions:
     num_classes: int | None = None
     img_size: int | None = None
     batch_size: int | None = None
-    workers: int = 4
+    workers: int | None = None  # None: default_workers(), the machine's CPUs up to 4
     subset: str | None = None
     epochs: int | None = None
     max_steps: int | None = None
@@ -56,6 +56,12 @@ class CompressOptions:
     target_bops: float | None = None  # the budget flags: recipe keys of the same names
     target_size: str | None = None
     max_drop: float | None = None
+    keep_state: bool = False  # keep run_dir/state.pt once the checkpoint is written
+    # Preprocessing (None: the recipe's, else the model's data config); they become recipe overrides.
+    crop_pct: float | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = None
 
 
 @dataclass
@@ -93,7 +99,27 @@ def resolve_recipe(opts: CompressOptions):
         value = getattr(opts, key)
         if value is not None:
             recipe = apply_overrides(recipe, [f"{key}={value}"], origin="--" + key.replace("_", "-"))
+    return with_preprocessing_flags(recipe, opts)
+
+
+def with_preprocessing_flags(recipe, opts):
+    """``recipe`` with ``--crop-pct/--mean/--std/--interpolation`` applied, validated as recipe keys."""
+    from codeq_cli.train.recipe import apply_overrides
+
+    for key in PREPROCESSING:
+        value = getattr(opts, key)
+        if value is not None:
+            text = f"[{', '.join(repr(float(x)) for x in value)}]" if isinstance(value, (list, tuple)) else repr(value)
+            recipe = apply_overrides(recipe, [f"{key}={text}"], origin=f"--{key.replace('_', '-')}")
     return recipe
+
+
+PREPROCESSING = ("crop_pct", "mean", "std", "interpolation")  # options and recipe keys of the same name
+
+
+def chosen_preprocessing(data_config, recipe):
+    """The model's data config with the preprocessing the recipe (or its flags) chose."""
+    return data_config.with_preprocessing(**{k: getattr(recipe, k) for k in PREPROCESSING})
 
 
 def _check_paths(opts: CompressOptions, run_dir: Path) -> None:
@@ -258,7 +284,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     from codeq_cli.train._compile import check_compile
     from codeq_cli._io import write_json, write_text
     from codeq_cli.core.bops import bops_rows, bops_totals
-    from codeq_cli.data.folders import build_datasets, check_root, parse_subset
+    from codeq_cli.data.folders import build_datasets, check_root, class_folders, default_workers, parse_subset
     from codeq_cli.core import act_quant
     from codeq_cli.core.insert import dequantized_state_dict, quantize_
     from codeq_cli.models.factory import create, load_model, num_outputs
@@ -292,14 +318,18 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         raise UsageError(refusal[0], hint=refusal[1])
 
     # --data and --subset are cheap to check: a typo should not wait for a model download.
-    check_root(opts.data)
+    root = check_root(opts.data)
+    if opts.workers is None:
+        opts = replace(opts, workers=default_workers())
     parse_subset(opts.subset)
 
     # Model and data: the data config follows the model.
     loaded = load_model(
-        opts.model, weights=opts.weights, pretrained=opts.pretrained, num_classes=opts.num_classes, img_size=opts.img_size
+        opts.model, weights=opts.weights, pretrained=opts.pretrained, num_classes=opts.num_classes, img_size=opts.img_size,
+        data_classes=len(class_folders(root)),
     )
     model, spec = loaded.model, loaded.spec
+    loaded.data = chosen_preprocessing(loaded.data, recipe)  # used for training and evaluation, stored in the checkpoint
     train_set, val_set, classes = build_datasets(
         opts.data, loaded.data, subset=opts.subset, seed=opts.seed, crop_scale=recipe.crop_scale, hflip=recipe.hflip
     )
@@ -338,7 +368,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     for note in [*loaded.notes, *([amp_note] if amp_note else [])]:
         on_event({"event": "note", "text": note})
     on_event({"event": "data", "train": len(train_set), "val": len(val_set), "classes": len(classes),
-              "input_size": list(loaded.data.input_size)})
+              "input_size": list(loaded.data.input_size), "crop_pct": loaded.data.crop_pct,
+              "interpolation": loaded.data.interpolation})
 
     # FP baseline, before any quantizer.
     progress = runstate.progress_from_state(state) if state is not None else runstate.RunPosition()
@@ -443,6 +474,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
                                 time.monotonic() - t0, resumed_from, budget_entry)
         write_json(run_dir / "summary.json", {**result.to_dict(), "data": {
             "train": train_set.stats.to_dict(), "val": val_set.stats.to_dict()}})
+        if not opts.keep_state:  # the checkpoint is written: the resumable state has no further use
+            runstate.discard_state(run_dir)
     dist.barrier()
     return CompressResult(opts.out, run_dir, spec.label, metrics, totals, file_bytes, time.monotonic() - t0, resumed_from,
                           budget_entry)

@@ -87,9 +87,8 @@ def pretrain_fp(opts: DemoOptions, data: Path, on_event: Callable[[dict], None])
     import torch
     from safetensors.torch import save as st_save
 
-    from codeq_cli.train import dist
-
-    from codeq_cli.train import loop
+    from codeq_cli.formats import runstate
+    from codeq_cli.train import dist, loop
     from codeq_cli._io import write_bytes, write_json
     from codeq_cli.data.folders import build_datasets
     from codeq_cli.models.factory import load_model
@@ -130,6 +129,7 @@ def pretrain_fp(opts: DemoOptions, data: Path, on_event: Callable[[dict], None])
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_bytes(weights, st_save(sd))
     write_json(meta, {"settings": settings, "top1": res.top1})
+    runstate.discard_state(run_dir)  # the weights are written: the run state has no use
     on_event({"event": "note", "text": f"FP32 model: top-1 {res.top1:.2f}% on {res.samples} validation images"})
     return weights, False
 

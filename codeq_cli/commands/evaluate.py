@@ -11,7 +11,7 @@ one compress evaluated in (recorded in the provenance, see
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,11 +24,16 @@ class EvalOptions:
     checkpoint: Path
     data: Path | None = None
     batch_size: int = 128
-    workers: int = 4
+    workers: int | None = None  # None: default_workers(), the machine's CPUs up to 4
     device: str | None = None
     compare_fp: bool = False
     weights: Path | None = None
     subset: str | None = None
+    # Preprocessing (None: what the checkpoint records, the one compress used).
+    crop_pct: float | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    interpolation: str | None = None
 
 
 def data_folder(requested: Path | None, recorded: str | None) -> tuple[Path, bool]:
@@ -47,18 +52,25 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
     """Evaluate the checkpoint; returns ``{"top1", "top5", "samples", "loss", "data", ...}`` (percent)."""
     from codeq_cli.train import dist
     from codeq_cli.formats.checkpoint import load
-    from codeq_cli.data.folders import build_loader, eval_folder
+    from codeq_cli.data.folders import build_loader, default_workers, eval_folder
     from codeq_cli.train.loop import measure_accuracy
     from codeq_cli.train.precision import Arithmetic, for_device
 
     if opts.batch_size < 1:
         raise UsageError(f"--batch-size {opts.batch_size} must be at least 1")
+    if opts.workers is None:
+        opts = replace(opts, workers=default_workers())
+    from codeq_cli.commands.compress import chosen_preprocessing, with_preprocessing_flags
+    from codeq_cli.train.recipe import Recipe
+
+    checked = with_preprocessing_flags(Recipe(), opts)  # a bad value is refused before any loading
     ckpt = load(opts.checkpoint)
     folder, recorded = data_folder(opts.data, ckpt.data_dir)
     device = dist.resolve_device(opts.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the pin-memory thread uses the current device
-    dataset = eval_folder(folder, ckpt.data_config, class_names=ckpt.class_names, subset=opts.subset)
+    config = chosen_preprocessing(ckpt.data_config, checked)
+    dataset = eval_folder(folder, config, class_names=ckpt.class_names, subset=opts.subset)
     if len(dataset) == 0:
         raise UsageError(f"no images to evaluate in {str(folder)!r}", hint="pass a folder with val/<class>/ images")
     on_event({"event": "data", "folder": str(folder), "recorded": recorded, "images": len(dataset)})
@@ -80,6 +92,7 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
         "arithmetic": arithmetic.to_provenance(),
         "compress_fp_top1": (ckpt.metrics or {}).get("fp_top1"),
         "skipped_images": dataset.stats.skipped,
+        "preprocessing": {k: v for k, v in config.to_dict().items() if k != "input_size"},
     }
     if opts.compare_fp:
         out.update(_compare_fp(ckpt, opts, dataset, device, on_batch, arithmetic))

@@ -259,6 +259,21 @@ class Loader:
         return track(self.loader, self.dataset.stats, total=self.samples(), max_broken=self.max_broken)
 
 
+MAX_DEFAULT_WORKERS = 4
+
+
+def default_workers() -> int:
+    """Loading processes when ``--workers`` is not given: the CPUs this process may use, at most 4.
+
+    More workers than CPUs only make them compete (PyTorch warns about it).
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_WORKERS, cpus))
+
+
 def build_loader(
     ds: ImageFolder,
     batch_size: int = 1,
@@ -434,6 +449,11 @@ def check_root(data_dir: str | os.PathLike | None) -> Path:
         )
         raise DataError(f"--data {str(root)!r} has no {what} folder", hint=hint)
     return root
+
+
+def class_folders(data_dir: str | os.PathLike) -> list[str]:
+    """The class names of ``data_dir/train`` (sorted folder names), without reading any image."""
+    return _class_dirs(Path(data_dir) / "train")
 
 
 def build_datasets(

@@ -128,6 +128,7 @@ class CheckpointMeta(_Strict):
     data_dir: str | None = None
     coder: dict
     state_keys: list[str]
+    module_versions: dict[str, Count] | None = None  # format 2: the modules' versions other than 1 (_metadata)
     layers: list[LayerMeta]
     tensors: list[TensorMeta]
     activations: list[ActivationMeta] | None = None

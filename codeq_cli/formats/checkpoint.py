@@ -30,6 +30,7 @@ import math
 import os
 import struct
 import zlib
+from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
@@ -44,13 +45,14 @@ from codeq_cli._io import _json_default, write_with
 from codeq_cli.core.bops import LayerRow, bops_rows
 from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError, one_line
 from codeq_cli.core.insert import QuantizedWeight, plain_state
-from codeq_cli.models.factory import DataConfig, ModelSpec
+from codeq_cli.models.factory import DataConfig, ModelSpec, with_module_versions
 from codeq_cli.core.quantizer import dequantize
 from codeq_cli.core import act_quant
 from codeq_cli.formats._checkpoint_meta import validate as validate_meta
 
 MAGIC = b"CODEQ\r\n\x1a"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the metadata is zlib-compressed JSON; 1: plain JSON (still read)
+_MAX_META_BYTES = 256 << 20  # a decompressed metadata larger than this is refused, not inflated
 _HEAD = struct.Struct("<8sHHIQ")
 HEADER_BYTES = _HEAD.size + 32
 
@@ -116,6 +118,7 @@ def save(
     macs: dict[str, int],
     data_dir: str | None = None,
     history: dict | None = None,
+    format_version: int = FORMAT_VERSION,
 ) -> SaveInfo:
     """Write the compressed checkpoint of a live quantized model (after :func:`quantize_` and training).
 
@@ -127,12 +130,17 @@ def save(
     rows are ``bops_rows(model, macs)``. ``history``, when given, is the
     run's compact training history (:mod:`codeq_cli.formats.history`), stored
     under the metadata key ``history``. Written atomically.
+    ``format_version=1`` writes the metadata uncompressed, for codeq
+    versions that read only format 1.
     """
+    if format_version not in (1, FORMAT_VERSION):
+        raise ValueError(f"format_version must be 1 or {FORMAT_VERSION}")
     payload = bytearray()
     layers, bound_bits = [], 0.0
     encodings = {}
     tensors, state_keys = [], []
-    for key, entry in plain_state(model):
+    state = model.state_dict()
+    for key, entry in plain_state(model, state):
         state_keys.append(key)
         if isinstance(entry, QuantizedWeight):
             qw = entry
@@ -161,7 +169,7 @@ def save(
 
     meta = {
         "format": "codeq",
-        "format_version": FORMAT_VERSION,
+        "format_version": format_version,
         "model": spec.to_dict(),
         "data_config": data_config.to_dict(),
         "class_names": list(class_names) if class_names is not None else None,
@@ -173,6 +181,7 @@ def save(
         "data_dir": None if data_dir is None else str(data_dir),
         "coder": entropy.coder_info(),
         "state_keys": state_keys,
+        "module_versions": module_versions(state),
         "layers": layers,
         "tensors": tensors,
     }
@@ -191,7 +200,9 @@ def save(
     except (TypeError, ValueError) as exc:
         raise CodeqError(f"checkpoint metadata is not plain data ({exc})",
                          hint="pass recipe, provenance and metrics as dicts of numbers, strings and lists") from exc
-    head = _HEAD.pack(MAGIC, FORMAT_VERSION, 0, len(meta_bytes), len(payload))
+    if format_version >= 2:
+        meta_bytes = zlib.compress(meta_bytes, 9)
+    head = _HEAD.pack(MAGIC, format_version, 0, len(meta_bytes), len(payload))
     digest = hashlib.sha256(head)
     digest.update(meta_bytes)
     digest.update(payload)
@@ -205,6 +216,40 @@ def save(
     write_with(path, writer)
     total = HEADER_BYTES + len(meta_bytes) + len(payload)
     return SaveInfo(Path(path), total, weight_bytes, bound_bits / 8.0, len(payload) - weight_bytes, len(meta_bytes), len(layers))
+
+
+def module_versions(state: dict) -> dict[str, int]:
+    """The modules' versions a state dict records (``_metadata``), those other than 1 (the default)."""
+    meta = getattr(state, "_metadata", None) or {}
+    out = {}
+    for prefix, local in meta.items():
+        v = local.get("version") if isinstance(local, dict) else None
+        if isinstance(v, int) and not isinstance(v, bool) and v != 1:
+            out[str(prefix)] = v
+    return out
+
+
+def _module_prefixes(keys: list[str]) -> list[str]:
+    """Every module prefix of the state-dict keys, the root ``""`` first, parents before children."""
+    seen: dict[str, None] = {"": None}
+    for key in keys:
+        parts = key.split(".")[:-1]
+        for i in range(1, len(parts) + 1):
+            seen.setdefault(".".join(parts[:i]), None)
+    return list(seen)
+
+
+def _metadata_json(version: int, raw: bytes) -> dict:
+    """The metadata object: plain JSON in format 1, zlib-compressed JSON from format 2."""
+    if version >= 2:
+        inflater = zlib.decompressobj()
+        try:
+            raw = inflater.decompress(raw, _MAX_META_BYTES)
+        except zlib.error as exc:
+            raise ValueError(f"the metadata does not decompress ({exc})") from None
+        if inflater.unconsumed_tail or not inflater.eof:
+            raise ValueError("the compressed metadata is cut short or inflates past 256 MiB")
+    return json.loads(raw.decode("utf-8"))
 
 
 # -- reading -------------------------------------------------------------------
@@ -318,10 +363,21 @@ class CompressedModel:
         return total
 
     def state_dict(self) -> dict[str, Tensor]:
-        """The plain model's state dict with dequantized weights (float32, CPU)."""
+        """The plain model's state dict with dequantized weights (float32, CPU).
+
+        It carries the modules' version metadata (``_metadata``, which e.g.
+        torchvision's MNASNet reads while loading) as the file records it;
+        files of format 1 record none.
+        """
         by_param = {layer.param: layer for layer in self.layers.values()}
         tensors = self.tensors
-        return {k: by_param[k].decode() if k in by_param else tensors[k].clone() for k in self.meta["state_keys"]}
+        out = OrderedDict((k, by_param[k].decode() if k in by_param else tensors[k].clone()) for k in self.meta["state_keys"])
+        versions = self.meta.get("module_versions")
+        if versions is not None:
+            meta = OrderedDict((prefix, {"version": 1}) for prefix in _module_prefixes(self.meta["state_keys"]))
+            meta.update((prefix, {"version": v}) for prefix, v in versions.items())
+            out._metadata = meta  # type: ignore[attr-defined]
+        return out
 
     def build_model(self) -> nn.Module:
         """The plain architecture (no parametrizations) holding the decoded weights, in eval mode.
@@ -333,8 +389,8 @@ class CompressedModel:
         from codeq_cli.models.factory import create
 
         model = create(self.spec, pretrained=False)
-        try:
-            model.load_state_dict(self.state_dict(), strict=True)
+        try:  # a format-1 file records no module versions: the installed code's are the architecture's
+            model.load_state_dict(with_module_versions(self.state_dict(), model.state_dict()), strict=True)
         except RuntimeError as exc:
             prov = self.provenance if isinstance(self.provenance, dict) else {}
             versions = ", ".join(f"{k} {prov[k]}" for k in ("torch", "torchvision", "timm") if k in prov)
@@ -413,7 +469,9 @@ def load(path: str | os.PathLike) -> CompressedModel:
         raise CheckpointError(f"{p} is damaged: its checksum does not match its contents",
                               hint="copy it again from the original or compress again")
     try:
-        meta = json.loads(bytes(view[HEADER_BYTES : HEADER_BYTES + meta_len]).decode("utf-8"))
+        meta = _metadata_json(version, bytes(view[HEADER_BYTES : HEADER_BYTES + meta_len]))
+        if isinstance(meta, dict) and meta.get("format_version") != version:
+            raise ValueError(f"format_version: {meta.get('format_version')!r} differs from the header's {version}")
         payload = view[HEADER_BYTES + meta_len :]
         return CompressedModel(p, validate_meta(meta, len(payload)), payload, size)
     except (ValueError, KeyError, TypeError) as exc:

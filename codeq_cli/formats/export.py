@@ -40,7 +40,11 @@ def export_state_dict(ckpt: CompressedModel, path: str | os.PathLike) -> Path:
     if suffix == ".safetensors":
         from safetensors.torch import save
 
+        import json
+
         meta = {"format": "pt", "codeq_model": ckpt.spec.label, "codeq_source": str(ckpt.path)}
+        if ckpt.meta.get("module_versions"):  # safetensors holds no _metadata: a model that reads one (MNASNet) finds it here
+            meta["codeq_module_versions"] = json.dumps(ckpt.meta["module_versions"], separators=(",", ":"))
         write_bytes(p, save({k: v.contiguous() for k, v in state.items()}, metadata=meta))
     else:
         torch_save_atomic(state, p)

@@ -146,6 +146,17 @@ def load_state(path: Path) -> dict:
     return state
 
 
+def discard_state(run_dir: Path) -> int:
+    """Delete the run state of a finished run (it only serves ``--resume``); returns the bytes freed."""
+    path = Path(run_dir) / STATE_FILE
+    try:
+        size = path.stat().st_size
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return size
+
+
 def progress_from_state(state: dict) -> RunPosition:
     p = state["progress"]
     return RunPosition(p["epoch"], p["batch"], p["step"], json.loads(state.get("history", "[]")), p.get("fp_top1"))

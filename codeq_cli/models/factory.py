@@ -16,7 +16,8 @@ from __future__ import annotations
 import difflib
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -65,6 +66,23 @@ class DataConfig:
             return self
         c = self.input_size[0]
         return DataConfig((c, int(size), int(size)), self.mean, self.std, self.interpolation, self.crop_pct)
+
+    def with_preprocessing(
+        self,
+        *,
+        crop_pct: float | None = None,
+        mean: tuple[float, ...] | list[float] | None = None,
+        std: tuple[float, ...] | list[float] | None = None,
+        interpolation: str | None = None,
+    ) -> DataConfig:
+        """This config with the preprocessing a user chose (``None`` keeps the model's own)."""
+        return replace(
+            self,
+            crop_pct=self.crop_pct if crop_pct is None else float(crop_pct),
+            mean=self.mean if mean is None else tuple(float(x) for x in mean),
+            std=self.std if std is None else tuple(float(x) for x in std),
+            interpolation=self.interpolation if interpolation is None else str(interpolation),
+        )
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -332,9 +350,28 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, new_head: bool = 
             hint = "the classifier differs: pass --num-classes N to train a new head"
         raise ModelError(f"the tensors in --weights {str(path)!r} do not fit {type(model).__name__}: {'; '.join(parts)}", hint=hint)
     skipped = [k for k in head_keys if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
-    to_load = {k: v for k, v in sd.items() if k not in skipped}
+    to_load = with_module_versions({k: v for k, v in sd.items() if k not in skipped}, sd, own)
     model.load_state_dict(to_load, strict=False)
     return skipped + [k for k in own if k not in sd]
+
+
+def with_module_versions(state: dict, *sources: dict) -> OrderedDict:
+    """``state`` as an ``OrderedDict`` carrying the modules' version metadata (``_metadata``).
+
+    ``load_state_dict`` hands each module its version from ``_metadata``, and
+    some modules refuse to load without it (torchvision's MNASNet). Copying
+    or filtering a state dict drops it, so the first source that has one
+    lends it: the file's own (a ``torch.save``d state dict), else the live
+    model's (``model.state_dict()``: the versions of the installed code, which
+    built the architecture the weights are for). A safetensors file has none.
+    """
+    out = OrderedDict(state)
+    for src in (state, *sources):
+        meta = getattr(src, "_metadata", None)
+        if meta is not None:
+            out._metadata = meta  # type: ignore[attr-defined]
+            break
+    return out
 
 
 def _head_like(keys: list[str]) -> list[str]:
@@ -383,10 +420,21 @@ def load_model(
     num_classes: int | None = None,
     in_chans: int = 3,
     img_size: int | None = None,
+    data_classes: int | None = None,
 ) -> LoadedModel:
-    """Resolve, build and load a model the way ``codeq compress`` does."""
+    """Resolve, build and load a model the way ``codeq compress`` does.
+
+    ``data_classes`` (the class folders of the data) sizes the head of a
+    randomly initialised model when ``num_classes`` is not given: with no
+    weights to keep there is no reason to ask for ``--num-classes``.
+    """
     spec = resolve(name, num_classes=num_classes, in_chans=in_chans)
-    notes = [f"{name} resolved to {spec.label}"]
+    notes = [] if name.strip() == spec.label else [f"{name} resolved to {spec.label}"]
+    if weights is None and not pretrained and num_classes is None and data_classes:
+        if data_classes != default_num_classes(spec):
+            spec = replace(spec, num_classes=data_classes)
+            notes.append(f"{spec.label} built with {data_classes} outputs, one per class folder "
+                         "(random weights: no pretrained head to keep)")
     if weights is not None:
         model = create(spec)
         skipped = load_weights(model, weights, new_head=num_classes is not None)

@@ -206,9 +206,16 @@ def measure_accuracy(
 
 
 def compression_stats(model: nn.Module, macs: dict[str, int]) -> dict:
-    """Sparsity, bits and relative BOPs of the model as it stands."""
+    """Sparsity, bits and relative BOPs of the model as it stands; only figures that were measured.
+
+    A model without quantizers (the demo's FP32 pre-training) has none to
+    report, and relative BOPs need the layers' MACs.
+    """
     t = bops_totals(bops_rows(dist.unwrap(model), macs))
-    return {k: t[k] for k in ("sparsity", "avg_bits", "rel_bops", "mean_layer_sparsity", "mean_layer_bits")}
+    if not t["quantized_layers"]:
+        return {}
+    keys = ("sparsity", "avg_bits", "mean_layer_sparsity", "mean_layer_bits") + (("rel_bops",) if t["macs"] else ())
+    return {k: t[k] for k in keys}
 
 
 def build_optimization(model: nn.Module, recipe: Recipe, total_steps: int, steps_per_epoch: int,
@@ -425,7 +432,8 @@ class Fit:
     def run(self) -> RunPosition:
         s, p, r = self.s, self.progress, self.s.recipe
         self.log({"event": "start", "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
-                  "epoch": p.epoch, "step": p.step, "world_size": s.info.world_size})
+                  "epoch": p.epoch, "step": p.step, "world_size": s.info.world_size,
+                  "quantized_layers": len(self.logits[0])})
         while p.step < self.total_steps:
             try:
                 stopped = self.train_one_epoch(p.epoch)

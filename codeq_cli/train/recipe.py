@@ -102,6 +102,12 @@ class Recipe(BaseModel):
     distill_weight: float = Field(0.5, ge=0, le=1, description="a number in [0, 1] (0: no distillation)")
     distill_temperature: float = Field(2.0, gt=0, description="a number > 0")
     bn_reestimate: int = Field(20, ge=0, description="an integer >= 0 (training batches; 0: off)")
+    # -- preprocessing the user chose (null: the model's data config; docs/data.md) ------------------------
+    crop_pct: float | None = Field(None, gt=0, le=1, description="a number in (0, 1] (1.0: no centre crop), or null for the model's own")
+    mean: tuple[float, ...] | None = Field(None, min_length=1, description="a list of numbers, one per input channel, or null for the model's own")
+    std: tuple[float, ...] | None = Field(None, min_length=1, description="a list of numbers > 0, one per input channel, or null for the model's own")
+    interpolation: Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"] | None = Field(
+        None, description="'nearest', 'bilinear', 'bicubic', 'box', 'hamming' or 'lanczos', or null for the model's own")
 
     # -- execution --------------------------------------------------------------
     amp: bool = Field(True, description="true or false")
@@ -144,10 +150,15 @@ class Recipe(BaseModel):
                 _fail("target_size", v, "is not a size")
         return v
 
-    @field_validator("crop_scale", mode="before")
+    @field_validator("crop_scale", "mean", "std", mode="before")
     @classmethod
     def _pair(cls, v: Any) -> Any:
         return tuple(v) if isinstance(v, list) else v
+
+    @field_validator("interpolation", mode="before")
+    @classmethod
+    def _interp(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Recipe:
@@ -169,6 +180,8 @@ class Recipe(BaseModel):
         if len(given) > 1:
             raise _error(f"{given[0]} and {given[1]} are both set; codeq compresses to one budget at a time",
                          f"keep one: pass one of --target-bops, --target-size, --max-drop (in a recipe, set the others to null: {given[1]}: null)", given[1])
+        if self.std is not None and not all(s > 0 for s in self.std):
+            _fail("std", list(self.std), "is out of range")
         if self.include is not None and not self.include:
             raise _error("include=[] would quantize no layer", "use include: null for every layer, or list patterns", "include")
         if self.act_b_min > self.act_b_max:
@@ -307,6 +320,8 @@ def _condense(exc: ValidationError, data: dict[str, Any]) -> RecipeError:
         return _error(f"{key}={_show(value)} {problem}{more}", "quote layer names that look like numbers ('1.10')", key)
     elif key == "crop_scale":
         problem = "is not a list of two numbers"
+    elif key in ("mean", "std"):
+        problem = "is not a list of numbers" if kind != "too_short" else "is empty"
     else:
         problem = _TYPE_WORDS.get(kind, "is not valid")
     return _error(f"{key}={_show(value)} {problem}{more}", f"{key} must be {ALLOWED[key]}", key)
