@@ -9,7 +9,6 @@ copies. ``bench/gpu_check.sh`` runs the real thing on a GPU.
 
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 

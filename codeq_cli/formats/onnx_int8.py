@@ -102,7 +102,6 @@ def _modules():
 
 def _fold_bn(model):
     """Batch normalization folded into the preceding convolutions (torch.fx); ``(model, folded)``."""
-    import torch.fx
     from torch.fx.experimental.optimization import fuse
 
     try:

@@ -23,7 +23,6 @@ steps and then holds it. Exactness at the end is the job of
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
