@@ -246,9 +246,13 @@ class QuantizedWeight:
         return f"{self.module_name}.{self.param_name}" if self.module_name else self.param_name
 
 
-def quantized_weights(model: nn.Module) -> Iterator[QuantizedWeight]:
-    """Every weight of ``model`` that carries a :class:`DeadZoneQuantizer`, in module order."""
-    for mname, module in model.named_modules():
+def quantized_weights(model: nn.Module, *, every_path: bool = False) -> Iterator[QuantizedWeight]:
+    """Every weight of ``model`` that carries a :class:`DeadZoneQuantizer`, in module order.
+
+    A module shared by two parents (timm's CoaT) is listed once, under its
+    first name; with ``every_path`` once per name, as the state dict lists it.
+    """
+    for mname, module in model.named_modules(remove_duplicate=not every_path):
         if not parametrize.is_parametrized(module):
             continue
         for pname in list(module.parametrizations.keys()):
@@ -276,11 +280,13 @@ def plain_state(model: nn.Module, state: dict | None = None) -> Iterator[tuple[s
     decides what to store: ``ŵ``, or its codes), placed before its module's
     other entries as the plain model has it (parametrize moved it behind
     them); every other entry comes as its tensor; the quantizers' own state
-    (the logits, and the activation quantizers' steps and flags) is left out. ``state`` is ``model.state_dict()`` when the
-    caller has it already.
+    (the logits, and the activation quantizers' steps and flags) is left out.
+    A module shared by two parents appears under both names, as in the
+    plain model. ``state`` is ``model.state_dict()`` when the caller has it
+    already.
     """
     owned = {(f"{qw.module_name}." if qw.module_name else "") + f"parametrizations.{qw.param_name}.": qw
-             for qw in quantized_weights(model)}
+             for qw in quantized_weights(model, every_path=True)}
     pending: dict[str, list[QuantizedWeight]] = {}  # module name -> its quantized weights not yet placed
     for qw in owned.values():
         pending.setdefault(qw.module_name, []).append(qw)
