@@ -289,7 +289,7 @@ def test_compress_with_act_bits_eval_and_resume_agree(tmp_path, capsys):
 
     data = make_image_folder(tmp_path / "data", per_class=6, val_per_class=2, size=36)
     out = tmp_path / "m.pt"
-    args = ["compress", *TINY, "--data", str(data), "--out", str(out), "--batch-size", "6", "--skip-baseline",
+    args = ["compress", *TINY, "--data", str(data), "--out", str(out), "--batch-size", "6", "--skip-baseline", "--keep-state",
             "--set", "act_bits=learned", "--set", "act_exclude=[conv1.0]", "--json"]
     code, stdout, err = run_cli([*args, "--max-steps", "2"], capsys)
     assert code == 0, err
