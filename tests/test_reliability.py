@@ -303,7 +303,7 @@ def test_a_loss_that_becomes_nan_names_the_step_and_never_replaces_a_good_state(
     out = tmp_path / "nan.pt"
     state = tmp_path / "nan.run" / "state.pt"
     args = ["compress", *TINY, "--data", str(data), "--out", str(out), "--batch-size", "4", "--skip-baseline",
-            "--quiet", "--set", "optimizer=sgd"]
+            "--quiet", "--keep-state", "--set", "optimizer=sgd"]
     # A learning rate so large that the first step's update overflows: the loss is nan at step 2.
     code, _, err = cli([*args, "--max-steps", "6", "--set", "lr=1e10"], capsys)
     assert code == 1
@@ -332,7 +332,7 @@ def saved_run(data, tmp_path_factory):
     """A run stopped after 2 of 6 steps (its state saved), to resume in different ways."""
     root = tmp_path_factory.mktemp("resume")
     args = ["compress", *TINY, "--data", str(data), "--out", str(root / "m.pt"), "--max-steps", "2", "--batch-size", "4",
-            "--skip-baseline", "--quiet", "--set", "epochs=2"]
+            "--skip-baseline", "--quiet", "--keep-state", "--set", "epochs=2"]
     try:
         main(args)
     except SystemExit as exc:
