@@ -40,6 +40,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from codeq_cli.core.quantizer import _RoundSTE
+
 ATTR = "act_quant"  # the child module's name on the layer it serves
 A_MIN, A_MAX = 2, 8
 CALIB_QUANTILE = 0.999
@@ -70,16 +72,6 @@ class ActSpec:
 def qrange(bits: int, signed: bool) -> tuple[int, int]:
     """``(Q_n, Q_p)`` of a ``bits``-wide code."""
     return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-
-
-class _RoundSTE(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:  # type: ignore[override]
-        return g
 
 
 class _LSQ(torch.autograd.Function):
