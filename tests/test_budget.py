@@ -176,8 +176,10 @@ def test_target_bops_lands_within_tolerance_and_is_reported(data, tmp_path, caps
     ck = checkpoint.load(out)
     from codeq_cli.commands.report import report_data
 
-    rel = report_data(ck)["totals"]["rel_bops"]
+    data = report_data(ck)
+    rel = data["totals"]["rel_bops"]
     assert rel == pytest.approx(b["achieved"]) and 6.0 * 0.97 <= rel <= 6.0
+    assert data["budget"]["rows"] == [{"figure": "rel_bops", "target": 6.0, "achieved": rel}]  # report and page show it
     steps = [json.loads(x) for x in (tmp_path / "b.run" / "metrics.jsonl").read_text().splitlines()]
     logged = [e for e in steps if e["event"] == "step"]
     assert logged and all({"target", "measured", "planned", "pressure", "rate_down"} <= e.keys() for e in logged)

@@ -96,13 +96,24 @@ def report_data(ckpt: CompressedModel) -> dict:
         "recipe": dict(ckpt.recipe),
         "provenance": dict(ckpt.provenance),
         "history": ckpt.history,
-        "budget": budget_pair(ckpt.meta.get("budget")),
+        "budget": budget_pair(ckpt.meta.get("budget") or _budget_from_metrics(ckpt.metrics, totals)),
         "notes": list(ACT_NOTES if any(r.act_bits != A_BITS for r in rows) else NOTES),
     }
 
 
 def _figure(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _budget_from_metrics(m: dict, totals: dict) -> dict | None:
+    """The budget ``codeq compress`` recorded in the metrics (``budget_target_*``), as a target/achieved pair."""
+    if m.get("budget_target_bops") is not None:
+        return {"target": m["budget_target_bops"], "achieved": totals["rel_bops"], "metric": "rel_bops"}
+    if m.get("budget_target_size") is not None:
+        return {"target": m["budget_target_size"], "achieved": totals["file_bytes"], "metric": "file_bytes"}
+    if m.get("budget_max_drop") is not None and m.get("top1_drop") is not None:
+        return {"target": m["budget_max_drop"], "achieved": m["top1_drop"], "metric": "top1_drop"}
+    return None
 
 
 def budget_pair(budget) -> dict | None:
