@@ -99,7 +99,8 @@ def test_8_bit_graph_runs_on_integer_kernels(tmp_path, ckpt):
     assert ops.count("QLinearConv") + ops.count("QGemm") >= 4
 
 
-def test_refuses_a_checkpoint_without_activation_quantizers(tmp_path):
+def _weights_only_checkpoint(tmp_path):
+    """A checkpoint whose weights are quantized but whose activations are float (no act_bits)."""
     spec = ModelSpec("timm", "test_resnet", num_classes=4)
     model = create(spec)
     macs = measure_macs(model, (3, 32, 32))
@@ -107,6 +108,11 @@ def test_refuses_a_checkpoint_without_activation_quantizers(tmp_path):
     path = tmp_path / "w.codeq"
     checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
                     recipe={}, provenance={}, metrics={}, macs=macs)
+    return path
+
+
+def test_refuses_a_checkpoint_without_activation_quantizers(tmp_path):
+    path = _weights_only_checkpoint(tmp_path)
     if not importlib.util.find_spec("onnx"):
         pytest.skip("onnx missing: the install hint comes first")
     with pytest.raises(UsageError, match="act_bits=8"):
@@ -138,13 +144,7 @@ def test_cli_export_onnx_int8_answers_in_json(tmp_path, ckpt, capsys):
 def test_cli_refuses_onnx_int8_without_activation_quantizers(tmp_path, capsys):
     from conftest import run_cli
 
-    spec = ModelSpec("timm", "test_resnet", num_classes=4)
-    model = create(spec)
-    macs = measure_macs(model, (3, 32, 32))
-    quantize_(model, bits=4)
-    path = tmp_path / "w.codeq"
-    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
-                    recipe={}, provenance={}, metrics={}, macs=macs)
+    path = _weights_only_checkpoint(tmp_path)
     code, _, stderr = run_cli(["export", str(path), "--format", "onnx-int8", "--to", str(tmp_path / "m.onnx")], capsys)
     lines = [line for line in stderr.strip().splitlines() if line]
     has_onnx = importlib.util.find_spec("onnx") is not None

@@ -105,6 +105,15 @@ def _figure(v):
     return v if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
 
 
+def top1_line(metrics: dict, compressed: str, fp: str, change: str) -> str:
+    """The compressed and FP top-1 and their difference, each given a format; "" when neither was measured."""
+    top1, base = metrics.get("top1"), metrics.get("fp_top1")
+    parts = [compressed.format(top1)] if top1 is not None else []
+    parts += [fp.format(base)] if base is not None else []
+    parts += [change.format(top1 - base)] if top1 is not None and base is not None else []
+    return ", ".join(parts)
+
+
 def _budget_from_metrics(m: dict, totals: dict) -> dict | None:
     """The budget ``codeq compress`` recorded in the metrics (``budget_target_*``), as a target/achieved pair."""
     if m.get("budget_target_bops") is not None:
@@ -232,16 +241,9 @@ def summary_lines(data: dict) -> list[str]:
         size += (f"; entropy bound of the codes {_mb(t['entropy_bound_bytes'])} (file {t['file_vs_bound']:.3f}×, "
                  f"coded weights {t['weights_vs_bound']:.4f}× the bound)")
     lines.append(size)
-    top1, fp = m.get("top1"), m.get("fp_top1")
-    if top1 is not None or fp is not None:
-        parts = []
-        if top1 is not None:
-            parts.append(f"top-1 {top1:.2f}% (compressed)")
-        if fp is not None:
-            parts.append(f"{fp:.2f}% (FP)")
-        if top1 is not None and fp is not None:
-            parts.append(f"change {top1 - fp:+.2f}")
-        lines.append(", ".join(parts))
+    top1 = top1_line(m, "top-1 {:.2f}% (compressed)", "{:.2f}% (FP)", "change {:+.2f}")
+    if top1:
+        lines.append(top1)
     lines.append(f"recipe: {recipe_line(data['recipe'])}")
     return lines
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from codeq_cli._version import __version__
 from codeq_cli.commands import _plots
-from codeq_cli.commands.report import LAYER_KEYS, _mb, _shape, _si, recipe_line
+from codeq_cli.commands.report import LAYER_KEYS, _mb, _shape, _si, recipe_line, top1_line
 
 _CSS = """
 :root { color-scheme: light dark; --bg: #ffffff; --fg: #1b1f24; --muted: #57606a; --rule: #d0d7de; --stripe: #f3f5f7;
@@ -115,16 +115,9 @@ def summary_rows(data: dict) -> list[tuple[str, str]]:
     if t["file_vs_bound"] is not None:
         rows.append(("entropy bound", f"{_mb(t['entropy_bound_bytes'])}: file {t['file_vs_bound']:.3f}×, coded weights "
                                       f"{t['weights_vs_bound']:.4f}× the bound"))
-    top1, fp = met.get("top1"), met.get("fp_top1")
-    if top1 is not None or fp is not None:
-        parts = []
-        if top1 is not None:
-            parts.append(f"{top1:.2f}% compressed")
-        if fp is not None:
-            parts.append(f"{fp:.2f}% FP")
-        if top1 is not None and fp is not None:
-            parts.append(f"change {top1 - fp:+.2f} points")
-        rows.append(("top-1", ", ".join(parts)))
+    top1 = top1_line(met, "{:.2f}% compressed", "{:.2f}% FP", "change {:+.2f} points")
+    if top1:
+        rows.append(("top-1", top1))
     for row in (data.get("budget") or {}).get("rows", ()):
         target = "–" if row["target"] is None else f"{row['target']:g}"
         achieved = "–" if row["achieved"] is None else f"{row['achieved']:g}"
