@@ -24,7 +24,7 @@ def data(tmp_path_factory) -> Path:
 
 
 # -- the controller against a deterministic stand-in of training ----------------------------------
-def standin(target: float, steps: int = 400, every: int = 5, ramp: float = 0.6):
+def standin(target: float, steps: int = 400, every: int = 5, ramp: float = 0.6, **controller):
     """Eight layers, one logit each, trained by AdamW on a task loss that resists compression.
 
     The figure is a step function (resolution 0.05) of the logits, as BOPs are
@@ -42,7 +42,7 @@ def standin(target: float, steps: int = 400, every: int = 5, ramp: float = 0.6):
     def figure() -> float:
         return float(torch.floor(25 * (cost * t2()).sum() / cost.sum() / 0.05) * 0.05)
 
-    c = Controller("bops", target, figure(), steps, ramp=ramp, every=every)
+    c = Controller("bops", target, figure(), steps, ramp=ramp, every=every, **controller)
     history = []
     for s in range(steps):
         for group in opt.param_groups:
@@ -79,6 +79,36 @@ def test_controller_converges_without_oscillating_and_holds(target):
     # The layers end at different logits: the costly, insensitive layers compressed most.
     assert max(thetas) - min(thetas) > 0.5
     assert thetas[4] < thetas[0] and thetas[5] < thetas[7]
+
+
+def test_a_short_run_follows_the_plan_because_the_cap_on_compressing_steps_adapts():
+    # 60 steps: the logits' learning rate alone (cap 4) leaves the figure at 2.4x the target when the ramp ends.
+    fixed, hist_fixed, _ = standin(8.0, steps=60, boost_max=4.0)
+    c, history, _ = standin(8.0, steps=60)
+    at_ramp = {s: f for s, f, _ in history}[c.ramp_end]
+    assert {s: f for s, f, _ in hist_fixed}[fixed.ramp_end] > 2 * 8.0
+    assert at_ramp <= 1.3 * 8.0 and history[-1][1] <= 1.15 * 8.0
+    assert c.boost == 4.0  # back at its floor once the figure follows the plan
+
+
+def test_the_cap_doubles_while_it_binds_and_halves_once_it_does_not():
+    c = Controller("bops", target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
+    caps = []
+    for measured in (40.0, 40.0, 40.0, 40.0, 40.0):  # far above the plan: k·e is 13.9 or more at step 5
+        c.update(5, measured, [1.0])
+        caps.append((c.boost, c.down))
+    e = math.log(40.0 / c.planned(5))
+    assert [b for b, _ in caps] == [8.0, 16.0, 32.0, 32.0, 32.0]
+    assert caps[0][1] == 8.0 and caps[2][1] == pytest.approx(min(32.0, 20 * e))
+    c.update(5, c.planned(5) * math.exp(0.3), [1.0])  # k·e = 6 < 32/2
+    assert c.boost == 16.0 and c.down == pytest.approx(6.0)
+    for _ in range(5):
+        c.update(5, c.planned(5), [1.0])
+    assert c.boost == 4.0 and c.down == 0.0
+    state = c.state_dict()
+    assert state["boost"] == 4.0
+    del state["boost"]  # a run state written before the cap adapted still loads
+    Controller("bops", 5.0, 20.0, 100).load_state_dict(state)
 
 
 def test_controller_update_by_hand():

@@ -158,9 +158,12 @@ class Controller:
       relaxes it. Above the plan only compressing moves happen, below it only
       relaxing ones, at a speed proportional to the error; on the plan the
       logits stand still while the weights keep training. Far above the plan
-      (more than ``1/k`` in log) the compressing steps are enlarged up to
-      ``boost`` times: a run whose logit learning rate is too small for its
-      budget still gets there.
+      the compressing steps are enlarged up to ``boost`` times. The cap itself
+      adapts: each measurement at which it binds doubles it (up to
+      ``boost_max``), each at which ``k·e`` is below half of it halves it (down
+      to ``boost_min``). A run whose logit learning rate is too small for its
+      budget, a short one above all, still follows the plan instead of leaving
+      the distance to the final trim.
     - per-layer rates ``w_ℓ = sqrt(cost_ℓ / max cost)``: layers holding more of the
       figure move faster (the penalty is weighted by the same ``w_ℓ``).
     - ``u`` (the log of the pressure ``p`` on the penalty) moves by
@@ -176,6 +179,8 @@ class Controller:
     ramp: float = 0.6
     every: int = 5
     k: float = 20.0
+    boost_min: float = 4.0
+    boost_max: float = 32.0
     boost: float = 4.0
     gain: float = 0.5
     max_move: float = 0.25
@@ -216,7 +221,12 @@ class Controller:
         """One measurement after ``step`` steps: new rates, weights and pressure."""
         self.measured = measured
         e = math.log(max(measured, 1e-12) / max(self.planned(step), 1e-12))
-        self.down = min(self.boost, max(0.0, self.k * e))
+        raw = self.k * e
+        if raw > self.boost:  # the cap binds: the logits are too slow for the plan
+            self.boost = min(self.boost_max, 2.0 * self.boost)
+        elif raw < 0.5 * self.boost:
+            self.boost = max(self.boost_min, 0.5 * self.boost)
+        self.down = min(self.boost, max(0.0, raw))
         self.up = min(1.0, max(0.0, -self.k * e))
         self.u = min(self.u_max, max(-self.u_max, self.u + min(self.max_move, max(-self.max_move, self.gain * e))))
         self.updates += 1
@@ -258,15 +268,17 @@ class Controller:
 
     def log_fields(self, step: int) -> dict:
         return {"budget": self.kind, "target": self.target, "planned": self.planned(step), "measured": self.measured,
-                "pressure": self.pressure, "rate_down": self.down, "rate_up": self.up}
+                "pressure": self.pressure, "rate_down": self.down, "rate_up": self.up, "boost": self.boost}
 
-    _STATE = ("target", "u", "down", "up", "measured", "weights", "anchor_step", "anchor", "ramp_end", "updates")
+    _STATE = ("target", "u", "down", "up", "boost", "measured", "weights", "anchor_step", "anchor", "ramp_end", "updates")
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "start": self.start, **{k: getattr(self, k) for k in self._STATE}}
 
     def load_state_dict(self, state: dict) -> None:
         for k in self._STATE:
+            if k == "boost" and k not in state:  # a run state written before the cap adapted
+                continue
             setattr(self, k, state[k])
         self.weights = list(state["weights"])
 
