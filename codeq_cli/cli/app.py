@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 
 from codeq_cli._version import __version__
+from codeq_cli.cli import console
 from codeq_cli.errors import CodeqError, InterruptedRun, TrainingError, UsageError, one_line
 
 app = typer.Typer(
@@ -72,9 +73,7 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the re
 
 
 def _output(json_mode: bool, quiet: bool):
-    from codeq_cli.cli.console import Output
-
-    return Output(json_mode=json_mode, quiet=quiet)
+    return console.Output(json_mode=json_mode, quiet=quiet)
 
 
 def _argv() -> list[str]:
@@ -196,7 +195,7 @@ def compress(
     is_main = dist.DistInfo(rank=int(os.environ.get("RANK", "0"))).is_main
     if not is_main:
         output.quiet = True
-    on_event = _compress_events(output)
+    on_event = console.compress_events(output)
     try:
         with _StopOnSignal(output) as stop:
             result = run(opts, on_event=on_event, should_stop=stop)
@@ -215,25 +214,10 @@ def compress(
         + (f" (FP {m['fp_top1']:.2f}%)" if m.get("fp_top1") is not None else "")
         + f", rel BOPs {result.totals['rel_bops']:.2f}%, sparsity {result.totals['sparsity']:.3f}, "
         f"bits {result.totals['avg_bits']:.2f}\n"
-        + _budget_line(result.budget, m)
+        + console.budget_lines(result.budget, m)
         + f"  next: codeq report {result.out}    codeq eval {result.out}"
     )
     output.result(result.to_dict(), human)
-
-
-def _budget_line(b: dict, m: dict) -> str:
-    """The budget and accuracy lines of the summary ('' when there is nothing to say)."""
-    lines = ""
-    if b.get("kind") == "bops":
-        lines += f"  budget: target {b['target']:.3g}% rel BOPs, achieved {b['achieved']:.3g}%\n"
-    elif b.get("kind") == "size":
-        lines += f"  budget: target {int(b['target'])} bytes, achieved {int(b['achieved'])} bytes\n"
-    elif b.get("kind") == "max_drop":
-        lines += (f"  budget: top-1 within {b['max_drop']:g} points of FP; checkpoint from epoch {b['best_epoch'] + 1}\n"
-                  if b.get("met") else f"  budget: no evaluation stayed within {b['max_drop']:g} points; the final model is written\n")
-    if m.get("top1_before_bn") is not None:
-        lines += f"  batch-norm re-estimation: top-1 {m['top1_before_bn']:.2f}% before, {m['top1']:.2f}% after\n"
-    return lines
 
 
 recipes_app = typer.Typer(help="List and show the built-in recipes.", no_args_is_help=False, invoke_without_command=True)
@@ -346,7 +330,7 @@ def eval_(
     output = _output(json_, quiet)
     opts = EvalOptions(file, data, batch_size, workers, device, compare_fp, weights, subset, crop_pct=crop_pct,
                        mean=_numbers("--mean", mean), std=_numbers("--std", std), interpolation=interpolation)
-    progress = _BatchProgress(output)
+    progress = console.EvalProgress(output)
 
     def on_event(e: dict) -> None:
         if e.get("event") == "data":
@@ -368,35 +352,6 @@ def eval_(
     output.result(res, "\n".join(lines))
     if min_top1 is not None and not res["passed"]:
         raise typer.Exit(1)
-
-
-class _BatchProgress:
-    """A progress bar over batches on a terminal; nothing otherwise."""
-
-    def __init__(self, output) -> None:
-        self.output = output
-        self.bar = None
-        self.task = None
-
-    def __enter__(self):
-        if self.output.animated:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                                console=self.output.err, transient=True)
-            self.bar.start()
-        return self
-
-    def __call__(self, done: int, total: int) -> None:
-        if self.bar is None:
-            return
-        if self.task is None:
-            self.task = self.bar.add_task("eval", total=total)
-        self.bar.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.stop()
 
 
 @app.command()
@@ -465,7 +420,7 @@ def demo(
     opts = DemoOptions(out_dir=out_dir, model=model, img_size=img_size, fp_epochs=fp_epochs, epochs=epochs,
                        batch_size=batch_size, seed=seed, subset=subset, overrides=list(set_ or []), device=device,
                        target_bops=None if target_bops <= 0 else target_bops)
-    on_event = _compress_events(output)
+    on_event = console.compress_events(output)
     try:
         with _StopOnSignal(output) as stop:
             res = run(opts, on_event=on_event, should_stop=stop)
@@ -494,59 +449,6 @@ def demo(
         *(f"  {c}" for c in res.commands),
     ])
     output.result(res.to_dict(), human)
-
-
-def _compress_events(output):
-    """An event handler for compress runs: log lines plus the training progress display."""
-    from codeq_cli.cli.console import TrainingDisplay
-
-    progress = TrainingDisplay(output)
-    state = {"open": False}
-
-    def on_event(e: dict) -> None:
-        kind = e.get("event")
-        if kind in ("note", "stage"):
-            if state["open"]:
-                progress.__exit__(None, None, None)
-                state["open"] = False
-            output.info(e["text"])
-        elif kind == "data":
-            output.info(f"data: {e['train']} training and {e['val']} validation images, {e['classes']} classes, "
-                        f"input {'x'.join(str(x) for x in e['input_size'][1:])}"
-                        + (f" (crop {e['crop_pct']:g}, {e['interpolation']})" if "crop_pct" in e else ""))
-        elif kind == "baseline":
-            output.info(f"FP baseline: top-1 {e['top1']:.2f}%  top-5 {e['top5']:.2f}% ({e['samples']} images)")
-        elif kind == "quantized":
-            output.info(f"quantizers inserted into {e['layers']} layers")
-        elif kind == "resumed":
-            output.info(f"resumed at step {e['step']} (epoch {e['epoch'] + 1})")
-        elif kind == "budget":
-            if state["open"]:
-                progress.__exit__(None, None, None)
-                state["open"] = False
-            t = e.get("trim") or {}
-            if t.get("trimmed"):
-                output.info(f"trim: {e['kind']} {t['before']:.4g} -> {t['after']:.4g} "
-                            f"({t['weights_changed']} weights moved {'into' if t['direction'] == 'down' else 'out of'} the dead zones)")
-        elif kind == "final":
-            if state["open"]:
-                progress.__exit__(None, None, None)
-                state["open"] = False
-            output.info(f"compressed model: top-1 {e['top1']:.2f}%  sparsity {e['sparsity']:.3f}  "
-                        f"bits {e['avg_bits']:.2f}  rel BOPs {e['rel_bops']:.2f}%")
-        else:
-            if kind == "start" and not state["open"]:
-                progress.__enter__()
-                state["open"] = True
-            progress(e)
-
-    def close() -> None:
-        if state["open"]:
-            progress.__exit__(None, None, None)
-            state["open"] = False
-
-    on_event.close = close  # type: ignore[attr-defined]
-    return on_event
 
 
 @app.command()
@@ -579,7 +481,7 @@ def batch(
     if json_:
         output.result(data)
     else:
-        _batch_table(rows, output)
+        console.batch_table(rows, output)
         output.info(f"summary: {json_path}, {csv_path}, {html_path}")
     if not data["passed"]:
         raise typer.Exit(1)
@@ -589,23 +491,6 @@ def subprocess_devnull():
     import subprocess
 
     return subprocess.DEVNULL
-
-
-def _batch_table(rows: list[dict], output) -> None:
-    from rich.table import Table
-
-    def pct(v):
-        return "-" if v is None else f"{v:.2f}"
-
-    table = Table(title="codeq batch", title_justify="left")
-    for col in ("job", "model", "recipe", "FP top-1", "top-1", "drop", "rel BOPs %", "size MB", "time s", "status"):
-        table.add_column(col, justify="right" if col not in ("job", "model", "recipe", "status") else "left")
-    for r in rows:
-        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
-        table.add_row(r["name"], r["model"], r["recipe"], pct(r["fp_top1"]), pct(r["top1"]), pct(r["drop"]),
-                      pct(r["rel_bops"]), "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}",
-                      f"{r['seconds']:.0f}", status)
-    output.out.print(table)
 
 
 def main(argv: list[str] | None = None) -> None:

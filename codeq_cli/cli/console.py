@@ -152,3 +152,116 @@ class TrainingDisplay:
                 self.o.info(line)
         elif kind == "saved" and e.get("reason") in ("interrupted", "non-finite loss"):
             self.o.info(f"run state saved at step {e['step']}")
+
+
+# -- what the commands print: summaries, event handlers, tables ---------------------------------
+def budget_lines(b: dict, m: dict) -> str:
+    """The budget and accuracy lines of the summary ('' when there is nothing to say)."""
+    lines = ""
+    if b.get("kind") == "bops":
+        lines += f"  budget: target {b['target']:.3g}% rel BOPs, achieved {b['achieved']:.3g}%\n"
+    elif b.get("kind") == "size":
+        lines += f"  budget: target {int(b['target'])} bytes, achieved {int(b['achieved'])} bytes\n"
+    elif b.get("kind") == "max_drop":
+        lines += (f"  budget: top-1 within {b['max_drop']:g} points of FP; checkpoint from epoch {b['best_epoch'] + 1}\n"
+                  if b.get("met") else f"  budget: no evaluation stayed within {b['max_drop']:g} points; the final model is written\n")
+    if m.get("top1_before_bn") is not None:
+        lines += f"  batch-norm re-estimation: top-1 {m['top1_before_bn']:.2f}% before, {m['top1']:.2f}% after\n"
+    return lines
+
+
+def compress_events(output):
+    """An event handler for compress runs: log lines plus the training progress display."""
+    progress = TrainingDisplay(output)
+    state = {"open": False}
+
+    def on_event(e: dict) -> None:
+        kind = e.get("event")
+        if kind in ("note", "stage"):
+            if state["open"]:
+                progress.__exit__(None, None, None)
+                state["open"] = False
+            output.info(e["text"])
+        elif kind == "data":
+            output.info(f"data: {e['train']} training and {e['val']} validation images, {e['classes']} classes, "
+                        f"input {'x'.join(str(x) for x in e['input_size'][1:])}"
+                        + (f" (crop {e['crop_pct']:g}, {e['interpolation']})" if "crop_pct" in e else ""))
+        elif kind == "baseline":
+            output.info(f"FP baseline: top-1 {e['top1']:.2f}%  top-5 {e['top5']:.2f}% ({e['samples']} images)")
+        elif kind == "quantized":
+            output.info(f"quantizers inserted into {e['layers']} layers")
+        elif kind == "resumed":
+            output.info(f"resumed at step {e['step']} (epoch {e['epoch'] + 1})")
+        elif kind == "budget":
+            if state["open"]:
+                progress.__exit__(None, None, None)
+                state["open"] = False
+            t = e.get("trim") or {}
+            if t.get("trimmed"):
+                output.info(f"trim: {e['kind']} {t['before']:.4g} -> {t['after']:.4g} "
+                            f"({t['weights_changed']} weights moved {'into' if t['direction'] == 'down' else 'out of'} the dead zones)")
+        elif kind == "final":
+            if state["open"]:
+                progress.__exit__(None, None, None)
+                state["open"] = False
+            output.info(f"compressed model: top-1 {e['top1']:.2f}%  sparsity {e['sparsity']:.3f}  "
+                        f"bits {e['avg_bits']:.2f}  rel BOPs {e['rel_bops']:.2f}%")
+        else:
+            if kind == "start" and not state["open"]:
+                progress.__enter__()
+                state["open"] = True
+            progress(e)
+
+    def close() -> None:
+        if state["open"]:
+            progress.__exit__(None, None, None)
+            state["open"] = False
+
+    on_event.close = close  # type: ignore[attr-defined]
+    return on_event
+
+
+class EvalProgress:
+    """A progress bar over batches on a terminal; nothing otherwise."""
+
+    def __init__(self, output) -> None:
+        self.output = output
+        self.bar = None
+        self.task = None
+
+    def __enter__(self):
+        if self.output.animated:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("evaluating"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                                console=self.output.err, transient=True)
+            self.bar.start()
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if self.task is None:
+            self.task = self.bar.add_task("eval", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def batch_table(rows: list[dict], output) -> None:
+    from rich.table import Table
+
+    def pct(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    table = Table(title="codeq batch", title_justify="left")
+    for col in ("job", "model", "recipe", "FP top-1", "top-1", "drop", "rel BOPs %", "size MB", "time s", "status"):
+        table.add_column(col, justify="right" if col not in ("job", "model", "recipe", "status") else "left")
+    for r in rows:
+        status = r["status"] + (f": {r['error']}" if r.get("error") else "")
+        table.add_row(r["name"], r["model"], r["recipe"], pct(r["fp_top1"]), pct(r["top1"]), pct(r["drop"]),
+                      pct(r["rel_bops"]), "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}",
+                      f"{r['seconds']:.0f}", status)
+    output.out.print(table)
