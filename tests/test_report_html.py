@@ -231,7 +231,7 @@ def test_names_from_the_file_are_escaped_and_not_mathtext(files):
     text = report_html.page(data)
     _assert_self_contained(text)
     assert "--&gt;&lt;script&gt;alert(1)&lt;/script&gt;$x^2$" in text and "<!--" not in text and "&lt;img src=x" in text
-    assert "target 5, achieved 4.5" in text and "budget rel_bops" in text
+    assert "target 5%, achieved 4.5%" in text and "budget (relative BOPs)" in text
 
 
 def test_pareto_front():
@@ -302,3 +302,10 @@ def test_comparison_without_top1_and_save_refuses_a_bad_history(files, model_and
     with pytest.raises(CodeqError, match="training history to store is malformed"):
         _save(tmp_path / "x.pt", model_and_macs, hist={**_history(), "step": [1]})
     assert not (tmp_path / "x.pt").exists()
+
+
+def test_a_budget_is_shown_in_its_figures_unit():
+    assert report_html._budget_value("rel_bops", 2.92764) == "2.93%"
+    assert report_html._budget_value("file_bytes", 994072.0) == "994,072 bytes"
+    assert report_html._budget_value("top1_drop", 0.8) == "0.80 points"
+    assert report_html._budget_value("rel_bops", None) == "–"

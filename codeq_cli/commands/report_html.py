@@ -98,6 +98,19 @@ def _int(v) -> str:
 # -- one checkpoint -------------------------------------------------------------
 
 
+def _budget_value(figure: str, v) -> str:
+    """One side of a budget pair in the figure's own unit (``2.93%``, ``994,072 bytes``, ``0.8 points``)."""
+    if v is None:
+        return "–"
+    if figure == "rel_bops":
+        return f"{v:.3g}%"
+    if figure == "file_bytes":
+        return f"{int(round(v)):,} bytes"
+    if figure == "top1_drop":
+        return f"{v:.2f} points"
+    return f"{v:.4g}"
+
+
 def summary_rows(data: dict) -> list[tuple[str, str]]:
     """The terminal's summary as (label, text) pairs."""
     m, t, met = data["model"], data["totals"], data["metrics"]
@@ -119,9 +132,9 @@ def summary_rows(data: dict) -> list[tuple[str, str]]:
     if top1:
         rows.append(("top-1", top1))
     for row in (data.get("budget") or {}).get("rows", ()):
-        target = "–" if row["target"] is None else f"{row['target']:g}"
-        achieved = "–" if row["achieved"] is None else f"{row['achieved']:g}"
-        rows.append((f"budget {row['figure']}", f"target {target}, achieved {achieved}"))
+        target, achieved = (_budget_value(row["figure"], row[k]) for k in ("target", "achieved"))
+        label = {"rel_bops": "relative BOPs", "file_bytes": "file size", "top1_drop": "top-1 drop"}.get(row["figure"], row["figure"])
+        rows.append((f"budget ({label})", f"target {target}, achieved {achieved}"))
     rows.append(("recipe", recipe_line(data["recipe"])))
     prov = data.get("provenance") or {}
     made = ", ".join(f"{k} {prov[k]}" for k in ("codeq", "torch", "steps", "created") if k in prov)
