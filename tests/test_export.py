@@ -71,6 +71,20 @@ def test_onnx_without_the_package_says_what_to_install(tmp_path, compressed, mon
 
 
 @pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="the onnx package is not installed")
+def test_the_torchscript_exporter_fallback_prints_no_deprecation_warning(tmp_path, compressed, monkeypatch):
+    import warnings
+
+    import onnx
+
+    monkeypatch.setattr(export, "_onnx_modules", lambda: (True, False))  # onnx without onnxscript
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = export.export_onnx(compressed[0], tmp_path / "m.onnx")
+    onnx.checker.check_model(onnx.load(str(out)))
+    assert not [w for w in seen if issubclass(w.category, DeprecationWarning)], [str(w.message)[:80] for w in seen]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnx") is None, reason="the onnx package is not installed")
 def test_onnx_export_writes_a_valid_model(tmp_path, compressed):
     import onnx
 

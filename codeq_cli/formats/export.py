@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,8 +96,12 @@ def export_onnx(
                                   input_names=["input"], output_names=["logits"], dynamic_shapes=shapes)
             else:
                 axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-                torch.onnx.export(model, (example,), str(out), dynamo=False, opset_version=opset,
-                                  input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+                # Without onnxscript only the TorchScript exporter is there; torch warns that it is
+                # deprecated on every call, which is no news to the user (and no library warnings on a normal run).
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    torch.onnx.export(model, (example,), str(out), dynamo=False, opset_version=opset,
+                                      input_names=["input"], output_names=["logits"], dynamic_axes=axes)
         except CodeqError:
             raise
         except Exception as exc:
