@@ -7,6 +7,7 @@ import pickle
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import save_file
 
 from codeq_cli.errors import ModelError, UsageError
@@ -64,6 +65,17 @@ def test_data_config_follows_the_model():
     spec = ModelSpec("timm", "vit_tiny_patch16_224")
     cfg = data_config(create(spec), spec)
     assert cfg.mean == (0.5, 0.5, 0.5) and cfg.interpolation == "bicubic" and cfg.crop_pct == pytest.approx(0.9)
+
+
+def test_a_fixed_size_torchvision_model_built_without_weights_takes_its_own_size():
+    # vit_h_14's default (SWAG) weights are for 518x518, but without them torchvision builds it for 224x224.
+    spec = ModelSpec("torchvision", "vit_h_14")
+    built = nn.Module()
+    built.image_size = 224  # what torchvision.models.vit_h_14() sets (building the 632M model here is too slow)
+    cfg = data_config(built, spec)
+    assert cfg.input_size == (3, 224, 224) and cfg.crop_pct == pytest.approx(518 / 518)
+    built.image_size = 518  # built with the weights: as they say
+    assert data_config(built, spec).input_size == (3, 518, 518)
 
 
 @pytest.mark.parametrize("source, name", [("torchvision", "resnet18"), ("timm", "test_resnet")])

@@ -390,8 +390,14 @@ def data_config(model: nn.Module, spec: ModelSpec) -> DataConfig:
         return DataConfig()
     t = w.transforms()
     crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+    crop_pct = crop / resize
+    # A fixed-size model built without the weights can be smaller than they say (vit_h_14's default
+    # SWAG weights are for 518x518; the plain constructor builds it for 224x224): the model decides.
+    fixed = getattr(model, "image_size", None)
+    if isinstance(fixed, int) and fixed != crop:
+        crop = fixed
     interp = getattr(t.interpolation, "value", str(t.interpolation))
-    return DataConfig((3, crop, crop), tuple(t.mean), tuple(t.std), str(interp), crop / resize)
+    return DataConfig((3, crop, crop), tuple(t.mean), tuple(t.std), str(interp), crop_pct)
 
 
 def class_names(spec: ModelSpec) -> list[str] | None:
