@@ -68,3 +68,20 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
         code = int(exc.code or 0)
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def weights_only_checkpoint(folder: Path) -> Path:
+    """A saved test_resnet checkpoint, weights at 4 bits, activations float (no act_bits)."""
+    from codeq_cli.core.bops import measure_macs
+    from codeq_cli.core.insert import quantize_
+    from codeq_cli.formats import checkpoint
+    from codeq_cli.models.factory import DataConfig, ModelSpec, create
+
+    spec = ModelSpec("timm", "test_resnet", num_classes=4)
+    model = create(spec)
+    macs = measure_macs(model, (3, 32, 32))
+    quantize_(model, bits=4)
+    path = folder / "w.codeq"
+    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
+                    recipe={}, provenance={}, metrics={}, macs=macs)
+    return path

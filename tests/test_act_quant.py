@@ -17,6 +17,7 @@ from codeq_cli.core.insert import plain_state, quantize_
 from codeq_cli.errors import RecipeError
 from codeq_cli.formats import checkpoint
 from codeq_cli.models.factory import DataConfig, ModelSpec, create
+from conftest import weights_only_checkpoint
 from codeq_cli.train.loop import build_optimizer
 from codeq_cli.train.recipe import apply_overrides, load_recipe, quantizer_kwargs
 
@@ -263,14 +264,7 @@ def test_float_activation_checkpoints_carry_no_new_keys(tmp_path):
 def test_activation_entry_for_a_missing_layer_is_a_checkpoint_error(tmp_path):
     from codeq_cli.errors import CheckpointError
 
-    spec = ModelSpec("timm", "test_resnet", num_classes=4)
-    model = create(spec)
-    macs = measure_macs(model, (3, 32, 32))
-    quantize_(model, bits=4)
-    path = tmp_path / "m.codeq"
-    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
-                    recipe={}, provenance={}, metrics={}, macs=macs)
-    ckpt = checkpoint.load(path)
+    ckpt = checkpoint.load(weights_only_checkpoint(tmp_path))
     ckpt.activations = [{"name": "no.such.layer", "bits": 8, "signed": False, "step": 0.5}]
     with pytest.raises(CheckpointError, match="does not fit"):
         ckpt.build_model()

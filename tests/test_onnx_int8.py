@@ -15,6 +15,7 @@ from codeq_cli.core.insert import quantize_
 from codeq_cli.errors import CodeqError, UsageError
 from codeq_cli.formats import checkpoint, onnx_int8
 from codeq_cli.models.factory import DataConfig, ModelSpec, create
+from conftest import weights_only_checkpoint
 
 HAS_ORT = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="pip install 'codeq[onnx]' (onnx, onnxruntime)")
@@ -99,20 +100,8 @@ def test_8_bit_graph_runs_on_integer_kernels(tmp_path, ckpt):
     assert ops.count("QLinearConv") + ops.count("QGemm") >= 4
 
 
-def _weights_only_checkpoint(tmp_path):
-    """A checkpoint whose weights are quantized but whose activations are float (no act_bits)."""
-    spec = ModelSpec("timm", "test_resnet", num_classes=4)
-    model = create(spec)
-    macs = measure_macs(model, (3, 32, 32))
-    quantize_(model, bits=4)
-    path = tmp_path / "w.codeq"
-    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
-                    recipe={}, provenance={}, metrics={}, macs=macs)
-    return path
-
-
 def test_refuses_a_checkpoint_without_activation_quantizers(tmp_path):
-    path = _weights_only_checkpoint(tmp_path)
+    path = weights_only_checkpoint(tmp_path)
     if not importlib.util.find_spec("onnx"):
         pytest.skip("onnx missing: the install hint comes first")
     with pytest.raises(UsageError, match="act_bits=8"):
@@ -144,7 +133,7 @@ def test_cli_export_onnx_int8_answers_in_json(tmp_path, ckpt, capsys):
 def test_cli_refuses_onnx_int8_without_activation_quantizers(tmp_path, capsys):
     from conftest import run_cli
 
-    path = _weights_only_checkpoint(tmp_path)
+    path = weights_only_checkpoint(tmp_path)
     code, _, stderr = run_cli(["export", str(path), "--format", "onnx-int8", "--to", str(tmp_path / "m.onnx")], capsys)
     lines = [line for line in stderr.strip().splitlines() if line]
     has_onnx = importlib.util.find_spec("onnx") is not None
