@@ -57,6 +57,25 @@ def test_quantile_rank_by_hand():
     assert quantile_rank(1, 0.99) == (0, 0, 0.0)
 
 
+def test_quantile_rank_in_float32_as_torch_computes_it_off_the_cpu():
+    # n = 201: 198.0000019073 rounds to 198.0 in float32 (spacing 1.5e-5): one order statistic
+    assert quantile_rank(201, 0.99, True) == (198, 198, 0.0)
+    # n = 18432 (a 64x32x3x3 conv): rank 18246.6901758 in double, 18246.689453125 in float32
+    assert quantile_rank(18432, 0.99)[2] == pytest.approx(0.6901758, abs=1e-6)
+    assert quantile_rank(18432, 0.99, True) == (18246, 18247, 0.689453125)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("n", [201, 18432, 100_003, 2**22 + 3])
+@pytest.mark.parametrize("q", [0.5, 0.9, 0.99, 0.999])
+def test_exact_quantile_equals_torch_quantile_on_cuda(n, q):
+    # order statistics 1e-3 apart, so the interpolation weight shows in the result
+    x = torch.arange(n, dtype=torch.float32, device="cuda") * 1e-3
+    x = x[torch.randperm(n, generator=torch.Generator().manual_seed(n)).cuda()]
+    assert torch.equal(exact_quantile(x, q), torch.quantile(x, q))
+    assert torch.equal(QuantileCache().quantile_abs(-x, q), torch.quantile(x, q))
+
+
 def test_small_and_empty():
     assert exact_quantile(torch.tensor([-3.0]).abs(), 0.99).item() == 3.0
     # n = 2: rank 0.99 → 1 + 0.99·(4 − 1) in float32 arithmetic, as torch.quantile

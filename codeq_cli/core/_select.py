@@ -16,9 +16,12 @@ risen into the top ``K``), the set is rebuilt with ``topk``. The result is
 always exact: the cache changes only the speed, never a value.
 
 The interpolation reproduces ``torch.quantile(..., interpolation="linear")``
-bit for bit: the rank is ``float32(q) * (n - 1)`` in double precision, the
-weight is rounded to float32 and the two order statistics are combined with
-``torch.lerp``.
+bit for bit on every device: the rank is ``float32(q) * (n - 1)``, computed in
+double precision on CPU and rounded to float32 on accelerators (torch's CUDA
+kernels compute ``q * (n - 1)`` in float32, so the interpolation weight
+differs in the third decimal for ``n`` in the tens of thousands; found by
+``bench/gpu_check.sh``); the weight is rounded to float32 and the two order
+statistics are combined with ``torch.lerp``.
 """
 
 from __future__ import annotations
@@ -42,10 +45,15 @@ def _f32(x: float) -> float:
 
 
 @lru_cache(maxsize=4096)
-def quantile_rank(n: int, q: float) -> tuple[int, int, float]:
-    """``(below, above, weight)`` of linear interpolation, as ``torch.quantile``."""
+def quantile_rank(n: int, q: float, float32_rank: bool = False) -> tuple[int, int, float]:
+    """``(below, above, weight)`` of linear interpolation, as ``torch.quantile``.
+
+    ``float32_rank``: round the rank to float32 first, as torch does off the CPU.
+    """
     q32 = _f32(q)
     rank = q32 * (n - 1)
+    if float32_rank:
+        rank = _f32(rank)
     below, above = math.floor(rank), math.ceil(rank)
     weight = _f32(rank - below)
     return below, above, weight
@@ -77,7 +85,7 @@ def exact_quantile(a: Tensor, q: float) -> Tensor:
     n = flat.numel()
     if n == 0:
         return flat.new_zeros(())
-    below, above, weight = quantile_rank(n, q)
+    below, above, weight = quantile_rank(n, q, flat.device.type != "cpu")
     need_next = above != below and weight != 0.0
     lo, hi = _order_stats(flat, n - below, need_next)
     return _finish(lo, hi, weight if need_next else 0.0)

@@ -243,7 +243,10 @@ class DeadZoneQuantizer(nn.Module):
         else:
             qmax = torch.pow(2.0, self.bit_width().to(dtype) - 1.0) - 1.0
         d = 2.0 * R * (1.0 - torch.tanh(theta_dz.abs()))
-        s = (R - d / 2.0) / (qmax - 0.5) + EPS
+        # A 0-dim tensor divisor, not a Python float: CUDA divides by a host
+        # scalar as a product with its reciprocal, one ulp off true division.
+        denom = qmax - 0.5 if isinstance(qmax, Tensor) else torch.full_like(R, qmax - 0.5, dtype=dtype)
+        s = (R - d / 2.0) / denom + EPS
         shift = d / 2.0 - s / 2.0
         return qmax, d, s, shift
 
