@@ -60,9 +60,10 @@ def standin(target: float, steps: int = 400, every: int = 5, ramp: float = 0.6, 
     return c, history, [float(t.detach()) for t in thetas]
 
 
+@pytest.mark.parametrize("rates", ["cost", "sensitivity"])
 @pytest.mark.parametrize("target", [2.0, 4.0, 8.0, 15.0])
-def test_controller_converges_without_oscillating_and_holds(target):
-    c, history, thetas = standin(target)
+def test_controller_converges_without_oscillating_and_holds(target, rates):
+    c, history, thetas = standin(target, rates=rates)
     hold = [(s, f, p) for s, f, p in history if s >= c.ramp_end]
     assert all(p == target for _, _, p in hold)  # the plan holds the target after the ramp
     final = history[-1][1]
@@ -109,6 +110,24 @@ def test_the_cap_doubles_while_it_binds_and_halves_once_it_does_not():
     assert state["boost"] == 4.0
     del state["boost"]  # a run state written before the cap adapted still loads
     Controller("bops", 5.0, 20.0, 100).load_state_dict(state)
+
+
+def test_sensitivity_rates_by_hand_weight_the_penalty_by_cost_and_keep_every_step_alike():
+    c = Controller("bops", target=5.0, start=20.0, total_steps=100, rates="sensitivity", ramp=0.5, every=5)
+    c.update(25, 11.0, [4.0, 1.0, 0.0])
+    assert c.weights == [1.0, 0.25, 0.0]  # cost / max cost, no square root
+    dz = [torch.tensor(2.0), torch.tensor(1.0), torch.tensor(3.0)]
+    got = c.penalty(dz, [], 0.1, 0.0)
+    assert float(got) == pytest.approx(c.pressure * 0.1 * (1.0 * 4 + 0.25 * 1 + 0.0 * 9), rel=1e-6)
+    c.down, c.up = 0.5, 0.25
+    before = [torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0)]
+    after = [torch.tensor(0.8), torch.tensor(1.4), torch.tensor(0.6)]
+    c.scale_steps(before, [after])  # every layer keeps down (compressing) or up (relaxing) of its move
+    assert [float(a) for a in after] == pytest.approx([1.0 - 0.2 * 0.5, 1.0 + 0.4 * 0.25, 1.0 - 0.4 * 0.5])
+    # the same measurement under the default rule: square roots, and steps scaled by them too
+    d = Controller("bops", target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
+    d.update(25, 11.0, [4.0, 1.0, 0.0])
+    assert d.weights == [1.0, 0.5, 0.0]
 
 
 def test_controller_update_by_hand():

@@ -80,7 +80,8 @@ def prepare(recipe, model: torch.nn.Module, macs: dict[str, int], save_kwargs: d
         start = start_bops
         target = max(low_bops * 2.0, start_bops / 50.0)
     del probe
-    ctrl = B.Controller(kind, target, start, steps, ramp=recipe.budget_ramp, every=recipe.budget_every)
+    ctrl = B.Controller(kind, target, start, steps, rates=recipe.budget_rates, ramp=recipe.budget_ramp,
+                        every=recipe.budget_every)
     run = B.BudgetRun(ctrl, macs, size_overhead=overhead, max_drop=recipe.max_drop, is_main=is_main)
     run.save_kwargs = save_kwargs  # type: ignore[attr-defined]  (finish() measures the metadata again)
     return run, info

@@ -164,8 +164,15 @@ class Controller:
       to ``boost_min``). A run whose logit learning rate is too small for its
       budget, a short one above all, still follows the plan instead of leaving
       the distance to the final trim.
-    - per-layer rates ``w_ℓ = sqrt(cost_ℓ / max cost)``: layers holding more of the
-      figure move faster (the penalty is weighted by the same ``w_ℓ``).
+    - per-layer weights, by ``rates``:
+
+      ``"cost"``: ``w_ℓ = sqrt(cost_ℓ / max cost)`` scales both the penalty and
+      each logit's kept step: layers holding more of the figure move faster.
+      ``"sensitivity"``: ``w_ℓ = cost_ℓ / max cost`` weights the penalty only,
+      and every logit keeps the same share of its step. A logit then
+      compresses where the weighted penalty's pull beats the task gradient's
+      push back: each layer's cost saved against the loss it costs, the
+      Lagrangian's own condition, decides which layers give way.
     - ``u`` (the log of the pressure ``p`` on the penalty) moves by
       ``gain·e`` (at most ``max_move``; ``|u| ≤ u_max``): when no layer's
       step compresses any more, the pull grows until some do; below the plan
@@ -176,6 +183,7 @@ class Controller:
     target: float
     start: float
     total_steps: int
+    rates: str = "cost"
     ramp: float = 0.6
     every: int = 5
     k: float = 20.0
@@ -231,7 +239,12 @@ class Controller:
         self.u = min(self.u_max, max(-self.u_max, self.u + min(self.max_move, max(-self.max_move, self.gain * e))))
         self.updates += 1
         top = max(costs) if costs else 0.0
-        self.weights = [math.sqrt(c / top) for c in costs] if top > 0 else [1.0] * len(costs)
+        if top <= 0:
+            self.weights = [1.0] * len(costs)
+        elif self.rates == "sensitivity":
+            self.weights = [c / top for c in costs]
+        else:
+            self.weights = [math.sqrt(c / top) for c in costs]
 
     def _w(self, n: int) -> list[float]:
         return self.weights if len(self.weights) == n else [1.0] * n
@@ -246,7 +259,7 @@ class Controller:
         """
         i = 0
         for group in logits:
-            w = self._w(len(group))
+            w = self._w(len(group)) if self.rates == "cost" else [1.0] * len(group)
             for j, p in enumerate(group):
                 old = before[i]
                 i += 1

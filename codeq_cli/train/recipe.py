@@ -97,6 +97,9 @@ class Recipe(BaseModel):
     budget_ramp: float = Field(0.6, gt=0, le=1,
                                description="a number in (0, 1]: the fraction of training by which the target is reached")
     budget_every: int = Field(5, ge=1, description="an integer >= 1 (steps between measurements of the budget's figure)")
+    budget_rates: Literal["cost", "sensitivity"] = Field(
+        "cost", description="'cost' (layers move at rates set by their share of the figure) or 'sensitivity' "
+                            "(the penalty is weighted by cost, the task gradient decides which layers give way)")
 
     # -- accuracy at the budget (docs/method.md, "Accuracy at the budget")
     distill_weight: float = Field(0.5, ge=0, le=1, description="a number in [0, 1] (0: no distillation)")
