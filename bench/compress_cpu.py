@@ -43,7 +43,8 @@ PLAIN = textwrap.dedent(
     """
     import sys, time, torch, torchvision
     from torch.utils.data import DataLoader
-    from codeq_cli.data.folders import build_datasets, collate
+    from codeq_cli.data.folders import build_datasets
+    from codeq_cli.data.loader import collate
     from codeq_cli.models.factory import ModelSpec, create, data_config
     data, steps, batch, workers = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     torch.manual_seed(0)

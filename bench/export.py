@@ -79,7 +79,8 @@ def both_exports(ckpt, tmp: Path) -> tuple[Path, Path, dict]:
 
 
 def onnx_top1(path: Path, ckpt, data: Path) -> tuple[float, int]:
-    from codeq_cli.data.folders import build_loader, eval_folder
+    from codeq_cli.data.folders import eval_folder
+    from codeq_cli.data.loader import build_loader
 
     ds = eval_folder(data, ckpt.data_config, class_names=ckpt.class_names)
     sess = session(path, 2)

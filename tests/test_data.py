@@ -15,19 +15,16 @@ from torchvision.transforms import InterpolationMode
 
 from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
 from codeq_cli.data.folders import (
-    Batch,
     Broken,
     ImageFolder,
     build_datasets,
-    build_loader,
     build_transform,
-    collate,
     eval_folder,
     image_mode,
     load_image,
     parse_subset,
-    track,
 )
+from codeq_cli.data.loader import Batch, build_loader, collate, track
 from codeq_cli.errors import DataError, UsageError
 from codeq_cli.models.factory import DataConfig
 from codeq_cli.data.transforms import eval_resize

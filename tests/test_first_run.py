@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from codeq_cli.cli.console import Output, TrainingDisplay
-from codeq_cli.data import folders
+from codeq_cli.data import loader
 from conftest import make_image_folder, run_cli as cli
 
 
@@ -47,11 +47,11 @@ def test_mnasnet_through_the_cli_compress_eval_export_and_weights(data, tmp_path
 
 def test_default_workers_follow_the_machine(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    assert folders.default_workers() == 2
+    assert loader.default_workers() == 2
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
-    assert folders.default_workers() == 4  # no more than 4 per process
+    assert loader.default_workers() == 4  # no more than 4 per process
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert folders.default_workers() == 1
+    assert loader.default_workers() == 1
 
 
 def test_a_normal_run_on_two_cores_prints_no_warning(data, tmp_path, capsys, monkeypatch):

@@ -151,7 +151,7 @@ def test_arithmetic_on_gpus_with_and_without_native_bf16(one_gpu):
 
 
 def test_evaluation_runs_in_the_arithmetic_it_is_given():
-    from codeq_cli.train.loop import measure_accuracy as evaluate
+    from codeq_cli.train.accuracy import measure_accuracy as evaluate
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
@@ -168,19 +168,19 @@ def test_evaluation_runs_in_the_arithmetic_it_is_given():
 def test_eval_repeats_the_arithmetic_compress_evaluated_in(data, tmp_path, monkeypatch):
     from codeq_cli.commands import compress, evaluate
     from codeq_cli.formats import checkpoint
-    from codeq_cli.train import loop
+    from codeq_cli.train import accuracy
 
     forced = precision.Arithmetic("bfloat16", True)
     monkeypatch.setattr(precision, "resolve", lambda amp, cl, device: (forced, None))  # a GPU's choice, on CPU
     seen = []
-    real = loop.measure_accuracy
+    real = accuracy.measure_accuracy
 
     def spy(*args, **kwargs):
         res = real(*args, **kwargs)
         seen.append((kwargs.get("arithmetic"), res))
         return res
 
-    monkeypatch.setattr(loop, "measure_accuracy", spy)
+    monkeypatch.setattr(accuracy, "measure_accuracy", spy)
     out = tmp_path / "m.pt"
     res = compress.run(compress.CompressOptions(
         model="timm:test_resnet", data=data, out=out, pretrained=False, num_classes=3, img_size=32, workers=0,

@@ -166,11 +166,11 @@ def save_within(save, run: B.BudgetRun | None, recipe, model, macs, info: dict, 
 
 def reestimate(model: torch.nn.Module, recipe, train_set, seed: int, info, workers: int, amp: bool) -> int:
     """Batch-norm statistics of ``model`` from ``recipe.bn_reestimate`` training batches (0: off); images seen."""
-    from codeq_cli.data.folders import build_loader
+    from codeq_cli.data.loader import build_loader
     from codeq_cli.data.sampling import GlobalBatchSampler
     from codeq_cli.train import dist
     from codeq_cli.train.distill import has_batchnorm, reestimate_bn
-    from codeq_cli.train.loop import autocast_for
+    from codeq_cli.train.accuracy import autocast_for
 
     if recipe.bn_reestimate <= 0 or not has_batchnorm(model):
         return 0

@@ -260,7 +260,7 @@ def _calibrate_activations(model, train_set, recipe, opts: CompressOptions, info
     augmentations), so all compute the same steps; DDP then starts from rank 0's.
     """
     from codeq_cli.core.act_quant import calibrate_
-    from codeq_cli.data.folders import build_loader
+    from codeq_cli.data.loader import build_loader
     from codeq_cli.data.sampling import GlobalBatchSampler
 
     sampler = GlobalBatchSampler(len(train_set), recipe.batch_size, opts.seed)
@@ -280,11 +280,12 @@ def _calibrate_activations(model, train_set, recipe, opts: CompressOptions, info
 def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: False) -> CompressResult:
     """Compress ``opts.model`` as ``opts`` say; returns where the result went and its figures."""
     from codeq_cli.formats import checkpoint
-    from codeq_cli.train import loop, precision
+    from codeq_cli.train import accuracy, loop, precision
     from codeq_cli.train._compile import check_compile
     from codeq_cli._io import write_json, write_text
     from codeq_cli.core.bops import bops_rows, bops_totals
-    from codeq_cli.data.folders import build_datasets, check_root, class_folders, default_workers, parse_subset
+    from codeq_cli.data.folders import build_datasets, check_root, class_folders, parse_subset
+    from codeq_cli.data.loader import default_workers
     from codeq_cli.core import act_quant
     from codeq_cli.core.insert import dequantized_state_dict, quantize_
     from codeq_cli.models.factory import create, load_model, num_outputs
@@ -374,8 +375,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     # FP baseline, before any quantizer.
     progress = runstate.progress_from_state(state) if state is not None else runstate.RunPosition()
     if not opts.skip_baseline and state is None:
-        loader = loop.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
-        res = loop.measure_accuracy(model, loader, info.device, amp=recipe.amp)
+        loader = accuracy.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
+        res = accuracy.measure_accuracy(model, loader, info.device, amp=recipe.amp)
         progress.fp_top1 = res.top1
         on_event({"event": "baseline", **res.to_dict()})
     if budget is not None:
@@ -429,8 +430,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         on_event(ev)
     bn_entry = {}
     if recipe.bn_reestimate > 0 and has_batchnorm(plain):
-        loader = loop.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
-        before_bn = loop.measure_accuracy(plain, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
+        loader = accuracy.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
+        before_bn = accuracy.measure_accuracy(plain, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
         seen = _budget.reestimate(plain, recipe, train_set, opts.seed, info, opts.workers, recipe.amp)
         bn_entry = {"top1_before_bn": before_bn.top1, "bn_images": seen}
 
@@ -443,8 +444,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     decoded.to(info.device)
     if recipe.channels_last and info.device.type == "cuda":
         decoded.to(memory_format=torch.channels_last)
-    loader = loop.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
-    final = loop.measure_accuracy(decoded, loader, info.device, arithmetic=arithmetic)
+    loader = accuracy.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
+    final = accuracy.measure_accuracy(decoded, loader, info.device, arithmetic=arithmetic)
     metrics = {"top1": final.top1, "top5": final.top5, "val_samples": final.samples, "fp_top1": progress.fp_top1}
     if progress.fp_top1 is not None:
         metrics["top1_drop"] = progress.fp_top1 - final.top1

@@ -88,7 +88,7 @@ def pretrain_fp(opts: DemoOptions, data: Path, on_event: Callable[[dict], None])
     from safetensors.torch import save as st_save
 
     from codeq_cli.formats import runstate
-    from codeq_cli.train import dist, loop
+    from codeq_cli.train import accuracy, dist, loop
     from codeq_cli._io import write_bytes, write_json
     from codeq_cli.data.folders import build_datasets
     from codeq_cli.models.factory import load_model
@@ -124,8 +124,8 @@ def pretrain_fp(opts: DemoOptions, data: Path, on_event: Callable[[dict], None])
                            device=info.device, info=info, run_dir=run_dir, macs={}, seed=opts.seed,
                            workers=opts.workers, log_every=10**9, save_every_s=float("inf"), on_event=on_event)
     loop.Fit(setup).run()
-    loader = loop.eval_loader(val_set, opts.batch_size, info, opts.workers, info.device)
-    res = loop.measure_accuracy(model, loader, info.device)
+    loader = accuracy.eval_loader(val_set, opts.batch_size, info, opts.workers, info.device)
+    res = accuracy.measure_accuracy(model, loader, info.device)
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     write_bytes(weights, st_save(sd))
     write_json(meta, {"settings": settings, "top1": res.top1})

@@ -52,8 +52,9 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
     """Evaluate the checkpoint; returns ``{"top1", "top5", "samples", "loss", "data", ...}`` (percent)."""
     from codeq_cli.train import dist
     from codeq_cli.formats.checkpoint import load
-    from codeq_cli.data.folders import build_loader, default_workers, eval_folder
-    from codeq_cli.train.loop import measure_accuracy
+    from codeq_cli.data.folders import eval_folder
+    from codeq_cli.data.loader import build_loader, default_workers
+    from codeq_cli.train.accuracy import measure_accuracy
     from codeq_cli.train.precision import Arithmetic, for_device
 
     if opts.batch_size < 1:
@@ -101,9 +102,9 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
 
 def _compare_fp(ckpt, opts: EvalOptions, dataset, device: torch.device, on_batch, arithmetic) -> dict:
     """The original FP model (``--weights`` or the pretrained weights) on the same images."""
-    from codeq_cli.data.folders import build_loader
+    from codeq_cli.data.loader import build_loader
     from codeq_cli.models.factory import load_model
-    from codeq_cli.train.loop import measure_accuracy
+    from codeq_cli.train.accuracy import measure_accuracy
 
     spec = ckpt.spec
     loaded = load_model(spec.label, weights=opts.weights, pretrained=opts.weights is None,

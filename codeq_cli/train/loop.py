@@ -1,7 +1,7 @@
 """CoDeQ fine-tuning: the objective, the optimizer groups, the loop and its saved state.
 
 Shaped like torchvision's reference ``train.py``: short :func:`train_one_epoch`
-and :func:`measure_accuracy`, and :func:`fit` that reads top to bottom. The CoDeQ
+(evaluation is :mod:`codeq_cli.train.accuracy`), and :func:`fit` that reads top to bottom. The CoDeQ
 regularizer is one term in the loss (``docs/method.md``, "The objective")::
 
     L = CE(ŵ) + λ_dz · Σ θ_dz² (+ λ_bit · Σ θ_bit² in mixed precision)
@@ -38,11 +38,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from codeq_cli.train import dist, precision
+from codeq_cli.train import dist
+from codeq_cli.train.accuracy import logits_of, autocast_for, eval_loader, measure_accuracy
 from codeq_cli.train._compile import compile_errors
 from codeq_cli.train.recipe import Recipe
 from codeq_cli.core.bops import bops_rows, bops_totals
@@ -51,8 +51,8 @@ from codeq_cli.core.insert import quantizer_parameters
 from codeq_cli.core.act_quant import act_parameters
 from codeq_cli.formats import runstate
 from codeq_cli.formats.runstate import RunPosition
-from codeq_cli.data.folders import build_loader
-from codeq_cli.data.sampling import GlobalBatchSampler, ShardSampler
+from codeq_cli.data.loader import build_loader
+from codeq_cli.data.sampling import GlobalBatchSampler
 from codeq_cli.train.budget import BudgetRun
 from codeq_cli.train.distill import task_loss
 
@@ -124,84 +124,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_step
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, min(1.0, min_factor))
     )
-
-
-# -- evaluation ------------------------------------------------------------------
-@dataclass
-class EvalResult:
-    top1: float
-    top5: float
-    loss: float
-    samples: int
-
-    def to_dict(self) -> dict:
-        return {"top1": self.top1, "top5": self.top5, "loss": self.loss, "samples": self.samples}
-
-
-def _logits(output) -> torch.Tensor:
-    if isinstance(output, torch.Tensor):
-        return output
-    if hasattr(output, "logits"):
-        return output.logits
-    if isinstance(output, (tuple, list)):
-        return output[0]
-    raise TrainingError(f"the model returned {type(output).__name__}, not logits")
-
-
-def autocast_for(device: torch.device, enabled: bool):
-    """Training's autocast: bfloat16 on a CUDA device that has it (:func:`precision.resolve`)."""
-    return precision.resolve(enabled, False, device)[0].autocast(device)
-
-
-@torch.inference_mode()
-def measure_accuracy(
-    model: nn.Module,
-    loader: DataLoader,
-    device: torch.device,
-    *,
-    amp: bool = False,
-    channels_last: bool = False,
-    arithmetic: precision.Arithmetic | None = None,
-    on_batch: Callable[[int, int], None] | None = None,
-) -> EvalResult:
-    """Top-1/top-5 (percent) and mean loss over the loader, summed across ranks.
-
-    ``arithmetic`` (autocast dtype, memory format) is what ``codeq eval``
-    reads from a checkpoint; without it, training's for ``amp`` and
-    ``channels_last`` on ``device`` (:func:`precision.resolve`), so
-    evaluations during and after training and ``codeq eval`` compute alike.
-    ``model`` must be a plain module, not DDP: the ranks' shares of the
-    validation set differ by up to one image, so they run different numbers
-    of batches and DDP's per-forward buffer broadcast would not pair up.
-    The sums stay on the device until the end (one synchronisation).
-    """
-    arith = arithmetic or precision.resolve(amp, channels_last, device)[0]
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # correct@1, correct@5, loss
-    count = 0
-    total = len(loader)
-    for i, batch in enumerate(loader):
-        images, target = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
-        if images.numel() == 0:
-            continue
-        images = arith.inputs(images)
-        with arith.autocast(device):
-            logits = _logits(model(images)).float()
-        k = min(5, logits.shape[1])
-        hit = logits.topk(k, dim=1).indices.eq(target[:, None])
-        loss = F.cross_entropy(logits, target, reduction="sum")
-        sums += torch.stack([hit[:, 0].sum().double(), hit.any(dim=1).sum().double(), loss.double()])
-        count += int(target.numel())
-        if on_batch is not None:
-            on_batch(i + 1, total)
-    model.train(was_training)
-    correct1, correct5, loss_sum = sums.tolist()
-    c1, c5, ls, n = dist.all_reduce_sum([correct1, correct5, loss_sum, float(count)], device)
-    n = int(n)
-    if n == 0:
-        return EvalResult(0.0, 0.0, float("nan"), 0)
-    return EvalResult(100.0 * c1 / n, 100.0 * c5 / n, ls / n, n)
 
 
 def compression_stats(model: nn.Module, macs: dict[str, int]) -> dict:
@@ -338,11 +260,11 @@ class Fit:
     def _forward_loss(self, images, target, amp: bool, label_smoothing: float, lambda_bit: float):
         s, r = self.s, self.s.recipe
         with autocast_for(s.device, amp):
-            out = _logits(s.model(images)).float()
+            out = logits_of(s.model(images)).float()
             teacher = None
             if s.teacher is not None and r.distill_weight > 0:
                 with torch.no_grad():
-                    teacher = _logits(s.teacher(images)).float()
+                    teacher = logits_of(s.teacher(images)).float()
         task = task_loss(out, target, teacher, r.distill_weight, r.distill_temperature, label_smoothing)
         if s.budget is not None:
             reg = s.budget.penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
@@ -481,17 +403,6 @@ class Fit:
                                           self.total_steps))
         self.progress.history.append({k: event[k] for k in event if k != "event"})
         self.log(event)
-
-
-def eval_loader(dataset: Dataset, global_batch: int, info: dist.DistInfo, workers: int, device: torch.device):
-    """This rank's share of ``dataset`` for evaluation (no padding), broken images counted."""
-    return build_loader(
-        dataset,
-        batch_size=max(1, global_batch // info.world_size),
-        sampler=ShardSampler(len(dataset), info.rank, info.world_size),
-        workers=workers,
-        pin_memory=device.type == "cuda",
-    )
 
 
 class HostCopy:
