@@ -18,6 +18,7 @@ import typer
 
 from codeq_cli._version import __version__
 from codeq_cli.cli import console
+from codeq_cli.cli.runctl import StopOnSignal, rank, resume_command
 from codeq_cli.errors import CodeqError, InterruptedRun, TrainingError, UsageError, one_line
 
 app = typer.Typer(
@@ -79,60 +80,6 @@ def _output(json_mode: bool, quiet: bool):
 def _argv() -> list[str]:
     """The arguments this invocation was given (``main(argv)`` or the command line)."""
     return list(_state["argv"]) if _state.get("argv") is not None else sys.argv[1:]
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def _resume_command() -> str:
-    args = [a for a in _argv() if a != "--overwrite"]
-    if "--resume" not in args:
-        args.append("--resume")
-    return "codeq " + " ".join(_quote(a) for a in args)
-
-
-def _quote(a: str) -> str:
-    import shlex
-
-    return shlex.quote(a)
-
-
-class _StopOnSignal:
-    """First Ctrl-C (or SIGTERM): finish the step, save, stop. Second Ctrl-C: stop at once."""
-
-    def __init__(self, output) -> None:
-        self.output = output
-        self.requested = False
-        self._old = {}
-
-    def __enter__(self):
-        import signal
-
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        import signal
-
-        if self.requested:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
-            _state["interrupted"] = ("stopped at once (second Ctrl-C); the run state saved last, if any, is kept: "
-                                     "resume with --resume or start over with --overwrite")
-            raise KeyboardInterrupt
-        self.requested = True
-        if _rank() == 0:
-            self.output.err.print("stopping after this step and saving the run state (Ctrl-C again to stop at once)", markup=False)
-
-    def __exit__(self, *exc) -> None:
-        import signal
-
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-
-    def __call__(self) -> bool:
-        return self.requested
 
 
 @app.command()
@@ -197,11 +144,11 @@ def compress(
         output.quiet = True
     on_event = console.compress_events(output)
     try:
-        with _StopOnSignal(output) as stop:
+        with StopOnSignal(output, _state) as stop:
             result = run(opts, on_event=on_event, should_stop=stop)
     except InterruptedRun as exc:
         raise InterruptedRun(f"interrupted after step {exc.step}; the run state is saved",
-                             hint=f"resume with: {_resume_command()}") from None
+                             hint=f"resume with: {resume_command(_argv())}") from None
     finally:
         on_event.close()
         dist.shutdown()
@@ -422,7 +369,7 @@ def demo(
                        target_bops=None if target_bops <= 0 else target_bops)
     on_event = console.compress_events(output)
     try:
-        with _StopOnSignal(output) as stop:
+        with StopOnSignal(output, _state) as stop:
             res = run(opts, on_event=on_event, should_stop=stop)
     except InterruptedRun as exc:
         raise InterruptedRun(f"interrupted after step {exc.step}", hint="run `codeq demo` again to start over") from None
@@ -523,11 +470,11 @@ def main(argv: list[str] | None = None) -> None:
     except CodeqError as exc:
         if debug or _state["debug"]:
             raise
-        rank = _rank()
-        if rank == 0:
+        this_rank = rank()
+        if this_rank == 0:
             print(f"error: {exc}", file=sys.stderr)
         elif not isinstance(exc, (UsageError, TrainingError)):  # those are raised on every rank together
-            print(f"error: (rank {rank}) {exc}", file=sys.stderr)
+            print(f"error: (rank {this_rank}) {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except (OSError, MemoryError) as exc:  # last resort: still one line
         if debug or _state["debug"]:
