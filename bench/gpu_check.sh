@@ -12,13 +12,14 @@
 #   compile     2 steps with --compile on one GPU
 #   ddp         2 processes with sync_bn on timm:test_efficientnet (BatchNormAct2d layers):
 #               ranks identical, eval top-1 = compress top-1 (skipped with fewer than 2 GPUs)
-#   throughput  bench/throughput.py: ResNet-18, 224 px, bf16: images/s FP32 vs CoDeQ, peak memory
+#   throughput  bench/throughput.py: ResNet-18, 224 px, bf16: images/s FP32 vs CoDeQ, peak memory,
+#               and a profile of the CoDeQ step (top ops by device and host time, synchronisations)
 #   memory      bench/linear_memory.py: peak memory of a 16384x16384 linear step, plain vs CoDeQ
 #   budget      --target-bops 3 with 8-bit activations and amp: the figure lands in [2.91, 3]
 #   tp_compile  throughput.py --compile: does compiling remove the quantizers' launch overhead?
 #
-# Environment: PYTHON (default python3); OUT (logs go to $OUT/gpu_check/, at most 8
-# files; else to a temporary folder); CODEQ_GPU_CHECK_CPU=1 is --cpu;
+# Environment: PYTHON (default python3); OUT (logs go to $OUT/gpu_check/: env.log,
+# sections.log with every section's output in turn, summary.txt; else to a temporary folder); CODEQ_GPU_CHECK_CPU=1 is --cpu;
 # CODEQ_GPU_CHECK_BUDGET (seconds for all sections, default 420).
 # With a folder .whl/ at the repository root (the wheels the bare GPU image lacks:
 # pydantic, pydantic-core, annotated-types, typing-inspection, constriction) they are
@@ -81,7 +82,7 @@ EOF
 
 s_tests() {
     "$PY" -m pytest -q -p no:cacheprovider -rs -k "cuda or pinned" \
-        tests/test_quantizer.py tests/test_data.py tests/test_gpu_path.py 2>&1 | tee "$WORK/pytest.txt"
+        tests/test_quantizer.py tests/test_select.py tests/test_data.py tests/test_gpu_path.py 2>&1 | tee "$WORK/pytest.txt"
     local rc=${PIPESTATUS[0]}
     local line
     line=$(grep -E '[0-9]+ (passed|failed|skipped|error)' "$WORK/pytest.txt" | tail -n 1 | tr -d '=' | sed 's/^ *//')
@@ -157,7 +158,8 @@ s_throughput() {
     if [ "$CPU" = 1 ]; then
         "$PY" bench/throughput.py --device cpu --model resnet18 --size 32 --batch 4 --steps 2 --warmup 1 | tee "$WORK/tp.txt"
     else
-        "$PY" bench/throughput.py --device cuda --model resnet18 --size 224 --batch 64 --steps 10 --warmup 3 | tee "$WORK/tp.txt"
+        "$PY" bench/throughput.py --device cuda --model resnet18 --size 224 --batch 64 --steps 10 --warmup 3 --profile 15 \
+            | tee "$WORK/tp.txt"
     fi
     local rc=${PIPESTATUS[0]}
     awk '$1 == "fp32" {f = $2; if (/peak/) fm = $(NF-1)} $1 == "codeq" {c = $2; if (/peak/) cm = $(NF-1)}
@@ -209,14 +211,15 @@ section() {  # name timeout_s
     [ "$limit" -gt "$left" ] && limit=$left
     local t0 rc key status
     t0=$(date +%s)
-    timeout -k 10 "$limit" bash -c "s_$name" >> "$LOG/$name.log" 2>&1
+    timeout -k 10 "$limit" bash -c "s_$name" > "$WORK/$name.log" 2>&1
     rc=$?
-    key=$(grep -a '^KEY:' "$LOG/$name.log" | tail -n 1 | cut -c6- | cut -c1-90)
+    { echo "===== $name (exit $rc) ====="; cat "$WORK/$name.log"; echo; } >> "$LOG/sections.log"
+    key=$(grep -a '^KEY:' "$WORK/$name.log" | tail -n 1 | cut -c6- | cut -c1-90)
     case $rc in
         0) status=pass ;;
         77) status=skip ;;
         124|137) status=fail; key="timed out after ${limit}s" ;;
-        *) status=fail; [ -z "$key" ] && key=$(grep -a -v '^\s*$' "$LOG/$name.log" | tail -n 1 | cut -c1-90) ;;
+        *) status=fail; [ -z "$key" ] && key=$(grep -a -v '^\s*$' "$WORK/$name.log" | tail -n 1 | cut -c1-90) ;;
     esac
     [ "$status" = fail ] && FAILED=1
     ROWS+=("$name|$status|$(($(date +%s) - t0))s|$key")

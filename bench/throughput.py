@@ -51,6 +51,9 @@ def main() -> None:
     ap.add_argument("--no-amp", action="store_true", help="no bf16 autocast on CUDA")
     ap.add_argument("--no-channels-last", action="store_true", help="keep NCHW on CUDA")
     ap.add_argument("--compile", action="store_true", help="torch.compile both models")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile 3 CoDeQ steps and print the N ops with the most device time "
+                         "(self), the N with the most host time, and the host-device synchronisations")
     args = ap.parse_args()
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -122,6 +125,33 @@ def main() -> None:
     print(f"throughput_ratio={ips['codeq'] / ips['fp32']:.3f}  (CoDeQ images/s over FP32 images/s)")
     if cuda:
         print(f"peak_memory_ratio={peak['codeq'] / max(1, peak['fp32']):.3f}")
+    if args.profile:
+        profile(lambda: step("codeq"), sync, cuda, args.profile)
+
+
+def profile(run_step, sync, cuda: bool, top: int) -> None:
+    """Where a CoDeQ step's time goes: ops by device and host time, and the synchronisations."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync()
+    with torch_profile(activities=activities) as prof:
+        for _ in range(3):
+            run_step()
+        sync()
+    events = prof.key_averages()
+    device_key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    if cuda:
+        print(f"profile: {top} ops by self device time over 3 CoDeQ steps")
+        print(events.table(sort_by=device_key, row_limit=top, max_name_column_width=60))
+    print(f"profile: {top} ops by self host time over 3 CoDeQ steps")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
+    syncs = {e.key: e.count for e in events
+             if any(t in e.key for t in ("Synchronize", "cudaMemcpy", "aten::item", "aten::_local_scalar_dense"))}
+    launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    print("profile_syncs=" + (", ".join(f"{k}:{v // 3}" for k, v in sorted(syncs.items())) or "none") + " (per step)")
+    print(f"profile_launches_per_step={launches // 3}")
 
 
 if __name__ == "__main__":
