@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -259,6 +260,71 @@ def test_unreachable_targets_are_refused_before_training_with_the_range(data, tm
     if len(flags) == 2:  # a target: the line names the reachable range
         assert "reachable from this start" in err and ("%" in err if "bops" in flags[0] else "bytes" in err)
     assert not out.exists() and not stdout
+
+
+def test_quantized_activations_count_in_the_starting_figure_and_the_reachable_range(data, tmp_path, capsys):
+    """Activation quantizers are calibrated after the budget is checked: it must count them all the same."""
+    def refusal(*flags):
+        code, _, err = run_cli(["compress", *TINY, "--data", str(data), "--out", str(tmp_path / "a.pt"),
+                                "--max-steps", "2", "--batch-size", "8", "--target-bops", "60", *flags], capsys)
+        assert code == 2 and "already met at the start" in err, err
+        low, start = (float(x) for x in re.search(r"reachable from this start: ([\d.]+)% to ([\d.]+)%", err).groups())
+        return low, start
+
+    low32, start32 = refusal()
+    low8, start8 = refusal("--set", "act_bits=8")
+    lowl, startl = refusal("--set", "act_bits=learned", "--set", "act_b_min=4")
+    # every layer of test_resnet is quantized and gets an input quantizer: 8-bit inputs are a quarter of 32
+    assert start8 == pytest.approx(start32 / 4, rel=1e-2) and low8 == pytest.approx(low32 / 4, rel=1e-2)
+    # learned widths start at 8 (θ = 3) and the controller may take them down to act_b_min = 4
+    assert startl == pytest.approx(start8, rel=1e-2) and lowl == pytest.approx(low32 / 8, rel=1e-2)
+    # a target between the 8-bit start and the 32-bit one is refused (it used to be accepted and missed)
+    code, _, err = run_cli(["compress", *TINY, "--data", str(data), "--out", str(tmp_path / "b.pt"), "--max-steps", "2",
+                            "--batch-size", "8", "--target-bops", f"{(start8 + start32) / 2:.2f}", "--set", "act_bits=8"],
+                           capsys)
+    assert code == 2 and "already met at the start" in err, err
+
+
+def test_the_controller_drives_learned_activation_widths_with_their_layers_weights():
+    c = Controller("bops", target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
+    c.act_index = [2, 0]  # the first width feeds layer 2, the second layer 0
+    c.update(25, 11.0, [4.0, 1.0, 1.0])
+    assert c.weights == [1.0, 0.5, 0.5] and c.act_weights == [0.5, 1.0]
+    dz = [torch.tensor(1.0)] * 3
+    act = [torch.tensor(2.0), torch.tensor(3.0)]
+    got = c.penalty(dz, [], 0.1, 0.0, act=act, lambda_act=0.2)
+    assert float(got) == pytest.approx(c.pressure * (0.1 * (1 + 0.5 + 0.5) + 0.2 * (0.5 * 4 + 1.0 * 9)), rel=1e-6)
+    c.down, c.up = 0.5, 0.25
+    before = [torch.tensor(1.0)] * 3 + [torch.tensor(2.0), torch.tensor(3.0)]
+    layers = [torch.tensor(0.8), torch.tensor(0.8), torch.tensor(0.8)]
+    widths = [torch.tensor(1.6), torch.tensor(3.4)]  # the first compresses, the second relaxes
+    c.scale_steps(before, [layers, [], widths])
+    assert [float(x) for x in widths] == pytest.approx([2.0 - 0.4 * 0.5 * 0.5, 3.0 + 0.4 * 0.25 * 1.0])
+    assert [float(x) for x in layers] == pytest.approx([1.0 - 0.2 * 0.5 * w for w in (1.0, 0.5, 0.5)])
+    state = json.loads(json.dumps(c.state_dict()))
+    assert state["act_index"] == [2, 0] and state["act_weights"] == [0.5, 1.0]
+    for key in ("act_index", "act_weights"):  # run states from before still load
+        del state[key]
+    Controller("bops", 5.0, 20.0, 100).load_state_dict(state)
+
+
+@pytest.mark.parametrize("budget", [{"target_bops": 1.0}, {"target_size": "60kB"}])
+def test_a_bops_budget_moves_each_learned_activation_width_with_its_layer_and_a_size_budget_does_not(data, tmp_path,
+                                                                                                        budget):
+    from codeq_cli.formats import runstate
+
+    res = run(CompressOptions(out=tmp_path / "a.pt", max_steps=8, skip_baseline=True, keep_state=True, **budget,
+                              **_common(data, overrides=["batch_size=8", "act_bits=learned", "act_b_min=2", "lr_dz=0.3",
+                                                         "lr_bit=0.3", "budget_every=1"])))
+    state = runstate.load_state(tmp_path / "a.run" / runstate.STATE_FILE)
+    model = state["model"] if "model" in state else state
+    widths = [float(v) for k, v in model.items() if k.endswith("act_quant.theta_bit")]
+    assert len(widths) == 16
+    if "target_bops" in budget:  # activation bits count in BOPs: each width moves at its layer's rate
+        assert 0.97 <= res.budget["achieved"] <= 1.0
+        assert max(widths) - min(widths) > 1.0, widths
+    else:  # the file holds no activation bits: λ_act_bit alone moves them, all alike (AdamW, same start)
+        assert max(widths) - min(widths) < 0.01, widths
 
 
 def test_resume_with_the_controller_and_teacher_ends_with_the_same_codes(data, tmp_path):

@@ -63,8 +63,14 @@ def prepare(recipe, model: torch.nn.Module, macs: dict[str, int], save_kwargs: d
     quantize_(probe, **quantizer_kwargs(recipe), include=recipe.include, exclude=recipe.exclude)
     file_bytes, weight_bytes = _probe_save(probe, save_kwargs)
     overhead = file_bytes - weight_bytes + _META_MARGIN
-    start_bops = B.rel_bops(probe, macs)
-    low_bops, _ = B.reachable("bops", probe, macs, overhead, start_bops)
+    # Activation quantizers are calibrated later: count them at the widths they start with, and
+    # (learned, under a BOPs-counted budget the controller drives them) at the fewest they can reach.
+    from codeq_cli.core.act_quant import act_bits, lowest_act_bits
+
+    planned = act_bits(probe, planned=True)
+    act_low = lowest_act_bits(probe) if kind != "size" else planned
+    start_bops = B.rel_bops(probe, macs, planned)
+    low_bops, _ = B.reachable("bops", probe, macs, overhead, start_bops, act_bits=planned, act_low=act_low)
     info = {"kind": kind, "start_rel_bops": start_bops, "start_file_bytes": file_bytes,
             "reachable_rel_bops": [low_bops, start_bops]}
     if kind == "bops":

@@ -287,15 +287,25 @@ def act_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parame
     return steps, bits
 
 
-def act_bits(model: nn.Module) -> dict[str, int]:
-    """Layer name → activation bit-width of every calibrated (or frozen) quantizer."""
+def act_bits(model: nn.Module, planned: bool = False) -> dict[str, int]:
+    """Layer name → activation bit-width of every calibrated (or frozen) quantizer.
+
+    ``planned``: also the quantizers not calibrated yet, at the width they
+    start with (a budget checked before calibration counts them).
+    """
     out = {}
     for name, qz in act_quantizers(model):
         if isinstance(qz, FrozenActQuantizer):
             out[name] = qz.bits
-        elif bool(qz.calibrated):
+        elif planned or bool(qz.calibrated):
             out[name] = int(qz.bit_width())
     return out
+
+
+def lowest_act_bits(model: nn.Module) -> dict[str, int]:
+    """Layer name → the fewest bits each activation quantizer can reach (``b_min`` when learned)."""
+    return {name: (qz.b_min if getattr(qz, "theta_bit", None) is not None else int(qz.bits))
+            for name, qz in act_quantizers(model)}
 
 
 @torch.no_grad()

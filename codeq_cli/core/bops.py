@@ -151,15 +151,18 @@ def make_row(name: str, kind: str, shape: Sequence[int], macs: int, bits: int | 
 
 
 @torch.no_grad()
-def bops_rows(model: nn.Module, macs: dict[str, int], encoded: dict | None = None) -> list[LayerRow]:
+def bops_rows(model: nn.Module, macs: dict[str, int], encoded: dict | None = None,
+              act_bits: dict[str, int] | None = None) -> list[LayerRow]:
     """Rows for every convolution and linear weight of a live model (quantized or not).
 
     ``encoded`` (layer name → :class:`~codeq_cli.core.quantizer.Encoded`) reuses
     encodings the caller already made instead of encoding every layer again.
+    ``act_bits`` (layer name → input bit-width) replaces the model's calibrated
+    activation quantizers' widths (:func:`~codeq_cli.core.act_quant.act_bits`).
     """
     if encoded is None:
         encoded = {qw.name: qw.quantizer.encode(qw.original) for qw in quantized_weights(model)}
-    abits = _act_bits(model)
+    abits = _act_bits(model) if act_bits is None else act_bits
     rows = []
     for t in plan(model):
         if t.kind == "other":

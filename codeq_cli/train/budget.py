@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from codeq_cli.core.act_quant import act_bits, act_quantizers
 from codeq_cli.core.bops import A_BITS, FP_BITS, bops_rows, bops_totals
 from codeq_cli.core.insert import quantized_weights
 from codeq_cli.errors import UsageError
@@ -79,19 +80,32 @@ def measure(kind: str, model: nn.Module, macs: dict[str, int], size_overhead: in
         costs = [float(r["bytes"]) for r in rows]
         return float(size_overhead + sum(costs)), costs
     rows = layer_figures(model, macs)
-    costs = [r["nonzero"] / max(1, r["params"]) * r["macs"] * r["bits"] * A_BITS for r in rows]
+    abits = act_bits(model)
+    costs = [r["nonzero"] / max(1, r["params"]) * r["macs"] * r["bits"] * abits.get(r["name"], A_BITS) for r in rows]
     return rel_bops(model, macs), costs
 
 
-def rel_bops(model: nn.Module, macs: dict[str, int]) -> float:
-    """Relative BOPs (%) as ``codeq report`` computes it."""
-    return float(bops_totals(bops_rows(model, macs))["rel_bops"])
+def rel_bops(model: nn.Module, macs: dict[str, int], act_bits: dict[str, int] | None = None) -> float:
+    """Relative BOPs (%) as ``codeq report`` computes it (``act_bits``: see :func:`~codeq_cli.core.bops.bops_rows`)."""
+    return float(bops_totals(bops_rows(model, macs, act_bits=act_bits))["rel_bops"])
+
+
+def act_layer_index(model: nn.Module) -> list[int]:
+    """For each learned activation bit logit (in :func:`~codeq_cli.core.act_quant.act_parameters` order),
+    the index of the layer it feeds among :func:`~codeq_cli.core.insert.quantized_weights`."""
+    index = {qw.name: i for i, qw in enumerate(quantized_weights(model))}
+    return [index.get(name, -1) for name, qz in act_quantizers(model) if getattr(qz, "theta_bit", None) is not None]
 
 
 # -- what can be reached ----------------------------------------------------------------------
 @torch.no_grad()
-def reachable(kind: str, model: nn.Module, macs: dict[str, int], size_overhead: int, start: float) -> tuple[float, float]:
+def reachable(kind: str, model: nn.Module, macs: dict[str, int], size_overhead: int, start: float,
+              act_bits: dict[str, int] | None = None, act_low: dict[str, int] | None = None) -> tuple[float, float]:
     """``(lowest, start)``: the figure at the widest dead zones and fewest bits, and the figure now.
+
+    ``act_bits``: the activation widths the run starts with (default: the
+    model's calibrated ones); ``act_low``: the fewest each can reach (default:
+    the same), for the BOPs.
 
     The widest dead zone is ``d = 2R`` (θ_dz = 0): every ``|w| ≤ R`` is
     pruned and about 1 − quantile of the weights stay. The bit-width is then
@@ -112,15 +126,17 @@ def reachable(kind: str, model: nn.Module, macs: dict[str, int], size_overhead: 
             h = 0.0 if rho in (0.0, 1.0) else -(rho * math.log2(rho) + (1 - rho) * math.log2(1 - rho))
             low += n * (h + rho) / 8.0
         return low, start
-    rows = bops_rows(model, macs)
+    rows = bops_rows(model, macs, act_bits=act_bits)
     dense = sum(r.macs for r in rows) * FP_BITS * A_BITS
+    act_low = act_low or {}
     low = 0.0
     for r in rows:
+        a = act_low.get(r.name, r.act_bits)
         if r.name in quantized:
             _, rho, bits = quantized[r.name]
-            low += rho * r.macs * bits * A_BITS
+            low += rho * r.macs * bits * a
         else:
-            low += r.bops
+            low += r.bops / r.act_bits * a
     return (100.0 * low / dense if dense else 0.0), start
 
 
@@ -198,6 +214,8 @@ class Controller:
     up: float = 0.0
     measured: float = float("nan")
     weights: list[float] = field(default_factory=list)
+    act_index: list[int] = field(default_factory=list)  # learned activation widths: the layer each feeds
+    act_weights: list[float] = field(default_factory=list)
     anchor_step: int = 0
     anchor: float = float("nan")
     ramp_end: int = -1
@@ -245,21 +263,31 @@ class Controller:
             self.weights = [c / top for c in costs]
         else:
             self.weights = [math.sqrt(c / top) for c in costs]
+        # a learned activation width moves with the layer it feeds (its bits multiply that layer's cost)
+        self.act_weights = [self.weights[i] if 0 <= i < len(self.weights) else 1.0 for i in self.act_index]
 
     def _w(self, n: int) -> list[float]:
         return self.weights if len(self.weights) == n else [1.0] * n
+
+    def _w_act(self, n: int) -> list[float]:
+        return self.act_weights if len(self.act_weights) == n else [1.0] * n
 
     @torch.no_grad()
     def scale_steps(self, before: list[torch.Tensor], logits: list[list[torch.Tensor]]) -> None:
         """After the optimizer step: keep ``down·w_ℓ`` (compressing) or ``up·w_ℓ`` (relaxing) of each logit's move.
 
         ``before`` holds the logits before the step, in the order of
-        ``logits`` flattened (dead-zone logits, then bit logits); each list
-        of ``logits`` has one entry per quantized layer.
+        ``logits`` flattened (dead-zone logits, then bit logits, then learned
+        activation bit logits when the controller drives them); the first two
+        lists have one entry per quantized layer, the third one per learned
+        activation width.
         """
         i = 0
-        for group in logits:
-            w = self._w(len(group)) if self.rates == "cost" else [1.0] * len(group)
+        for g, group in enumerate(logits):
+            if self.rates != "cost":
+                w = [1.0] * len(group)
+            else:
+                w = self._w_act(len(group)) if g == 2 else self._w(len(group))
             for j, p in enumerate(group):
                 old = before[i]
                 i += 1
@@ -267,8 +295,12 @@ class Controller:
                 p.copy_(old + (p - old) * (w[j] * (self.down if compress else self.up)))
 
     def penalty(self, dz: list[torch.Tensor], bit: list[torch.Tensor], lambda_dz: float, lambda_bit: float,
-                device=None) -> torch.Tensor:
-        """``p · (λ_dz Σ w_ℓ θ_dz² + λ_bit Σ w_ℓ θ_bit²)``; before the first measurement every ``w_ℓ = 1``."""
+                device=None, act: list[torch.Tensor] = (), lambda_act: float = 0.0) -> torch.Tensor:
+        """``p · (λ_dz Σ w_ℓ θ_dz² + λ_bit Σ w_ℓ θ_bit² + λ_act_bit Σ w_a θ_act²)``.
+
+        Before the first measurement every ``w = 1``; ``w_a`` is the weight of
+        the layer the activation feeds.
+        """
         total = torch.zeros((), device=dz[0].device if dz else device)
         if not dz:
             return total
@@ -277,23 +309,29 @@ class Controller:
             total = total + lambda_dz * (w * torch.stack([p.square() for p in dz])).sum()
         if bit and lambda_bit:
             total = total + lambda_bit * (w * torch.stack([p.square() for p in bit])).sum()
+        if act and lambda_act:
+            wa = torch.tensor(self._w_act(len(act)), dtype=act[0].dtype, device=act[0].device)
+            total = total + lambda_act * (wa * torch.stack([p.square() for p in act])).sum()
         return self.pressure * total
 
     def log_fields(self, step: int) -> dict:
         return {"budget": self.kind, "target": self.target, "planned": self.planned(step), "measured": self.measured,
                 "pressure": self.pressure, "rate_down": self.down, "rate_up": self.up, "boost": self.boost}
 
-    _STATE = ("target", "u", "down", "up", "boost", "measured", "weights", "anchor_step", "anchor", "ramp_end", "updates")
+    _STATE = ("target", "u", "down", "up", "boost", "measured", "weights", "act_index", "act_weights", "anchor_step",
+              "anchor", "ramp_end", "updates")
+    _NEWER = ("boost", "act_index", "act_weights")  # absent from run states written before they existed
 
     def state_dict(self) -> dict:
         return {"kind": self.kind, "start": self.start, **{k: getattr(self, k) for k in self._STATE}}
 
     def load_state_dict(self, state: dict) -> None:
         for k in self._STATE:
-            if k == "boost" and k not in state:  # a run state written before the cap adapted
+            if k in self._NEWER and k not in state:
                 continue
             setattr(self, k, state[k])
         self.weights = list(state["weights"])
+        self.act_index, self.act_weights = list(self.act_index), list(self.act_weights)
 
 
 # -- one run's budget: the controller wired to a model --------------------------------------------
@@ -321,15 +359,33 @@ class BudgetRun:
         self.figure_kind = "size" if controller.kind == "size" else "bops"
 
     # -- the step
-    def penalty(self, dz, bit, lambda_dz: float, lambda_bit: float, device=None) -> torch.Tensor:
-        return self.c.penalty(dz, bit, lambda_dz, lambda_bit, device)
+    @property
+    def drives_act(self) -> bool:
+        """Whether the learned activation widths are the controller's too: they count in BOPs, not in the size."""
+        return self.figure_kind == "bops"
+
+    def _groups(self, logits: tuple) -> list[list]:
+        """``(dz, bit[, act])`` as the controller moves them: the activation logits only when it drives them."""
+        dz, bit, *act = logits
+        groups = [dz, bit]
+        if self.drives_act and act and act[0]:
+            groups.append(act[0])
+        return groups
+
+    def penalty(self, dz, bit, lambda_dz: float, lambda_bit: float, device=None, act=(), lambda_act: float = 0.0) -> torch.Tensor:
+        if self.drives_act:
+            return self.c.penalty(dz, bit, lambda_dz, lambda_bit, device, act=act, lambda_act=lambda_act)
+        total = self.c.penalty(dz, bit, lambda_dz, lambda_bit, device)
+        if act and lambda_act:  # a size budget: the widths keep the plain λ_act_bit pull
+            total = total + lambda_act * torch.stack([p.square() for p in act]).sum()
+        return total
 
     @torch.no_grad()
-    def before_step(self, logits: tuple[list, list]) -> list[torch.Tensor]:
-        return [p.detach().clone() for group in logits for p in group]
+    def before_step(self, logits: tuple) -> list[torch.Tensor]:
+        return [p.detach().clone() for group in self._groups(logits) for p in group]
 
-    def after_optimizer_step(self, before: list[torch.Tensor], logits: tuple[list, list]) -> None:
-        self.c.scale_steps(before, [g for g in logits if g])
+    def after_optimizer_step(self, before: list[torch.Tensor], logits: tuple) -> None:
+        self.c.scale_steps(before, self._groups(logits))  # an empty list (fixed weight bits) keeps its place
 
     def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         if step % self.c.every and step != total_steps:
@@ -338,6 +394,8 @@ class BudgetRun:
 
         plain = dist.unwrap(model)
         n = sum(1 for _ in quantized_weights(plain))
+        if self.drives_act and not self.c.act_index:
+            self.c.act_index = act_layer_index(plain)  # the same on every rank: the model's structure
         if self.is_main:
             figure, costs = measure(self.figure_kind, plain, self.macs, self.size_overhead)
         else:
