@@ -327,14 +327,16 @@ def test_a_bops_budget_moves_each_learned_activation_width_with_its_layer_and_a_
         assert max(widths) - min(widths) < 0.01, widths
 
 
-def test_resume_with_the_controller_and_teacher_ends_with_the_same_codes(data, tmp_path):
+@pytest.mark.parametrize("acts", [[], ["act_bits=learned", "act_b_min=2"]], ids=["float-acts", "learned-acts"])
+def test_resume_with_the_controller_and_teacher_ends_with_the_same_codes(data, tmp_path, acts):
     torch.manual_seed(5)
     import timm
 
     fp = tmp_path / "fp.pt"
     torch.save(timm.create_model("test_resnet", num_classes=3).state_dict(), fp)
-    common = _common(data, max_steps=7, skip_baseline=True, target_bops=8.0, weights=fp, pretrained=True,
-                     overrides=["batch_size=8", "lr_dz=0.3", "lr_bit=0.3", "budget_every=1", "bn_reestimate=2"])
+    target = 2.0 if acts else 8.0  # learned 8-bit activations start at a quarter of the float-activation figure
+    common = _common(data, max_steps=7, skip_baseline=True, target_bops=target, weights=fp, pretrained=True,
+                     overrides=["batch_size=8", "lr_dz=0.3", "lr_bit=0.3", "budget_every=1", "bn_reestimate=2", *acts])
     a = run(CompressOptions(out=tmp_path / "a.pt", **common))
     assert a.metrics["distill_weight_used"] == 0.5 and a.metrics["bn_images"] == 16
     calls = {"n": 0}
@@ -354,6 +356,9 @@ def test_resume_with_the_controller_and_teacher_ends_with_the_same_codes(data, t
     for name in ca:
         assert torch.equal(ca[name].codes, cb[name].codes), name
     assert a.budget["achieved"] == b.budget["achieved"] and a.metrics["top1"] == b.metrics["top1"]
+    if acts:  # the activation widths the controller drove, and their steps, came back too
+        wa, wb = checkpoint.load(tmp_path / "a.pt").activations, checkpoint.load(tmp_path / "b.pt").activations
+        assert len(wa) == 16 and wa == wb
 
 
 def test_max_drop_keeps_the_most_compressed_model_that_met_the_bound_and_backs_off():
