@@ -61,6 +61,9 @@ def runs(size_target: str) -> dict[str, dict]:
         "bops4-nobn": {"target_bops": 4.0, "overrides": ["bn_reestimate=0"]},
         "bops5-3ep": {"target_bops": 5.0, "epochs": 3},
     }
+    # integer activations under a BOPs budget: fixed 8 bits, or learned 4-8 bits driven by the controller
+    out["bops3-act8"] = {"target_bops": 3.0, "overrides": ["act_bits=8"]}
+    out["bops3-actlearned"] = {"target_bops": 3.0, "overrides": ["act_bits=learned", "act_b_min=4", "act_b_max=8"]}
     # the controller's other per-layer rule (docs/method.md, "Compressing to a budget")
     for name in ("bops2", "bops4", "bops8", "size"):
         spec = dict(out[name])
@@ -107,6 +110,8 @@ def run_one(name: str, spec: dict, data: Path, fp: Path, work: Path, epochs: int
         "top1": m["top1"], "fp_top1": m["fp_top1"], "top1_before_bn": m.get("top1_before_bn"),
         "before_trim": m.get("budget_before_trim"), "trimmed_weights": m.get("budget_trimmed_weights"),
         "bits": [min(r["bits"] for r in q), max(r["bits"] for r in q)],
+        "act_bits": ([min(r["act_bits"] for r in q if "act_bits" in r), max(r["act_bits"] for r in q if "act_bits" in r)]
+                     if any("act_bits" in r for r in q) else None),
         "sparsity": [min(r["sparsity"] for r in q), max(r["sparsity"] for r in q)],
         "step_s": step_seconds(out.with_name(out.stem + ".run")),
     }
@@ -168,6 +173,8 @@ def table(results: dict[str, dict]) -> str:
                     g_at.append(g)
                     diffs.append(x["top1"] - g)
         bits = (min(x["bits"][0] for x in rs), max(x["bits"][1] for x in rs))
+        if r.get("act_bits"):
+            name = f"{name} (act. {min(x['act_bits'][0] for x in rs)}–{max(x['act_bits'][1] for x in rs)} bits)"
         spars = (min(x["sparsity"][0] for x in rs), max(x["sparsity"][1] for x in rs))
         lines.append(
             f"| {name} | {','.join(str(x['seed']) for x in rs)} | {r.get('val_images') or ('subset' if r.get('subset') else 1000)} | {r['epochs']} ({r.get('subset') or 600}) "
