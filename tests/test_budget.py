@@ -205,6 +205,40 @@ def test_bn_reestimation_changes_only_bn_buffers_and_averages_the_batches():
     assert reestimate_bn(nn.Linear(2, 2), batches, torch.device("cpu")) == 0  # no BN: skipped
 
 
+# -- the final trim ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("acts", [False, True], ids=["float-inputs", "8-and-4-bit-inputs"])
+def test_the_trim_lands_in_tolerance_and_prunes_first_where_a_weight_costs_most(acts):
+    from codeq_cli.core.act_quant import FrozenActQuantizer, attach
+    from codeq_cli.core.insert import quantize_, quantized_weights
+    from codeq_cli.train.budget import rel_bops
+    from codeq_cli.train.trim import trim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 64, bias=False))
+    with torch.no_grad():  # the same weights in both layers: only their costs can tell them apart
+        w = torch.randn(64, 64)
+        model[0].weight.copy_(w)
+        model[1].weight.copy_(w)
+    quantize_(model, bits=4, init_dz=3.0)
+    if acts:  # layer 0 reads 8-bit inputs, layer 1 4-bit ones: a weight of layer 0 costs twice as much
+        attach(model[0], FrozenActQuantizer(8, False, 0.1))
+        attach(model[1], FrozenActQuantizer(4, False, 0.1))
+    macs = {"0": 4096, "1": 4096}
+    start = rel_bops(model, macs)
+    a_bits = (8, 4) if acts else (32, 32)
+    assert start == pytest.approx(100 * sum(4 * a for a in a_bits) / (2 * 32 * 32), rel=0.02)  # few weights pruned at θ=3
+    report = trim(model, macs, "bops", 0.6 * start, lambda: rel_bops(model, macs))
+    assert 0.6 * start * 0.97 <= report["after"] <= 0.6 * start and report["trimmed"]
+    sparsity = [float((qw.quantizer.encode(qw.original).codes == 0).double().mean()) for qw in quantized_weights(model)]
+    # the figure by hand from the codes: Σ density · MACs · weight bits · input bits over the dense FP32 BOPs
+    by_hand = 100 * sum((1 - s) * 4096 * 4 * a for s, a in zip(sparsity, a_bits)) / (2 * 4096 * 32 * 32)
+    assert report["after"] == pytest.approx(by_hand, rel=1e-9)
+    if acts:
+        assert sparsity[0] > sparsity[1] + 0.05, sparsity  # the costlier layer gave first
+    else:
+        assert sparsity[0] == sparsity[1]
+
+
 # -- end to end ------------------------------------------------------------------------------------------
 def _common(data: Path, **kw) -> dict:
     base = dict(model="timm:test_resnet", data=data, pretrained=False, num_classes=3, img_size=32, workers=0,

@@ -9,7 +9,8 @@ figure lies in ``[target·(1 − 3%), target]``, aiming at ``target·(1 − 0.5%
 Each weight gets a score ``(w² / ‖w_ℓ‖²) / (C_ℓ / n_ℓ)``: the share of its
 layer's energy it carries (the layer's relative error if it is pruned) over
 what it costs, ``C_ℓ / n_ℓ`` with ``C_ℓ`` the layer's dense cost
-(``bits · MACs`` for BOPs, ``bits · params`` for the size). Up to a
+(``bits · act_bits · MACs`` for BOPs, with ``act_bits`` the layer's input
+width, 32 for float inputs; ``bits · params`` for the size). Up to a
 constant that is ``(w/rms_ℓ)² / C_ℓ``. (A first version divided by the
 layer's range ``R_ℓ²`` and by the cost per weight instead; on the demo it
 pruned the early, high-resolution convolutions, whose few weights each cost
@@ -30,6 +31,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from codeq_cli.core.act_quant import act_bits
+from codeq_cli.core.bops import A_BITS
 from codeq_cli.core.insert import quantized_weights
 
 AIM = 0.995  # land half a percent under the target
@@ -49,6 +52,7 @@ def trim(model: nn.Module, macs: dict[str, int], kind: str, target: float, figur
         return report
     down = before > target
     layers = []
+    abits = act_bits(model)
     for qw in quantized_weights(model):
         qz, w = qw.quantizer, qw.original.detach()
         R = float(qz.absmax(w))
@@ -56,7 +60,10 @@ def trim(model: nn.Module, macs: dict[str, int], kind: str, target: float, figur
             continue
         _, d, _, _ = qz._scalars(qz.absmax(w), w.dtype)
         bits = int(qz.bit_width())
-        cost = float(bits * macs.get(qw.name, 0)) if kind == "bops" else float(bits * w.numel())
+        if kind == "bops":
+            cost = float(bits * abits.get(qw.name, A_BITS) * macs.get(qw.name, 0))
+        else:
+            cost = float(bits * w.numel())
         if cost <= 0:
             continue
         mags = w.abs().reshape(-1).double().cpu().sort().values
