@@ -206,8 +206,10 @@ def test_page_numbers_equal_report_json(files, capsys):
     text = report_html.page(data)
     _assert_self_contained(text)
     layers = _tables(text)["layers"]
-    assert layers["keys"] == list(report.LAYER_KEYS)
-    assert [dict(zip(layers["keys"], row)) for row in layers["rows"]] == data["layers"]
+    # float activations: every input is 32-bit, so the page leaves the a-bits column out
+    assert layers["keys"] == [k for k in report.LAYER_KEYS if k != "act_bits"]
+    assert [dict(zip(layers["keys"], row)) for row in layers["rows"]] == [
+        {k: v for k, v in layer.items() if k != "act_bits"} for layer in data["layers"]]
     t, m = data["totals"], data["metrics"]
     for needle in (f"{t['rel_bops']:.2f}% of FP32", f"{t['sparsity']:.3f} (parameter-weighted", f"{t['avg_bits']:.2f}",
                    f"{t['compression_ratio']:.1f}× smaller", f"{m['top1']:.2f}% compressed", f"{m['fp_top1']:.2f}% FP",
@@ -215,6 +217,21 @@ def test_page_numbers_equal_report_json(files, capsys):
         assert needle in text, needle
     assert text.count("<svg") == 2 and 'id="no-history"' not in text
     assert text == report_html.page(data)  # deterministic
+
+
+def test_quantized_inputs_show_beside_the_weights_bits_in_the_table_and_the_plot(files, capsys):
+    code, out, err = run_cli(["report", str(files[0]), "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    for i, layer in enumerate(data["layers"]):
+        layer["act_bits"] = 8 if i % 2 else 6
+    text = report_html.page(data)
+    layers = _tables(text)["layers"]
+    keys = layers["keys"]
+    assert keys[keys.index("bits") + 1] == "act_bits" and sorted(keys) == sorted(report.LAYER_KEYS)
+    assert [dict(zip(keys, row)) for row in layers["rows"]] == data["layers"]
+    assert ">a-bits</th>" in text and 'aria-label="bit-width of weights and inputs, sparsity' in text
+    assert text.count("<tfoot><tr>") == 1 and re.search(r"<tfoot><tr>(<td[^>]*>[^<]*</td>){%d}</tr>" % len(keys), text)
 
 
 def test_old_checkpoint_renders_without_curves(files):

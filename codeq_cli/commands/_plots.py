@@ -70,7 +70,9 @@ def layers_svg(layers: list[dict], n: int = 0) -> str:
         y = list(range(count))
         quantized = [lay["quantized"] for lay in layers]
         qbits = [lay["bits"] for lay in layers if lay["quantized"]]
-        top = max(qbits, default=8)
+        # quantized inputs (codeq's activation quantizers): a diamond at each layer's input width
+        acts = [(i, lay["act_bits"]) for i, lay in enumerate(layers) if lay.get("act_bits", 32) < 32]
+        top = max(qbits + [a for _, a in acts], default=8)
         ax = axes[0]
         floats = [i for i, q in enumerate(quantized) if not q]
         ax.barh([i for i, q in enumerate(quantized) if q], qbits, height=0.7, color=BITS, edgecolor="none")
@@ -79,9 +81,11 @@ def layers_svg(layers: list[dict], n: int = 0) -> str:
         for i, q in enumerate(quantized):
             if not q:
                 ax.text(top * 0.03, i, "float", va="center", ha="left", fontsize=6.5, color="white")
+        if acts:
+            ax.scatter([a for _, a in acts], [i for i, _ in acts], marker="D", s=12, color=FG, zorder=3, linewidths=0)
         ax.set_xlim(0, top + 0.5)
         ax.set_xticks(range(0, top + 1, 2 if top > 6 else 1))
-        ax.set_title("bit-width")
+        ax.set_title("bit-width (bars: weights, ◆: inputs)" if acts else "bit-width")
         ax.set_yticks(y, [lay["name"] for lay in layers], fontsize=7)
         _no_math(ax.get_yticklabels())
         ax.invert_yaxis()
@@ -96,7 +100,8 @@ def layers_svg(layers: list[dict], n: int = 0) -> str:
             a.tick_params(axis="y", length=0)
             a.set_axisbelow(True)
             a.set_ylim(count - 0.5, -0.5)
-        return _svg(fig, n, "bit-width, sparsity and share of BOPs of each layer")
+        label = "bit-width" + (" of weights and inputs" if acts else "")
+        return _svg(fig, n, f"{label}, sparsity and share of BOPs of each layer")
 
 
 def _series(history: dict, key: str) -> tuple[list[int], list[float]]:

@@ -150,11 +150,11 @@ def _summary_table(data: dict) -> str:
 
 _LAYER_HEAD = {"name": "layer", "kind": "kind", "shape": "shape", "params": "params", "macs": "MACs", "bits": "bits",
                "sparsity": "sparsity", "bops": "BOPs", "bops_share": "share of BOPs", "quantized": "quantized",
-               "act_bits": "activation bits"}
+               "act_bits": "a-bits"}
 _NUM = {"params", "macs", "bits", "sparsity", "bops", "bops_share", "act_bits"}
 
 
-def _layer_cells(layer: dict) -> str:
+def _layer_cells(layer: dict, keys: tuple[str, ...]) -> str:
     text = {
         "shape": _shape(layer["shape"]), "params": _int(layer["params"]), "macs": _int(layer["macs"]),
         "bits": str(layer["bits"]) if layer["quantized"] else "32 (float)", "sparsity": f"{layer['sparsity']:.4f}",
@@ -162,17 +162,28 @@ def _layer_cells(layer: dict) -> str:
         "quantized": "yes" if layer["quantized"] else "no",
         "act_bits": str(layer["act_bits"]) if layer["act_bits"] != 32 else "32 (float)",
     }
-    return "".join(_cell(layer[k], text.get(k), num=k in _NUM) for k in LAYER_KEYS)
+    return "".join(_cell(layer[k], text.get(k), num=k in _NUM) for k in keys)
+
+
+def layer_keys_shown(layers: list[dict]) -> tuple[str, ...]:
+    """The page's columns: ``LAYER_KEYS`` with the input widths beside the weights' bits, and only
+    when some layer's input is quantized (a float-activation model would show 32 everywhere)."""
+    keys = [k for k in LAYER_KEYS if k != "act_bits"]
+    if any(layer.get("act_bits", 32) != 32 for layer in layers):
+        keys.insert(keys.index("bits") + 1, "act_bits")
+    return tuple(keys)
 
 
 def layer_table(data: dict) -> str:
-    head = "".join(f'<th data-key="{k}"{" class=num" if k in _NUM else ""}>{_LAYER_HEAD[k]}</th>' for k in LAYER_KEYS)
-    body = "".join(f"<tr>{_layer_cells(layer)}</tr>" for layer in data["layers"])
+    keys = layer_keys_shown(data["layers"])
+    head = "".join(f'<th data-key="{k}"{" class=num" if k in _NUM else ""}>{_LAYER_HEAD[k]}</th>' for k in keys)
+    body = "".join(f"<tr>{_layer_cells(layer, keys)}</tr>" for layer in data["layers"])
     t = data["totals"]
-    foot = (f'<tr><td>total</td><td></td><td></td><td class="num">{_int(t["params"])}</td>'
-            f'<td class="num">{_int(t["macs"])}</td><td class="num">{t["avg_bits"]:.2f}</td>'
-            f'<td class="num">{t["sparsity"]:.4f}</td><td class="num">{escape(_si(t["bops"]))}</td>'
-            f'<td class="num">{"100.00%" if t["bops"] else "0.00%"}</td><td></td><td></td></tr>')
+    totals = {"name": "total", "params": _int(t["params"]), "macs": _int(t["macs"]), "bits": f"{t['avg_bits']:.2f}",
+              "sparsity": f"{t['sparsity']:.4f}", "bops": escape(_si(t["bops"])),
+              "bops_share": "100.00%" if t["bops"] else "0.00%"}
+    foot = "<tr>" + "".join(f'<td class="num">{totals[k]}</td>' if k in totals and k != "name" else
+                            f"<td>{totals.get(k, '')}</td>" for k in keys) + "</tr>"
     return (f'<div class="scroll"><table class="layers"><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
             f"<tfoot>{foot}</tfoot></table></div>")
 
