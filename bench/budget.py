@@ -36,7 +36,6 @@ machine with many cores).
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import os
@@ -204,21 +203,13 @@ def table(results: dict[str, dict]) -> str:
 
 def write_test10k_folder(root: Path, fmnist: Path, bundled: Path) -> Path:
     """``root/train`` = the bundled training images, ``root/val`` = all 10,000 Fashion-MNIST test images."""
-    from PIL import Image
-
-    from codeq_cli.data.fashion_mnist import CLASSES, _read_idx
+    from codeq_cli.data.fashion_mnist import read_images, write_split
 
     marker = root / ".complete"
     if marker.exists():
         return root
-    dims, body = _read_idx(gzip.decompress((fmnist / "t10k-images-idx3-ubyte.gz").read_bytes()))
-    _, labels = _read_idx(gzip.decompress((fmnist / "t10k-labels-idx1-ubyte.gz").read_bytes()))
-    size = dims[1] * dims[2]
-    for name in CLASSES:
-        (root / "val" / name).mkdir(parents=True, exist_ok=True)
-    for i, label in enumerate(labels):
-        Image.frombytes("L", (dims[2], dims[1]), body[i * size:(i + 1) * size]).save(
-            root / "val" / CLASSES[label] / f"{i:05d}.png", optimize=False)
+    write_split(root / "val", *read_images((fmnist / "t10k-images-idx3-ubyte.gz").read_bytes(),
+                                           (fmnist / "t10k-labels-idx1-ubyte.gz").read_bytes()))
     if not (root / "train").exists():
         (root / "train").symlink_to((bundled / "train").resolve(), target_is_directory=True)
     marker.write_text("ok\n")

@@ -16,12 +16,7 @@ LIMIT=${1:-300}
 PY=${PYTHON:-python3}
 LOG=${OUT:-/tmp}/budget
 mkdir -p "$LOG"
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl >/dev/null 2>&1
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+. bench/_wheels.sh
 export NO_COLOR=1 PYTHONUNBUFFERED=1
 WORK=/tmp/codeq-bench-budget
 mkdir -p "$WORK"

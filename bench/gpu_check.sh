@@ -38,13 +38,7 @@ mkdir -p "$LOG"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl > "$LOG/env.log" 2>&1 \
-        || echo "pip install of .whl/ failed (see env.log)" >&2
-    export PYTHONPATH=/tmp/site:$PWD
-else
-    export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-fi
+. bench/_wheels.sh "$LOG/env.log"
 export PY CPU WORK NO_COLOR=1 PYTHONUNBUFFERED=1
 if [ "$CPU" = 1 ]; then export DEV=cpu; else export DEV=cuda; fi
 # The compress runs: a tiny generated folder, random weights, two steps.

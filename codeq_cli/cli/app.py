@@ -9,7 +9,6 @@ shows the traceback. Heavy imports (torch) happen inside the commands, so
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -139,7 +138,7 @@ def compress(
     )
     from codeq_cli.train import dist
 
-    is_main = dist.DistInfo(rank=int(os.environ.get("RANK", "0"))).is_main
+    is_main = rank() == 0
     if not is_main:
         output.quiet = True
     on_event = console.compress_events(output)

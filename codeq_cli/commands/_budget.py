@@ -68,7 +68,7 @@ def prepare(recipe, model: torch.nn.Module, macs: dict[str, int], save_kwargs: d
     from codeq_cli.core.act_quant import act_bits, lowest_act_bits
 
     planned = act_bits(probe, planned=True)
-    act_low = lowest_act_bits(probe) if kind != "size" else planned
+    act_low = lowest_act_bits(probe) if B.drives_activations(kind) else planned
     start_bops = B.rel_bops(probe, macs, planned)
     low_bops, _ = B.reachable("bops", probe, macs, overhead, start_bops, act_bits=planned, act_low=act_low)
     info = {"kind": kind, "start_rel_bops": start_bops, "start_file_bytes": file_bytes,

@@ -276,13 +276,18 @@ def act_quantizers(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name.rpartition(".")[0], module
 
 
+def learns_width(qz: nn.Module) -> bool:
+    """Whether an activation quantizer learns its bit-width (``act_bits: learned``)."""
+    return isinstance(qz, ActQuantizer) and qz.theta_bit is not None
+
+
 def act_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(steps, bit logits)`` of every trainable activation quantizer, for optimizer groups and the loss."""
     steps, bits = [], []
     for _, qz in act_quantizers(model):
         if isinstance(qz, ActQuantizer):
             steps.append(qz.step)
-            if qz.theta_bit is not None:
+            if learns_width(qz):
                 bits.append(qz.theta_bit)
     return steps, bits
 
@@ -304,8 +309,7 @@ def act_bits(model: nn.Module, planned: bool = False) -> dict[str, int]:
 
 def lowest_act_bits(model: nn.Module) -> dict[str, int]:
     """Layer name → the fewest bits each activation quantizer can reach (``b_min`` when learned)."""
-    return {name: (qz.b_min if getattr(qz, "theta_bit", None) is not None else int(qz.bits))
-            for name, qz in act_quantizers(model)}
+    return {name: qz.b_min if learns_width(qz) else int(qz.bits) for name, qz in act_quantizers(model)}
 
 
 @torch.no_grad()

@@ -50,30 +50,39 @@ def _write_idx(dims: tuple[int, ...], body: bytes) -> bytes:
     return gzip.compress(header + body, compresslevel=9, mtime=0)
 
 
-def load_split(split: str) -> tuple[list[bytes], list[int]]:
-    """The bundled images (28*28 bytes each, row-major) and labels of ``train`` or ``val``."""
-    img_name, lab_name = _FILES[split]
-    pkg = resources.files("codeq_cli") / "data"
-    dims, body = _read_idx(gzip.decompress((pkg / img_name).read_bytes()))
-    _, labels = _read_idx(gzip.decompress((pkg / lab_name).read_bytes()))
+def read_images(images_gz: bytes, labels_gz: bytes) -> tuple[list[bytes], list[int]]:
+    """Images (28*28 bytes each, row-major) and labels from a pair of gzipped IDX files."""
+    dims, body = _read_idx(gzip.decompress(images_gz))
+    _, labels = _read_idx(gzip.decompress(labels_gz))
     size = dims[1] * dims[2]
     return [body[i * size : (i + 1) * size] for i in range(dims[0])], list(labels)
 
 
-def write_image_folder(root: Path) -> Path:
-    """``root/{train,val}/<class>/<n>.png`` from the bundled data (skipped if already complete)."""
+def load_split(split: str) -> tuple[list[bytes], list[int]]:
+    """The bundled images (28*28 bytes each, row-major) and labels of ``train`` or ``val``."""
+    img_name, lab_name = _FILES[split]
+    pkg = resources.files("codeq_cli") / "data"
+    return read_images((pkg / img_name).read_bytes(), (pkg / lab_name).read_bytes())
+
+
+def write_split(folder: Path, images: list[bytes], labels: list[int]) -> None:
+    """``folder/<class>/<n>.png`` for every image."""
     from PIL import Image
 
+    for name in CLASSES:
+        (folder / name).mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        Image.frombytes("L", (28, 28), img).save(folder / CLASSES[label] / f"{i:05d}.png", optimize=False)
+
+
+def write_image_folder(root: Path) -> Path:
+    """``root/{train,val}/<class>/<n>.png`` from the bundled data (skipped if already complete)."""
     root = Path(root)
     marker = root / ".complete"
     if marker.exists():
         return root
     for split in ("train", "val"):
-        images, labels = load_split(split)
-        for name in CLASSES:
-            (root / split / name).mkdir(parents=True, exist_ok=True)
-        for i, (img, label) in enumerate(zip(images, labels)):
-            Image.frombytes("L", (28, 28), img).save(root / split / CLASSES[label] / f"{i:05d}.png", optimize=False)
+        write_split(root / split, *load_split(split))
     marker.write_text("ok\n")
     return root
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from codeq_cli.core.act_quant import act_bits, act_quantizers
+from codeq_cli.core.act_quant import act_quantizers, learns_width
 from codeq_cli.core.bops import A_BITS, FP_BITS, bops_rows, bops_totals
 from codeq_cli.core.insert import quantized_weights
 from codeq_cli.errors import UsageError
@@ -55,34 +55,28 @@ def _table_bytes(counts: torch.Tensor) -> int:
 
 
 @torch.no_grad()
-def layer_figures(model: nn.Module, macs: dict[str, int], size: bool = False) -> list[dict]:
-    """Per quantized layer: params, MACs, bits, non-zero codes (and coded bytes, estimated from the histogram)."""
+def coded_bytes(model: nn.Module) -> list[float]:
+    """Per quantized layer: the bytes of its coded weights, estimated from the code histogram."""
     out = []
     for qw in quantized_weights(model):
-        enc = qw.quantizer.encode(qw.original)
-        n = enc.codes.numel()
-        row = {"name": qw.name, "params": n, "macs": int(macs.get(qw.name, 0)), "bits": enc.bits,
-               "nonzero": int(torch.count_nonzero(enc.codes))}
-        if size:
-            counts = torch.bincount(enc.codes.reshape(-1).to(torch.int64) + 128, minlength=256).double()
-            p = counts[counts > 0] / n
-            bound_bits = float(-(counts[counts > 0] * torch.log2(p)).sum())
-            row["bytes"] = _table_bytes(counts) + 4 * (math.ceil(bound_bits / 32) + 1) if (counts > 0).sum() > 1 \
-                else _table_bytes(counts)
-        out.append(row)
+        codes = qw.quantizer.encode(qw.original).codes
+        counts = torch.bincount(codes.reshape(-1).to(torch.int64) + 128, minlength=256).double()
+        p = counts[counts > 0] / codes.numel()
+        bound_bits = float(-(counts[counts > 0] * torch.log2(p)).sum())
+        out.append(float(_table_bytes(counts) + 4 * (math.ceil(bound_bits / 32) + 1) if (counts > 0).sum() > 1
+                         else _table_bytes(counts)))
     return out
 
 
 def measure(kind: str, model: nn.Module, macs: dict[str, int], size_overhead: int = 0) -> tuple[float, list[float]]:
     """The figure the budget is about (relative BOPs %, or bytes) and each quantized layer's cost share."""
     if kind == "size":
-        rows = layer_figures(model, macs, size=True)
-        costs = [float(r["bytes"]) for r in rows]
+        costs = coded_bytes(model)
         return float(size_overhead + sum(costs)), costs
-    rows = layer_figures(model, macs)
-    abits = act_bits(model)
-    costs = [r["nonzero"] / max(1, r["params"]) * r["macs"] * r["bits"] * abits.get(r["name"], A_BITS) for r in rows]
-    return rel_bops(model, macs), costs
+    # One encoding of every layer: a quantized row's BOPs (density · MACs · bits · input bits) is its cost.
+    rows = bops_rows(model, macs)
+    cost = {r.name: r.bops for r in rows}
+    return float(bops_totals(rows)["rel_bops"]), [cost[qw.name] for qw in quantized_weights(model)]
 
 
 def rel_bops(model: nn.Module, macs: dict[str, int], act_bits: dict[str, int] | None = None) -> float:
@@ -94,7 +88,12 @@ def act_layer_index(model: nn.Module) -> list[int]:
     """For each learned activation bit logit (in :func:`~codeq_cli.core.act_quant.act_parameters` order),
     the index of the layer it feeds among :func:`~codeq_cli.core.insert.quantized_weights`."""
     index = {qw.name: i for i, qw in enumerate(quantized_weights(model))}
-    return [index.get(name, -1) for name, qz in act_quantizers(model) if getattr(qz, "theta_bit", None) is not None]
+    return [index.get(name, -1) for name, qz in act_quantizers(model) if learns_width(qz)]
+
+
+def drives_activations(kind: str) -> bool:
+    """Whether a budget of this kind counts (and so steers) activation widths: BOPs do, the file does not."""
+    return kind != "size"
 
 
 # -- what can be reached ----------------------------------------------------------------------
@@ -135,8 +134,8 @@ def reachable(kind: str, model: nn.Module, macs: dict[str, int], size_overhead: 
         if r.name in quantized:
             _, rho, bits = quantized[r.name]
             low += rho * r.macs * bits * a
-        else:
-            low += r.bops / r.act_bits * a
+        else:  # a float layer: no input quantizer either
+            low += r.bops
     return (100.0 * low / dense if dense else 0.0), start
 
 
@@ -304,14 +303,10 @@ class Controller:
         total = torch.zeros((), device=dz[0].device if dz else device)
         if not dz:
             return total
-        w = torch.tensor(self._w(len(dz)), dtype=dz[0].dtype, device=dz[0].device)
-        if lambda_dz:
-            total = total + lambda_dz * (w * torch.stack([p.square() for p in dz])).sum()
-        if bit and lambda_bit:
-            total = total + lambda_bit * (w * torch.stack([p.square() for p in bit])).sum()
-        if act and lambda_act:
-            wa = torch.tensor(self._w_act(len(act)), dtype=act[0].dtype, device=act[0].device)
-            total = total + lambda_act * (wa * torch.stack([p.square() for p in act])).sum()
+        for lam, group, weights in ((lambda_dz, dz, self._w), (lambda_bit, bit, self._w), (lambda_act, act, self._w_act)):
+            if group and lam:
+                w = torch.tensor(weights(len(group)), dtype=group[0].dtype, device=group[0].device)
+                total = total + lam * (w * torch.stack([p.square() for p in group])).sum()
         return self.pressure * total
 
     def log_fields(self, step: int) -> dict:
@@ -361,8 +356,8 @@ class BudgetRun:
     # -- the step
     @property
     def drives_act(self) -> bool:
-        """Whether the learned activation widths are the controller's too: they count in BOPs, not in the size."""
-        return self.figure_kind == "bops"
+        """Whether the learned activation widths are the controller's too (:func:`drives_activations`)."""
+        return drives_activations(self.c.kind)
 
     def _groups(self, logits: tuple) -> list[list]:
         """``(dz, bit[, act])`` as the controller moves them: the activation logits only when it drives them."""
@@ -373,12 +368,8 @@ class BudgetRun:
         return groups
 
     def penalty(self, dz, bit, lambda_dz: float, lambda_bit: float, device=None, act=(), lambda_act: float = 0.0) -> torch.Tensor:
-        if self.drives_act:
-            return self.c.penalty(dz, bit, lambda_dz, lambda_bit, device, act=act, lambda_act=lambda_act)
-        total = self.c.penalty(dz, bit, lambda_dz, lambda_bit, device)
-        if act and lambda_act:  # a size budget: the widths keep the plain λ_act_bit pull
-            total = total + lambda_act * torch.stack([p.square() for p in act]).sum()
-        return total
+        """The controller's penalty; ``act`` only when it drives them (:attr:`drives_act`), else the caller's."""
+        return self.c.penalty(dz, bit, lambda_dz, lambda_bit, device, act=act, lambda_act=lambda_act)
 
     @torch.no_grad()
     def before_step(self, logits: tuple) -> list[torch.Tensor]:

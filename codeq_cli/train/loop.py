@@ -212,6 +212,7 @@ class Fit:
             self.metrics_path.unlink()  # a fresh run (--overwrite) starts a fresh log
         self.logits = quantizer_parameters(dist.unwrap(setup.model))
         self.act_bit_logits = act_parameters(dist.unwrap(setup.model))[1]
+        self.budget_logits = (*self.logits, self.act_bit_logits)  # what the budget's controller may move
 
     # ---------------------------------------------------------------- logging
     def log(self, event: Event) -> None:
@@ -266,13 +267,14 @@ class Fit:
                 with torch.no_grad():
                     teacher = logits_of(s.teacher(images)).float()
         task = task_loss(out, target, teacher, r.distill_weight, r.distill_temperature, label_smoothing)
-        if s.budget is not None:  # the controller weighs the activation widths too when BOPs count them
+        driven = s.budget is not None and s.budget.drives_act  # the controller weighs the widths when BOPs count them
+        if s.budget is not None:
             reg = s.budget.penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device,
-                                   act=self.act_bit_logits, lambda_act=r.lambda_act_bit)
+                                   act=self.act_bit_logits if driven else (), lambda_act=r.lambda_act_bit)
         else:
             reg = penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
-            if self.act_bit_logits and r.lambda_act_bit:  # codeq's extension: λ_act_bit · Σ θ_act_bit²
-                reg = reg + r.lambda_act_bit * torch.stack([p.square() for p in self.act_bit_logits]).sum()
+        if self.act_bit_logits and r.lambda_act_bit and not driven:  # codeq's extension: λ_act_bit · Σ θ_act_bit²
+            reg = reg + r.lambda_act_bit * torch.stack([p.square() for p in self.act_bit_logits]).sum()
         return task + reg, task, reg
 
     def train_one_epoch(self, epoch: int) -> bool:
@@ -318,10 +320,10 @@ class Fit:
                 raise NonFiniteLoss(p.step, loss_value, task_ok=math.isfinite(task_value))
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-            before = s.budget.before_step((*self.logits, self.act_bit_logits)) if s.budget is not None else None
+            before = s.budget.before_step(self.budget_logits) if s.budget is not None else None
             self.optimizer.step()
             if s.budget is not None:
-                s.budget.after_optimizer_step(before, (*self.logits, self.act_bit_logits))
+                s.budget.after_optimizer_step(before, self.budget_logits)
             self.scheduler.step()
             p.step += 1
             p.batch += 1

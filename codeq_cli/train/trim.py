@@ -55,10 +55,11 @@ def trim(model: nn.Module, macs: dict[str, int], kind: str, target: float, figur
     abits = act_bits(model)
     for qw in quantized_weights(model):
         qz, w = qw.quantizer, qw.original.detach()
-        R = float(qz.absmax(w))
+        R_t = qz.absmax(w)
+        R = float(R_t)
         if R <= 0:
             continue
-        _, d, _, _ = qz._scalars(qz.absmax(w), w.dtype)
+        _, d, _, _ = qz._scalars(R_t, w.dtype)
         bits = int(qz.bit_width())
         if kind == "bops":
             cost = float(bits * abits.get(qw.name, A_BITS) * macs.get(qw.name, 0))
