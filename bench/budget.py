@@ -109,8 +109,8 @@ def run_one(name: str, spec: dict, data: Path, fp: Path, work: Path, epochs: int
         "top1": m["top1"], "fp_top1": m["fp_top1"], "top1_before_bn": m.get("top1_before_bn"),
         "before_trim": m.get("budget_before_trim"), "trimmed_weights": m.get("budget_trimmed_weights"),
         "bits": [min(r["bits"] for r in q), max(r["bits"] for r in q)],
-        "act_bits": ([min(r["act_bits"] for r in q if "act_bits" in r), max(r["act_bits"] for r in q if "act_bits" in r)]
-                     if any("act_bits" in r for r in q) else None),
+        "act_bits": ([min(r["act_bits"] for r in q), max(r["act_bits"] for r in q)]
+                     if any(r.get("act_bits", 32) < 32 for r in q) else None),  # None: float activations
         "sparsity": [min(r["sparsity"] for r in q), max(r["sparsity"] for r in q)],
         "step_s": step_seconds(out.with_name(out.stem + ".run")),
     }
