@@ -38,7 +38,7 @@ mkdir -p "$LOG"
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpu_check_work.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
-. bench/_wheels.sh "$LOG/env.log"
+WHEELS_LOG="$LOG/env.log" . bench/_wheels.sh
 export PY CPU WORK NO_COLOR=1 PYTHONUNBUFFERED=1
 if [ "$CPU" = 1 ]; then export DEV=cpu; else export DEV=cuda; fi
 # The compress runs: a tiny generated folder, random weights, two steps.
