@@ -10,7 +10,9 @@ reads top to bottom with one call per step:
 - :func:`finish`: after training, ``max_drop`` restores the most compressed
   model that met the bound; a target is trimmed to within tolerance
   (:mod:`codeq_cli.train.trim`).
-- :func:`reestimate`: batch-norm statistics of the final quantized model.
+- :func:`check_baseline`: ``max_drop`` from a model at chance is refused.
+- :func:`reestimate`: batch-norm statistics of the final quantized model
+  (:func:`bn_step`: with top-1 before and after, and kept within ``max_drop``).
 - :func:`save_within`: writes the checkpoint; when a ``target_size`` is
   missed by the metadata written last, trims again and rewrites.
 """
@@ -93,6 +95,19 @@ def prepare(recipe, model: torch.nn.Module, macs: dict[str, int], save_kwargs: d
     return run, info
 
 
+def check_baseline(recipe, fp_top1: float | None, n_classes: int) -> None:
+    """Refuse ``max_drop`` when the FP model's top-1 leaves nothing to keep (its floor is at or below chance)."""
+    if recipe.max_drop is None or fp_top1 is None or n_classes < 2:
+        return
+    chance = 100.0 / n_classes
+    if fp_top1 - recipe.max_drop <= chance:
+        raise UsageError(f"--max-drop {recipe.max_drop:g}: the FP model's top-1 is {fp_top1:.2f}%, so the bound "
+                         f"({fp_top1 - recipe.max_drop:.2f}%) is at or below chance ({chance:.2f}% for {n_classes} "
+                         f"classes) and any model would meet it",
+                         hint="start from trained weights (drop --no-pretrained, or pass --weights FILE), "
+                              "or use --target-bops/--target-size")
+
+
 def finish(run: B.BudgetRun | None, recipe, model: torch.nn.Module, macs: dict[str, int], info: dict,
            target: float | None = None) -> dict:
     """After training: restore ``max_drop``'s best model, or trim to the target. Returns the summary's budget entry."""
@@ -168,6 +183,31 @@ def save_within(save, run: B.BudgetRun | None, recipe, model, macs, info: dict, 
     entry["achieved"] = float(saved.file_bytes)  # the summary and --json give it; the file is its own length
     metrics["budget_achieved"] = int(saved.file_bytes)
     return saved
+
+
+def bn_step(model: torch.nn.Module, recipe, entry: dict, fp_top1: float | None, measure, train_set, seed: int,
+            info, workers: int) -> dict:
+    """Batch-norm re-estimation of the final model, as the summary reports it (``{}`` when off or no BN).
+
+    ``measure(model)`` gives validation top-1. Under ``max_drop`` the written model
+    must stay within the bound it was chosen by: when the re-estimated statistics
+    take top-1 below it, the trained ones are put back (``bn_kept: 0``).
+    """
+    from codeq_cli.train.distill import bn_buffers, has_batchnorm
+
+    if recipe.bn_reestimate <= 0 or not has_batchnorm(model):
+        return {}
+    before = measure(model)
+    trained = bn_buffers(model)
+    seen = reestimate(model, recipe, train_set, seed, info, workers, recipe.amp)
+    out = {"top1_before_bn": before, "bn_images": seen}
+    if entry.get("kind") == "max_drop" and entry.get("met") and fp_top1 is not None:
+        floor = fp_top1 - recipe.max_drop
+        after = measure(model)
+        if after < floor <= before:
+            model.load_state_dict(trained, strict=False)
+            out["bn_kept"] = 0
+    return out
 
 
 def reestimate(model: torch.nn.Module, recipe, train_set, seed: int, info, workers: int, amp: bool) -> int:

@@ -290,7 +290,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     from codeq_cli.core.insert import dequantized_state_dict, quantize_
     from codeq_cli.models.factory import create, load_model, num_outputs
     from codeq_cli.train.recipe import quantizer_kwargs, recipe_to_yaml
-    from codeq_cli.train.distill import has_batchnorm, make_teacher
+    from codeq_cli.train.distill import make_teacher
     from codeq_cli.commands import _budget
 
     t0 = time.monotonic()
@@ -379,6 +379,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
         res = accuracy.measure_accuracy(model, loader, info.device, amp=recipe.amp)
         progress.fp_top1 = res.top1
         on_event({"event": "baseline", **res.to_dict()})
+    if state is None:
+        _budget.check_baseline(recipe, progress.fp_top1, len(classes))
     if budget is not None:
         budget.fp_top1 = progress.fp_top1
 
@@ -428,12 +430,13 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     budget_entry = _budget.finish(budget, recipe, plain, macs, budget_info)
     for ev in ([{"event": "budget", **budget_entry}] if budget_entry else []):
         on_event(ev)
-    bn_entry = {}
-    if recipe.bn_reestimate > 0 and has_batchnorm(plain):
+
+    def val_top1(mod) -> float:
         loader = accuracy.eval_loader(val_set, recipe.batch_size, info, opts.workers, info.device)
-        before_bn = accuracy.measure_accuracy(plain, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last)
-        seen = _budget.reestimate(plain, recipe, train_set, opts.seed, info, opts.workers, recipe.amp)
-        bn_entry = {"top1_before_bn": before_bn.top1, "bn_images": seen}
+        return accuracy.measure_accuracy(mod, loader, info.device, amp=recipe.amp, channels_last=recipe.channels_last).top1
+
+    bn_entry = _budget.bn_step(plain, recipe, budget_entry, progress.fp_top1, val_top1, train_set, opts.seed, info,
+                               opts.workers)
 
     # Evaluate what ships: the decoded model (quantized weights baked in).
     rows = bops_rows(plain, macs)

@@ -58,6 +58,20 @@ def has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
+def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of every batch-norm layer's buffers (running statistics, batch count), by state-dict key.
+
+    ``model.load_state_dict(saved, strict=False)`` puts them back.
+    """
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for key, buf in m.named_buffers(recurse=False):
+                if buf is not None:
+                    out[f"{name}.{key}" if name else key] = buf.detach().clone()
+    return out
+
+
 @torch.no_grad()
 def reestimate_bn(model: nn.Module, batches: Iterable, device: torch.device, forward=None) -> int:
     """Recompute every batch-norm layer's running statistics on ``batches``; returns the images seen.
