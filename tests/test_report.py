@@ -113,8 +113,32 @@ def test_markdown(data):
     md = report.to_markdown(data)
     lines = md.splitlines()
     assert lines[0] == "## timm:test_resnet (3×32×32)"
-    header = lines.index("| layer | kind | shape | params | MACs | bits | a-bits | sparsity | BOPs | share |")
+    # float activations: no a-bits column (it would say fp32 on every row), as on the page
+    header = lines.index("| layer | kind | shape | params | MACs | bits | sparsity | BOPs | share |")
     assert lines[header + 1].startswith("|:---|")
     table = [ln for ln in lines[header + 2 :] if ln.startswith("|")]
     assert len(table) == len(data["layers"]) + 1 and table[-1].startswith("| **total** |")
     assert "- recipe: name=mixed" in md and "relative BOPs" in md
+
+
+def test_quantized_inputs_add_the_a_bits_column_beside_bits(data):
+    """With quantized inputs the terminal and Markdown tables show each layer's input width after its bits."""
+    import copy
+
+    act = copy.deepcopy(data)
+    for i, layer in enumerate(act["layers"]):
+        layer["act_bits"] = 8 if i % 2 else 32  # one float input stays fp32
+    md = report.to_markdown(act).splitlines()
+    header = md.index("| layer | kind | shape | params | MACs | bits | a-bits | sparsity | BOPs | share |")
+    rows = [ln.split(" | ") for ln in md[header + 2:] if ln.startswith("|")]
+    assert all(len(r) == 10 for r in rows)  # every row, the total too, has a cell per column
+    assert [r[6] for r in rows[:-1]] == ["8" if i % 2 else "fp32" for i in range(len(act["layers"]))]
+    texts = []
+    for d in (act, data):
+        console = Console(record=True, width=200, file=io.StringIO())
+        report.render_table(d, console)
+        texts.append(console.export_text().splitlines())
+    header = [ln for ln in texts[0] if "layer" in ln and "kind" in ln][0]
+    assert header.index("bits") < header.index("a-bits") < header.index("sparsity")
+    header = [ln for ln in texts[1] if "layer" in ln and "kind" in ln][0]
+    assert "a-bits" not in header and "sparsity" in header

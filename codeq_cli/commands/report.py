@@ -248,8 +248,13 @@ def summary_lines(data: dict) -> list[str]:
     return lines
 
 
-def _cells(layer: dict) -> list[str]:
-    return [
+def shows_act_bits(data: dict) -> bool:
+    """Whether any layer's input is quantized: the tables and the page show ``a-bits`` only then."""
+    return any(layer.get("act_bits", A_BITS) != A_BITS for layer in data["layers"])
+
+
+def _cells(layer: dict, act: bool = True) -> list[str]:
+    cells = [
         layer["name"],
         layer["kind"],
         _shape(layer["shape"]),
@@ -261,15 +266,22 @@ def _cells(layer: dict) -> list[str]:
         _si(layer["bops"]),
         f"{layer['bops_share']:.2f}%",
     ]
+    return cells if act else cells[:6] + cells[7:]
 
 
-def _total_cells(data: dict) -> list[str]:
+def _total_cells(data: dict, act: bool = True) -> list[str]:
     t = data["totals"]
-    return ["total", "", "", _si(t["params"]), _si(t["macs"]), f"{t['avg_bits']:.2f}", "", f"{t['sparsity']:.3f}",
-            _si(t["bops"]), "100.00%" if t["bops"] else "0.00%"]
+    cells = ["total", "", "", _si(t["params"]), _si(t["macs"]), f"{t['avg_bits']:.2f}", "", f"{t['sparsity']:.3f}",
+             _si(t["bops"]), "100.00%" if t["bops"] else "0.00%"]
+    return cells if act else cells[:6] + cells[7:]
 
 
 _HEADERS = ("layer", "kind", "shape", "params", "MACs", "bits", "a-bits", "sparsity", "BOPs", "share")
+
+
+def _headers(act: bool) -> tuple[str, ...]:
+    """The table's columns: ``a-bits`` left out when every input is float (the page does the same)."""
+    return _HEADERS if act else tuple(h for h in _HEADERS if h != "a-bits")
 
 
 # -- renderers --------------------------------------------------------------------
@@ -282,12 +294,13 @@ def render_table(data: dict, console: Console) -> None:
     m = data["model"]
     title = f"{m['label']}  {_shape(m['input_size'])}  ({data['file']})"
     table = Table(title=title, title_justify="left")
-    for i, h in enumerate(_HEADERS):
+    act = shows_act_bits(data)
+    for i, h in enumerate(_headers(act)):
         table.add_column(h, justify="left" if i < 3 else "right", no_wrap=i == 0)
     layers = data["layers"]
     for i, layer in enumerate(layers):
-        table.add_row(*_cells(layer), end_section=i == len(layers) - 1)
-    table.add_row(*_total_cells(data), style="bold")
+        table.add_row(*_cells(layer, act), end_section=i == len(layers) - 1)
+    table.add_row(*_total_cells(data, act), style="bold")
     console.print(table)
     for line in summary_lines(data):
         console.print(line, markup=False, highlight=False)
@@ -318,10 +331,12 @@ def to_markdown(data: dict) -> str:
     m = data["model"]
     out = [f"## {m['label']} ({_shape(m['input_size'])})", ""]
     out += [f"- {_md_escape(line)}" for line in summary_lines(data)]
-    out += ["", "| " + " | ".join(_HEADERS) + " |", "|" + "|".join(":---" if i < 3 else "---:" for i in range(len(_HEADERS))) + "|"]
+    act = shows_act_bits(data)
+    headers = _headers(act)
+    out += ["", "| " + " | ".join(headers) + " |", "|" + "|".join(":---" if i < 3 else "---:" for i in range(len(headers))) + "|"]
     for layer in data["layers"]:
-        out.append("| " + " | ".join(_md_escape(c) for c in _cells(layer)) + " |")
-    out.append("| " + " | ".join(f"**{c}**" if c else "" for c in _total_cells(data)) + " |")
+        out.append("| " + " | ".join(_md_escape(c) for c in _cells(layer, act)) + " |")
+    out.append("| " + " | ".join(f"**{c}**" if c else "" for c in _total_cells(data, act)) + " |")
     for note in data.get("notes", ()):
         out += ["", f"Note: {note}."]
     return "\n".join(out) + "\n"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from codeq_cli._version import __version__
 from codeq_cli.commands import _plots
-from codeq_cli.commands.report import LAYER_KEYS, _mb, _shape, _si, recipe_line, top1_line
+from codeq_cli.commands.report import LAYER_KEYS, _mb, _shape, _si, recipe_line, shows_act_bits, top1_line
 
 _CSS = """
 :root { color-scheme: light dark; --bg: #ffffff; --fg: #1b1f24; --muted: #57606a; --rule: #d0d7de; --stripe: #f3f5f7;
@@ -169,7 +169,7 @@ def layer_keys_shown(layers: list[dict]) -> tuple[str, ...]:
     """The page's columns: ``LAYER_KEYS`` with the input widths beside the weights' bits, and only
     when some layer's input is quantized (a float-activation model would show 32 everywhere)."""
     keys = [k for k in LAYER_KEYS if k != "act_bits"]
-    if any(layer.get("act_bits", 32) != 32 for layer in layers):
+    if shows_act_bits({"layers": layers}):
         keys.insert(keys.index("bits") + 1, "act_bits")
     return tuple(keys)
 
