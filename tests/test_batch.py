@@ -87,3 +87,45 @@ jobs:
         assert exc.code == 1
     again = {r["name"]: r["status"] for r in json.loads(capsys.readouterr().out)["jobs"]}
     assert again == {"good": "skipped", "broken": "failed", "gated": "gate failed"}
+
+
+def test_budgets_in_jobs_from_set_and_from_a_recipe_file(tmp_path, capsys):
+    """Budgets are recipe keys: a job sets them with `set:` or through its recipe file; the summary names them."""
+    make_image_folder(tmp_path / "data", per_class=6, val_per_class=3, size=36)
+    _write(tmp_path / "small.yaml", "target_size: 60kB\nlr_dz: 0.3\n")
+    common = "\n".join(f"  {k}: {json.dumps(v)}" for k, v in {**COMMON, "max_steps": 3}.items())
+    jobs = _write(tmp_path / "jobs.yaml", f"""
+defaults:
+  data: data
+{common}
+jobs:
+  - name: bops
+    model: timm:test_resnet
+    out: out/bops.pt
+    set: [target_bops=8, lr_dz=0.3]
+    max_rel_bops: 8
+  - name: size
+    model: timm:test_resnet
+    recipe: small.yaml
+    out: out/size.pt
+  - name: plain
+    model: timm:test_resnet
+    out: out/plain.pt
+""")
+    try:
+        main(["batch", str(jobs), "--json"])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0, [(r["name"], r["status"], r["error"]) for r in summary["jobs"]]
+    rows = {r["name"]: r for r in summary["jobs"]}
+    assert rows["bops"]["budget"] == {"kind": "bops", "target": 8.0} and 8 * 0.97 <= rows["bops"]["rel_bops"] <= 8
+    assert rows["size"]["budget"] == {"kind": "size", "target": 60000.0} and 60000 * 0.97 <= rows["size"]["bytes"] <= 60000
+    assert rows["plain"]["budget"] is None
+    csv_rows = list(csv.DictReader((tmp_path / "jobs.summary.csv").open()))
+    assert [r["budget"] for r in csv_rows] == ["8% BOPs", "60000 B", ""]
+    # the terminal table gains a budget column
+    main(["batch", str(jobs), "--resume"])
+    out = capsys.readouterr().out
+    assert "budget" in out and "8% BOPs" in out and "60000 B" in out

@@ -259,12 +259,18 @@ def batch_table(rows: list[dict], output) -> None:
     def pct(v):
         return "-" if v is None else f"{v:.2f}"
 
+    from codeq_cli.commands.batch import budget_label
+
     table = Table(title="codeq batch", title_justify="left")
-    for col in ("job", "model", "recipe", "FP top-1", "top-1", "drop", "rel BOPs %", "size MB", "time s", "status"):
-        table.add_column(col, justify="right" if col not in ("job", "model", "recipe", "status") else "left")
+    budgets = any(r.get("budget") for r in rows)  # a column only when some job had a budget
+    cols = ("job", "model", "recipe", *(("budget",) if budgets else ()), "FP top-1", "top-1", "drop", "rel BOPs %",
+            "size MB", "time s", "status")
+    for col in cols:
+        table.add_column(col, justify="right" if col not in ("job", "model", "recipe", "budget", "status") else "left")
     for r in rows:
         status = r["status"] + (f": {r['error']}" if r.get("error") else "")
-        table.add_row(r["name"], r["model"], r["recipe"], pct(r["fp_top1"]), pct(r["top1"]), pct(r["drop"]),
+        table.add_row(r["name"], r["model"], r["recipe"], *((budget_label(r.get("budget")),) if budgets else ()),
+                      pct(r["fp_top1"]), pct(r["top1"]), pct(r["drop"]),
                       pct(r["rel_bops"]), "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}",
                       f"{r['seconds']:.0f}", status)
     output.out.print(table)

@@ -166,13 +166,17 @@ def load_jobs(path: str | os.PathLike) -> list[dict[str, Any]]:
         for key in ("out", "data", "weights", "run_dir"):
             if d.get(key) and not Path(d[key]).is_absolute():
                 d[key] = str(base / d[key])
+        # A recipe file beside the jobs file wins, as a file wins over a built-in name (docs/recipes.md).
+        if not Path(d["recipe"]).is_absolute() and (base / d["recipe"]).is_file():
+            d["recipe_file"] = str(base / d["recipe"])
         if not d.get("data"):
             raise UsageError(f"{p}: job {d['name']!r} has no data folder", hint="set 'data' in the job or in 'defaults'")
     return jobs
 
 
 def compress_args(job: dict[str, Any], resume: bool) -> list[str]:
-    args = ["compress", job["model"], "--data", job["data"], "--recipe", job["recipe"], "--out", job["out"], "--json"]
+    recipe = job.get("recipe_file") or job["recipe"]
+    args = ["compress", job["model"], "--data", job["data"], "--recipe", recipe, "--out", job["out"], "--json"]
     for pair in job.get("set", []):
         args += ["--set", pair]
     for key, flag in _FLAGS.items():
@@ -207,8 +211,8 @@ def run_job(job: dict[str, Any], *, resume: bool, stderr=None) -> dict[str, Any]
     """One job in its own process; its summary row."""
     out = Path(job["out"])
     row: dict[str, Any] = {"name": job["name"], "model": job["model"], "recipe": job["recipe"], "out": str(out),
-                           "fp_top1": None, "top1": None, "drop": None, "rel_bops": None, "bytes": None,
-                           "seconds": 0.0, "status": "failed", "error": None, "gates": {}}
+                           "budget": None, "fp_top1": None, "top1": None, "drop": None, "rel_bops": None,
+                           "bytes": None, "seconds": 0.0, "status": "failed", "error": None, "gates": {}}
     t0 = time.monotonic()
     if resume and _complete(out):
         from codeq_cli.formats.checkpoint import load
@@ -218,7 +222,7 @@ def run_job(job: dict[str, Any], *, resume: bool, stderr=None) -> dict[str, Any]
         from codeq_cli.core.bops import bops_totals
 
         row.update(fp_top1=m.get("fp_top1"), top1=m.get("top1"), rel_bops=bops_totals(ck.rows)["rel_bops"],
-                   bytes=ck.file_bytes, status="skipped")
+                   bytes=ck.file_bytes, budget=budget_of(m), status="skipped")
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         state_exists = (_run_dir(job) / "state.pt").exists()
@@ -234,7 +238,7 @@ def run_job(job: dict[str, Any], *, resume: bool, stderr=None) -> dict[str, Any]
             else:
                 m, t = res["metrics"], res["totals"]
                 row.update(fp_top1=m.get("fp_top1"), top1=m.get("top1"), rel_bops=t.get("rel_bops"),
-                           bytes=res.get("file_bytes"), status="ok")
+                           bytes=res.get("file_bytes"), budget=budget_of(m), status="ok")
         else:
             row["error"] = f"codeq compress exited with {proc.returncode}"
     if row["top1"] is not None and row["fp_top1"] is not None:
@@ -242,6 +246,26 @@ def run_job(job: dict[str, Any], *, resume: bool, stderr=None) -> dict[str, Any]
     row["seconds"] = time.monotonic() - t0 if row["status"] != "skipped" else 0.0
     _gates(job, row)
     return row
+
+
+def budget_of(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The budget a job compressed to, from its checkpoint's metrics: ``{"kind", "target"}`` or None (λ as given)."""
+    for kind, key in (("bops", "budget_target_bops"), ("size", "budget_target_size"), ("max_drop", "budget_max_drop")):
+        if metrics.get(key) is not None:
+            return {"kind": kind, "target": metrics[key]}
+    return None
+
+
+def budget_label(budget: dict[str, Any] | None) -> str:
+    """``4% BOPs``, ``60000 B`` or ``drop 1``: a budget in a table cell ("" without one)."""
+    if not budget:
+        return ""
+    target = budget["target"]
+    if budget["kind"] == "bops":
+        return f"{target:g}% BOPs"
+    if budget["kind"] == "size":
+        return f"{int(target)} B"
+    return f"drop {target:g}"
 
 
 def _gates(job: dict[str, Any], row: dict[str, Any]) -> None:
@@ -274,7 +298,7 @@ def run_batch(jobs: list[dict[str, Any]], *, resume: bool = False, on_job: Calla
     return rows
 
 
-CSV_KEYS = ("name", "model", "recipe", "fp_top1", "top1", "drop", "rel_bops", "bytes", "seconds", "status", "error", "out")
+CSV_KEYS = ("name", "model", "recipe", "budget", "fp_top1", "top1", "drop", "rel_bops", "bytes", "seconds", "status", "error", "out")
 
 
 def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -293,7 +317,7 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer = csv.DictWriter(buf, fieldnames=CSV_KEYS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: r.get(k) for k in CSV_KEYS})
+        writer.writerow({k: budget_label(r.get(k)) if k == "budget" else r.get(k) for k in CSV_KEYS})
     return buf.getvalue()
 
 

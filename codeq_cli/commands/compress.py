@@ -427,7 +427,9 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     # The budget's last word (max_drop's best model, or the trim), then batch-norm statistics for it.
     plain = dist.unwrap(net)
     teacher = None
-    budget_entry = _budget.finish(budget, recipe, plain, macs, budget_info)
+    from codeq_cli.formats.history import from_log
+
+    budget_entry = _budget.finish(budget, recipe, plain, macs, budget_info, history=from_log(run_dir / "metrics.jsonl"))
     for ev in ([{"event": "budget", **budget_entry}] if budget_entry else []):
         on_event(ev)
 
@@ -462,7 +464,6 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
 
     file_bytes = 0
     if info.is_main:
-        from codeq_cli.formats.history import from_log
 
         def save():
             return checkpoint.save(
