@@ -127,6 +127,25 @@ def test_rank_zero_alone_reports_and_writes(two_ranks):
         assert model(torch.randn(2, 3, 32, 32)).shape == (2, 3)
 
 
+def test_every_rank_applies_the_same_budget_pressure(data, tmp_path):
+    """Under a budget rank 0 measures and every rank applies its figure: the controllers' states, the
+    logits they scale and the codes are identical on both ranks, and the target is met."""
+    out, dump = tmp_path / "t.pt", tmp_path / "dump"
+    proc = torchrun([*TINY, "--data", str(data), "--out", str(out), *RUN, "--target-bops", "8", "--set", "lr_dz=0.3",
+                     "--set", "lr_bit=0.3", "--set", "budget_every=1", "--json"], CODEQ_DEBUG_DUMP_DIR=str(dump))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = torch.load(dump / "rank0.pt", weights_only=True)
+    b = torch.load(dump / "rank1.pt", weights_only=True)
+    ca, cb = json.loads(a["extra"]["budget"])["controller"], json.loads(b["extra"]["budget"])["controller"]
+    assert ca == cb and ca["updates"] == 5  # a measurement at every step, the same on both ranks
+    for name, la in a["layers"].items():
+        lb = b["layers"][name]
+        assert torch.equal(la["theta_dz"], lb["theta_dz"]) and torch.equal(la["theta_bit"], lb["theta_bit"]), name
+        assert torch.equal(la["codes"], lb["codes"]), name
+    result = json.loads(proc.stdout)
+    assert 8 * 0.97 <= result["budget"]["achieved"] <= 8.0
+
+
 # -- resume on the same and on another number of processes ----------------------------
 def test_two_rank_state_resumes_on_two_exactly_and_on_one(data, tmp_path, two_ranks):
     out = tmp_path / "b.pt"

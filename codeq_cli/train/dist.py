@@ -221,12 +221,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return unwrap_model(model)
 
 
-def debug_dump(model: torch.nn.Module, info: DistInfo, step: int, folder: Path) -> Path:
+def debug_dump(model: torch.nn.Module, info: DistInfo, step: int, folder: Path, extra: dict | None = None) -> Path:
     """Write this rank's quantizer state to ``folder/rank{R}.pt`` (a debugging aid).
 
     Holds, per quantized layer, ``theta_dz``, ``theta_bit`` (or None) and the
-    int8 codes, plus the whole plain state dict: comparing the files of two
-    ranks shows whether DDP kept them identical.
+    int8 codes, plus the whole plain state dict and ``extra`` (e.g. the budget
+    controller's state): comparing the files of two ranks shows whether DDP
+    kept them identical.
     """
     from codeq_cli._io import torch_save_atomic
     from codeq_cli.core.insert import quantized_weights
@@ -245,5 +246,5 @@ def debug_dump(model: torch.nn.Module, info: DistInfo, step: int, folder: Path) 
     path = folder / f"rank{info.rank}.pt"
     state = {k: v.detach().cpu() for k, v in plain.state_dict().items()}
     torch_save_atomic({"rank": info.rank, "world_size": info.world_size, "step": step, "layers": layers,
-                       "state_dict": state}, path)
+                       "state_dict": state, "extra": extra or {}}, path)
     return path

@@ -390,7 +390,8 @@ class Fit:
         self.loader = None  # persistent workers exit with their iterator
         dist.broadcast_buffers(self.s.model)
         if self.s.debug_dump_dir is not None:
-            dist.debug_dump(self.s.model, self.s.info, self.progress.step, self.s.debug_dump_dir)
+            extra = {} if self.s.budget is None else {"budget": self.s.budget.state_dict()["budget"]}
+            dist.debug_dump(self.s.model, self.s.info, self.progress.step, self.s.debug_dump_dir, extra)
 
     def epoch_eval(self, epoch: int) -> None:
         s = self.s
