@@ -429,12 +429,36 @@ def test_max_drop_keeps_the_most_compressed_model_that_met_the_bound_and_backs_o
                 qw.quantizer.theta_dz.fill_(theta)
         return rel_bops(model, macs)
 
+    run_.ratio = 0.6
     f1 = prune(1.5)
     assert run_.on_eval(model, 0, 10, 79.5, 10, 100) == {"max_drop_met": True, "best_epoch": 0}
+    # met, nothing missed yet: the next stage is one ratio lower, reached in half an epoch, then held
+    assert run_.c.target == pytest.approx(0.6 * f1) and run_.c.anchor_step == 10 and run_.c.ramp_end == 15
     f2 = prune(0.8)
     assert f2 < f1 and run_.on_eval(model, 1, 20, 79.2, 10, 100)["best_epoch"] == 1
-    run_.c.measured = prune(0.3)
+    f3 = run_.c.measured = prune(0.3)
     assert run_.on_eval(model, 2, 30, 70.0, 10, 100) == {"max_drop_met": False, "best_epoch": 1}
-    assert run_.c.target == pytest.approx(f2) and run_.c.anchor_step == 30 and run_.c.ramp_end == 40
-    assert run_.restore_best(model)["epoch"] == 1
-    assert rel_bops(model, macs) == pytest.approx(f2)  # the checkpoint would be epoch 1's model
+    # a miss: the bracket [f3, f2] is halved in log space
+    assert run_.missed == f3 and run_.c.target == pytest.approx(math.sqrt(f2 * f3))
+    assert run_.c.anchor_step == 30 and run_.c.ramp_end == 35
+    f4 = prune(0.5)
+    assert f3 < f4 < f2 and run_.on_eval(model, 3, 40, 79.4, 10, 100)["best_epoch"] == 3  # met inside the bracket
+    assert run_.c.target == pytest.approx(math.sqrt(f4 * f3))
+    assert json.loads(run_.state_dict()["budget"])["missed"] == f3  # the bracket is in the run state
+    assert run_.restore_best(model)["epoch"] == 3
+    assert rel_bops(model, macs) == pytest.approx(f4)  # the checkpoint would be epoch 3's model
+
+
+def test_max_drop_stages_and_its_relaxing_speed_by_hand():
+    from codeq_cli.train.budget import max_drop_stages
+
+    # far end max(2·0.1, 20/50) = 0.4; four evaluations: ratio (0.4/20)^(1/4) = 0.02^0.25
+    first, ratio = max_drop_stages(20.0, 0.1, 4)
+    assert ratio == pytest.approx(0.02 ** 0.25) and first == pytest.approx(20.0 * 0.02 ** 0.25)
+    assert max_drop_stages(20.0, 1.0, 1) == (pytest.approx(2.0), pytest.approx(0.1))  # far end 2·low = 2
+    # Far below its plan a max_drop search relaxes at up to the cap, which binds and doubles (4 → 8);
+    # a target run relaxes at most at the optimizer's step and its cap does not move
+    for kind, up, boost in (("max_drop", 8.0, 8.0), ("bops", 1.0, 4.0)):
+        c = Controller(kind, target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
+        c.update(5, 2.0, [1.0])  # e = ln(2 / planned(5)) ≈ −2.2: k·e ≈ −44
+        assert (c.down, c.up, c.boost) == (0.0, up, boost), kind

@@ -84,13 +84,17 @@ def prepare(recipe, model: torch.nn.Module, macs: dict[str, int], save_kwargs: d
         info["reachable_file_bytes"] = [low, start]
         target = float(recipe.target_size)
         B.check_target(kind, target, low, start, size_floor=float(overhead))
-    else:  # max_drop: aim far, the evaluations decide how far is allowed
+    else:  # max_drop: a search in stages, one per evaluation; the evaluations decide how far is allowed
         start = start_bops
-        target = max(low_bops * 2.0, start_bops / 50.0)
+        evaluations = max(1, recipe.epochs // recipe.eval_every)
+        target, ratio = B.max_drop_stages(start_bops, low_bops, evaluations)
     del probe
-    ctrl = B.Controller(kind, target, start, steps, rates=recipe.budget_rates, ramp=recipe.budget_ramp,
-                        every=recipe.budget_every)
+    # max_drop's first stage reaches its figure within half of the steps to the first evaluation.
+    ramp = 0.5 / max(1, recipe.epochs // recipe.eval_every) if kind == "max_drop" else recipe.budget_ramp
+    ctrl = B.Controller(kind, target, start, steps, rates=recipe.budget_rates, ramp=ramp, every=recipe.budget_every)
     run = B.BudgetRun(ctrl, macs, size_overhead=overhead, max_drop=recipe.max_drop, is_main=is_main)
+    if kind == "max_drop":
+        run.ratio, run.eval_every = ratio, recipe.eval_every
     run.save_kwargs = save_kwargs  # type: ignore[attr-defined]  (finish() measures the metadata again)
     return run, info
 

@@ -168,7 +168,8 @@ class Controller:
     ``target`` at ``ramp_end``, then flat: the hold phase. After each
     measurement, with ``e = ln(measured / planned)``:
 
-    - ``down = clip(k·e, 0, boost)``, ``up = clip(−k·e, 0, 1)``: the share of its
+    - ``down = clip(k·e, 0, boost)``, ``up = clip(−k·e, 0, 1)`` (``max_drop``:
+      ``clip(−k·e, 0, boost)``, its search also moves back up): the share of its
       optimizer step a logit keeps when the step compresses (``|θ|`` falls) or
       relaxes it. Above the plan only compressing moves happen, below it only
       relaxing ones, at a speed proportional to the error; on the plan the
@@ -247,12 +248,14 @@ class Controller:
         self.measured = measured
         e = math.log(max(measured, 1e-12) / max(self.planned(step), 1e-12))
         raw = self.k * e
-        if raw > self.boost:  # the cap binds: the logits are too slow for the plan
+        # max_drop's search moves both ways (back up after a miss): its relaxing steps share the cap
+        need = abs(raw) if self.kind == "max_drop" else raw
+        if need > self.boost:  # the cap binds: the logits are too slow for the plan
             self.boost = min(self.boost_max, 2.0 * self.boost)
-        elif raw < 0.5 * self.boost:
+        elif need < 0.5 * self.boost:
             self.boost = max(self.boost_min, 0.5 * self.boost)
         self.down = min(self.boost, max(0.0, raw))
-        self.up = min(1.0, max(0.0, -self.k * e))
+        self.up = min(self.boost if self.kind == "max_drop" else 1.0, max(0.0, -raw))
         self.u = min(self.u_max, max(-self.u_max, self.u + min(self.max_move, max(-self.max_move, self.gain * e))))
         self.updates += 1
         top = max(costs) if costs else 0.0
@@ -329,6 +332,19 @@ class Controller:
         self.act_index, self.act_weights = list(self.act_index), list(self.act_weights)
 
 
+def max_drop_stages(start: float, low: float, evaluations: int) -> tuple[float, float]:
+    """``(first stage's figure, ratio)`` of a ``max_drop`` search with ``evaluations`` evaluations.
+
+    Until an evaluation misses, each stage steps down by the same ratio, so that
+    the evaluations spread evenly in log space from the start to the far end
+    ``max(2·low, start/50)`` (the lowest reachable figure doubled: the trim's
+    margin; start/50: no layer left worth its bits).
+    """
+    far = max(2.0 * low, start / 50.0)
+    ratio = (far / start) ** (1.0 / max(1, evaluations))
+    return start * ratio, ratio
+
+
 # -- one run's budget: the controller wired to a model --------------------------------------------
 class BudgetRun:
     """The controller of one training run, plus ``max_drop``'s bookkeeping.
@@ -351,6 +367,9 @@ class BudgetRun:
         self.is_main = is_main
         self.best: dict | None = None  # max_drop: {"epoch", "step", "figure", "top1"}
         self.best_state: dict[str, torch.Tensor] | None = None
+        self.missed: float | None = None  # max_drop: the lowest figure whose evaluation missed the bound
+        self.ratio = 0.5  # max_drop: a stage's step down while nothing has missed (see :func:`max_drop_stages`)
+        self.eval_every = 1  # max_drop: epochs between evaluations
         self.figure_kind = "size" if controller.kind == "size" else "bops"
 
     # -- the step
@@ -411,11 +430,25 @@ class BudgetRun:
         if met and (self.best is None or figure < self.best["figure"]):
             self.best = {"epoch": epoch, "step": step, "figure": figure, "top1": top1}
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in plain.state_dict().items()}
-        if not met and step < total_steps:
-            # Back off: aim at the best figure that met the bound (or halfway back up) over the next epoch.
-            goal = self.best["figure"] if self.best is not None else math.sqrt(figure * self.c.start)
-            self.c.retarget(max(goal, figure), step, steps_per_epoch)
+        if not met:
+            self.missed = figure if self.missed is None else min(self.missed, figure)
+        if step < total_steps:
+            # The next stage: reach its figure within the first half of the steps to the next
+            # evaluation, then hold it so the weights recover before they are judged.
+            self.c.retarget(self.next_stage(figure), step, max(1, steps_per_epoch * self.eval_every // 2))
         return {"max_drop_met": met, "best_epoch": None if self.best is None else self.best["epoch"]}
+
+    def next_stage(self, figure: float) -> float:
+        """The figure the next stage of the ``max_drop`` search aims at (the log-space bracket, docs/method.md).
+
+        Until an evaluation misses, one step of ``ratio`` below the figure now;
+        then the geometric mean of the lowest figure that met the bound (the
+        start, if none did) and the lowest that missed it.
+        """
+        if self.missed is None:
+            return figure * self.ratio
+        safe = self.best["figure"] if self.best is not None else self.c.start
+        return math.sqrt(safe * self.missed)
 
     def restore_best(self, model: nn.Module) -> dict | None:
         """Load the most compressed model that met ``max_drop`` (None when none did)."""
@@ -430,7 +463,7 @@ class BudgetRun:
     def state_dict(self) -> dict:
         import json
 
-        out = {"budget": json.dumps({"controller": self.c.state_dict(), "best": self.best})}
+        out = {"budget": json.dumps({"controller": self.c.state_dict(), "best": self.best, "missed": self.missed})}
         if self.best_state is not None:
             out["budget_best"] = self.best_state
         return out
@@ -443,4 +476,5 @@ class BudgetRun:
         data = json.loads(state["budget"])
         self.c.load_state_dict(data["controller"])
         self.best = data["best"]
+        self.missed = data.get("missed")  # absent from run states written before the staged search
         self.best_state = state.get("budget_best")
