@@ -9,7 +9,8 @@
 #                 bench/budget.py) and t10k-{images-idx3,labels-idx1}-ubyte.gz (Debian's
 #                 dataset-fashion-mnist, /usr/share/datasets/fashion-mnist)
 # Writes $OUT/budget/{table.md,results.json,err.txt}. RUNS, SEEDS, EXTRA, JOBS, EPOCHS and SUBSET
-# may be set in the environment (EPOCHS=1 SUBSET=20 JOBS=2: a logic check on CPU).
+# may be set in the environment (EPOCHS=1 SUBSET=20 JOBS=2: a logic check on CPU;
+# RUNS=maxdrop1 EXTRA= : the --max-drop search alone, seeds 0-4).
 set -u
 cd "$(dirname "$0")/.." || exit 1
 LIMIT=${1:-300}
@@ -24,9 +25,9 @@ cp .benchcache/fp32.safetensors .benchcache/fp32.json "$WORK/"
 # Seeds 0-2 of the 4% comparison first, then the other targets once, then more seeds.
 RUNS=${RUNS:-"grid0.002,grid0.005,grid0.01,bops4,bops4-sens"}
 SEEDS=${SEEDS:-"0,1,2,3,4"}
-EXTRA=${EXTRA:-"bops2-sens@0,bops8-sens@0,size-sens@0,bops2@0,bops8@0"}
+EXTRA=${EXTRA-"bops2-sens@0,bops8-sens@0,size-sens@0,bops2@0,bops8@0"}  # EXTRA= (empty): none
 timeout -k 5 "$LIMIT" "$PY" bench/budget.py --out-dir "$WORK" --epochs "${EPOCHS:-4}" ${SUBSET:+--subset $SUBSET} --val-test10k --fmnist .benchcache \
-    --seeds 0,1,2 --only "$RUNS,$EXTRA" --jobs "${JOBS:-14}" > "$LOG/table.md" 2> "$LOG/err.txt"
+    --seeds 0,1,2 --only "$RUNS${EXTRA:+,$EXTRA}" --jobs "${JOBS:-14}" > "$LOG/table.md" 2> "$LOG/err.txt"
 echo "first pass: exit $?" >> "$LOG/err.txt"
 LEFT=$(( LIMIT - SECONDS - 10 ))
 if [ "$LEFT" -gt 60 ] && [ "$SEEDS" != "0,1,2" ]; then
