@@ -165,11 +165,10 @@ def budget_lines(b: dict, m: dict) -> str:
     elif b.get("kind") == "max_drop":
         lines += (f"  budget: top-1 within {b['max_drop']:g} points of FP; checkpoint from epoch {b['best_epoch'] + 1}\n"
                   if b.get("met") else f"  budget: no evaluation stayed within {b['max_drop']:g} points; the final model is written\n")
-    if m.get("top1_before_bn") is not None and m.get("bn_kept", 1) == 0:
-        lines += (f"  batch-norm re-estimation: not kept (it broke --max-drop); "
-                  f"the trained statistics give top-1 {m['top1']:.2f}%\n")
-    elif m.get("top1_before_bn") is not None:
-        lines += f"  batch-norm re-estimation: top-1 {m['top1_before_bn']:.2f}% before, {m['top1']:.2f}% after\n"
+    if m.get("top1_before_bn") is not None:
+        lines += ("  batch-norm re-estimation: not kept (it broke --max-drop); the trained statistics give top-1 "
+                  f"{m['top1']:.2f}%\n" if m.get("bn_kept", 1) == 0 else
+                  f"  batch-norm re-estimation: top-1 {m['top1_before_bn']:.2f}% before, {m['top1']:.2f}% after\n")
     return lines
 
 

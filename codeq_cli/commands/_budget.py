@@ -75,6 +75,7 @@ def prepare(recipe, model: torch.nn.Module, macs: dict[str, int], save_kwargs: d
     low_bops, _ = B.reachable("bops", probe, macs, overhead, start_bops, act_bits=planned, act_low=act_low)
     info = {"kind": kind, "start_rel_bops": start_bops, "start_file_bytes": file_bytes,
             "reachable_rel_bops": [low_bops, start_bops]}
+    ramp, ratio = recipe.budget_ramp, None
     if kind == "bops":
         target, start = recipe.target_bops, start_bops
         B.check_target(kind, target, low_bops, start)
@@ -88,13 +89,11 @@ def prepare(recipe, model: torch.nn.Module, macs: dict[str, int], save_kwargs: d
         start = start_bops
         evaluations = max(1, recipe.epochs // recipe.eval_every)
         target, ratio = B.max_drop_stages(start_bops, low_bops, evaluations)
+        ramp = 0.5 / evaluations  # the first stage: reached within half of the steps to the first evaluation
     del probe
-    # max_drop's first stage reaches its figure within half of the steps to the first evaluation.
-    ramp = 0.5 / max(1, recipe.epochs // recipe.eval_every) if kind == "max_drop" else recipe.budget_ramp
     ctrl = B.Controller(kind, target, start, steps, rates=recipe.budget_rates, ramp=ramp, every=recipe.budget_every)
-    run = B.BudgetRun(ctrl, macs, size_overhead=overhead, max_drop=recipe.max_drop, is_main=is_main)
-    if kind == "max_drop":
-        run.ratio, run.eval_every = ratio, recipe.eval_every
+    run = B.BudgetRun(ctrl, macs, size_overhead=overhead, max_drop=recipe.max_drop, is_main=is_main,
+                      ratio=ratio, eval_every=recipe.eval_every)
     run.save_kwargs = save_kwargs  # type: ignore[attr-defined]  (finish() measures the metadata again)
     return run, info
 

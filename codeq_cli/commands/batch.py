@@ -209,6 +209,7 @@ def _run_dir(job: dict[str, Any]) -> Path:
 
 def run_job(job: dict[str, Any], *, resume: bool, stderr=None) -> dict[str, Any]:
     """One job in its own process; its summary row."""
+    from codeq_cli.commands.report import budget_of
     out = Path(job["out"])
     row: dict[str, Any] = {"name": job["name"], "model": job["model"], "recipe": job["recipe"], "out": str(out),
                            "budget": None, "fp_top1": None, "top1": None, "drop": None, "rel_bops": None,
@@ -246,14 +247,6 @@ def run_job(job: dict[str, Any], *, resume: bool, stderr=None) -> dict[str, Any]
     row["seconds"] = time.monotonic() - t0 if row["status"] != "skipped" else 0.0
     _gates(job, row)
     return row
-
-
-def budget_of(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """The budget a job compressed to, from its checkpoint's metrics: ``{"kind", "target"}`` or None (λ as given)."""
-    for kind, key in (("bops", "budget_target_bops"), ("size", "budget_target_size"), ("max_drop", "budget_max_drop")):
-        if metrics.get(key) is not None:
-            return {"kind": kind, "target": metrics[key]}
-    return None
 
 
 def budget_label(budget: dict[str, Any] | None) -> str:

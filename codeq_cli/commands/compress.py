@@ -429,7 +429,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     teacher = None
     from codeq_cli.formats.history import from_log
 
-    budget_entry = _budget.finish(budget, recipe, plain, macs, budget_info, history=from_log(run_dir / "metrics.jsonl"))
+    history = from_log(run_dir / "metrics.jsonl")  # complete: only training writes the log
+    budget_entry = _budget.finish(budget, recipe, plain, macs, budget_info, history=history)
     for ev in ([{"event": "budget", **budget_entry}] if budget_entry else []):
         on_event(ev)
 
@@ -469,7 +470,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
             return checkpoint.save(
                 opts.out, plain, spec=spec, data_config=loaded.data, class_names=classes, recipe=recipe.to_dict(),
                 provenance=provenance(info, opts.seed, progress.step, loaded.weights, arithmetic), metrics=metrics,
-                macs=macs, data_dir=str(Path(opts.data).resolve()), history=from_log(run_dir / "metrics.jsonl"),
+                macs=macs, data_dir=str(Path(opts.data).resolve()), history=history,
             )
 
         saved = _budget.save_within(save, budget, recipe, plain, macs, budget_info, budget_entry, metrics)

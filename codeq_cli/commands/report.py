@@ -114,15 +114,25 @@ def top1_line(metrics: dict, compressed: str, fp: str, change: str) -> str:
     return ", ".join(parts)
 
 
+_BUDGET_KEYS = (("bops", "budget_target_bops"), ("size", "budget_target_size"), ("max_drop", "budget_max_drop"))
+
+
+def budget_of(metrics: dict) -> dict | None:
+    """The budget ``codeq compress`` recorded in the metrics: ``{"kind", "target"}``, or None (λ as given)."""
+    for kind, key in _BUDGET_KEYS:
+        if metrics.get(key) is not None:
+            return {"kind": kind, "target": metrics[key]}
+    return None
+
+
 def _budget_from_metrics(m: dict, totals: dict) -> dict | None:
     """The budget ``codeq compress`` recorded in the metrics (``budget_target_*``), as a target/achieved pair."""
-    if m.get("budget_target_bops") is not None:
-        return {"target": m["budget_target_bops"], "achieved": totals["rel_bops"], "metric": "rel_bops"}
-    if m.get("budget_target_size") is not None:
-        return {"target": m["budget_target_size"], "achieved": totals["file_bytes"], "metric": "file_bytes"}
-    if m.get("budget_max_drop") is not None and m.get("top1_drop") is not None:
-        return {"target": m["budget_max_drop"], "achieved": m["top1_drop"], "metric": "top1_drop"}
-    return None
+    b = budget_of(m)
+    if b is None or (b["kind"] == "max_drop" and m.get("top1_drop") is None):
+        return None
+    metric = {"bops": "rel_bops", "size": "file_bytes", "max_drop": "top1_drop"}[b["kind"]]
+    return {"target": b["target"], "achieved": m["top1_drop"] if metric == "top1_drop" else totals[metric],
+            "metric": metric}
 
 
 def budget_pair(budget) -> dict | None:
@@ -248,9 +258,9 @@ def summary_lines(data: dict) -> list[str]:
     return lines
 
 
-def shows_act_bits(data: dict) -> bool:
+def shows_act_bits(layers: list[dict]) -> bool:
     """Whether any layer's input is quantized: the tables and the page show ``a-bits`` only then."""
-    return any(layer.get("act_bits", A_BITS) != A_BITS for layer in data["layers"])
+    return any(layer.get("act_bits", A_BITS) != A_BITS for layer in layers)
 
 
 def _cells(layer: dict, act: bool = True) -> list[str]:
@@ -266,22 +276,29 @@ def _cells(layer: dict, act: bool = True) -> list[str]:
         _si(layer["bops"]),
         f"{layer['bops_share']:.2f}%",
     ]
-    return cells if act else cells[:6] + cells[7:]
+    return _columns(cells, act)
 
 
 def _total_cells(data: dict, act: bool = True) -> list[str]:
     t = data["totals"]
     cells = ["total", "", "", _si(t["params"]), _si(t["macs"]), f"{t['avg_bits']:.2f}", "", f"{t['sparsity']:.3f}",
              _si(t["bops"]), "100.00%" if t["bops"] else "0.00%"]
-    return cells if act else cells[:6] + cells[7:]
+    return _columns(cells, act)
 
 
 _HEADERS = ("layer", "kind", "shape", "params", "MACs", "bits", "a-bits", "sparsity", "BOPs", "share")
 
 
+_ACT = _HEADERS.index("a-bits")
+
+
+def _columns(row, act: bool):
+    """``row`` (one value per :data:`_HEADERS`), without ``a-bits`` when every input is float (as the page)."""
+    return row if act else type(row)([*row[:_ACT], *row[_ACT + 1:]])
+
+
 def _headers(act: bool) -> tuple[str, ...]:
-    """The table's columns: ``a-bits`` left out when every input is float (the page does the same)."""
-    return _HEADERS if act else tuple(h for h in _HEADERS if h != "a-bits")
+    return _columns(_HEADERS, act)
 
 
 # -- renderers --------------------------------------------------------------------
@@ -294,7 +311,7 @@ def render_table(data: dict, console: Console) -> None:
     m = data["model"]
     title = f"{m['label']}  {_shape(m['input_size'])}  ({data['file']})"
     table = Table(title=title, title_justify="left")
-    act = shows_act_bits(data)
+    act = shows_act_bits(data["layers"])
     for i, h in enumerate(_headers(act)):
         table.add_column(h, justify="left" if i < 3 else "right", no_wrap=i == 0)
     layers = data["layers"]
@@ -331,7 +348,7 @@ def to_markdown(data: dict) -> str:
     m = data["model"]
     out = [f"## {m['label']} ({_shape(m['input_size'])})", ""]
     out += [f"- {_md_escape(line)}" for line in summary_lines(data)]
-    act = shows_act_bits(data)
+    act = shows_act_bits(data["layers"])
     headers = _headers(act)
     out += ["", "| " + " | ".join(headers) + " |", "|" + "|".join(":---" if i < 3 else "---:" for i in range(len(headers))) + "|"]
     for layer in data["layers"]:

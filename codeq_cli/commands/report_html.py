@@ -169,7 +169,7 @@ def layer_keys_shown(layers: list[dict]) -> tuple[str, ...]:
     """The page's columns: ``LAYER_KEYS`` with the input widths beside the weights' bits, and only
     when some layer's input is quantized (a float-activation model would show 32 everywhere)."""
     keys = [k for k in LAYER_KEYS if k != "act_bits"]
-    if shows_act_bits({"layers": layers}):
+    if shows_act_bits(layers):
         keys.insert(keys.index("bits") + 1, "act_bits")
     return tuple(keys)
 

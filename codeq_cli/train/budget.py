@@ -249,13 +249,14 @@ class Controller:
         e = math.log(max(measured, 1e-12) / max(self.planned(step), 1e-12))
         raw = self.k * e
         # max_drop's search moves both ways (back up after a miss): its relaxing steps share the cap
-        need = abs(raw) if self.kind == "max_drop" else raw
+        both_ways = self.kind == "max_drop"
+        need = abs(raw) if both_ways else raw
         if need > self.boost:  # the cap binds: the logits are too slow for the plan
             self.boost = min(self.boost_max, 2.0 * self.boost)
         elif need < 0.5 * self.boost:
             self.boost = max(self.boost_min, 0.5 * self.boost)
         self.down = min(self.boost, max(0.0, raw))
-        self.up = min(self.boost if self.kind == "max_drop" else 1.0, max(0.0, -raw))
+        self.up = min(self.boost if both_ways else 1.0, max(0.0, -raw))
         self.u = min(self.u_max, max(-self.u_max, self.u + min(self.max_move, max(-self.max_move, self.gain * e))))
         self.updates += 1
         top = max(costs) if costs else 0.0
@@ -358,7 +359,8 @@ class BudgetRun:
     """
 
     def __init__(self, controller: Controller, macs: dict[str, int], size_overhead: int = 0,
-                 max_drop: float | None = None, fp_top1: float | None = None, is_main: bool = True) -> None:
+                 max_drop: float | None = None, fp_top1: float | None = None, is_main: bool = True,
+                 ratio: float | None = None, eval_every: int = 1) -> None:
         self.c = controller
         self.macs = macs
         self.size_overhead = size_overhead
@@ -368,8 +370,8 @@ class BudgetRun:
         self.best: dict | None = None  # max_drop: {"epoch", "step", "figure", "top1"}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.missed: float | None = None  # max_drop: the lowest figure whose evaluation missed the bound
-        self.ratio = 0.5  # max_drop: a stage's step down while nothing has missed (see :func:`max_drop_stages`)
-        self.eval_every = 1  # max_drop: epochs between evaluations
+        self.ratio = 0.5 if ratio is None else ratio  # max_drop: a stage's step down until a miss (:func:`max_drop_stages`)
+        self.eval_every = eval_every  # max_drop: epochs between evaluations
         self.figure_kind = "size" if controller.kind == "size" else "bops"
 
     # -- the step
