@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from codeq_cli.core.layers import CONV as _CONV
 from codeq_cli.core.quantizer import _RoundSTE
 
 ATTR = "act_quant"  # the child module's name on the layer it serves
@@ -242,8 +243,6 @@ def eligible(model: nn.Module, layer_names: Iterable[str], exclude: Iterable[str
     module, so a hook on it would never run), not ``nn.Bilinear`` (two inputs),
     not layers matching ``exclude``.
     """
-    from codeq_cli.core.insert import _CONV  # the types quantize_ wraps; lazy: insert imports this module
-
     mha_children = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     out = []
     for name in layer_names:

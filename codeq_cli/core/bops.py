@@ -29,7 +29,8 @@ import torch
 from torch import nn
 
 from codeq_cli.core.act_quant import act_bits as _act_bits
-from codeq_cli.core.insert import _CONV, _LINEAR, layer_name, plan, quantized_weights
+from codeq_cli.core.insert import layer_name, plan, quantized_weights
+from codeq_cli.core.layers import CONV as _CONV, LINEAR as _LINEAR
 
 A_BITS = 32
 FP_BITS = 32

@@ -25,12 +25,11 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from codeq_cli.core import act_quant
+from codeq_cli.core.layers import CONV as _CONV, LINEAR as _LINEAR
 from codeq_cli.core.quantizer import DeadZoneQuantizer
 
 log = logging.getLogger(__name__)
 
-_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
-_LINEAR = (nn.Linear, nn.Bilinear)
 _NORM = (
     nn.modules.batchnorm._NormBase,
     nn.GroupNorm,
