@@ -371,6 +371,9 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     on_event({"event": "data", "train": len(train_set), "val": len(val_set), "classes": len(classes),
               "input_size": list(loaded.data.input_size), "crop_pct": loaded.data.crop_pct,
               "interpolation": loaded.data.interpolation})
+    # What this run is, for whoever records it (tracking backends): the resolved recipe and where it writes.
+    on_event({"event": "plan", "model": spec.label, "recipe": recipe.to_dict(), "run_dir": str(run_dir),
+              "out": str(opts.out), "seed": opts.seed, "resumed": state is not None})
 
     # FP baseline, before any quantizer.
     progress = runstate.progress_from_state(state) if state is not None else runstate.RunPosition()
