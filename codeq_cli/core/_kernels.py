@@ -10,7 +10,13 @@ the two backward sums may be reassociated (``fastmath={'reassoc'}``): they are
 sums, and vectorising them is what makes the pass cheap.
 
 Used for float32 tensors on CPU whose memory is dense (contiguous or
-channels-last). Set ``CODEQ_KERNELS=torch`` to force the eager path.
+channels-last).
+
+**The GPU path on CPU.** ``CODEQ_KERNELS=torch`` makes the CPU run the sequence
+of tensor operations a CUDA device runs: no numba loops, no cached quantile
+(:mod:`codeq_cli.core._select`), the one-pass quantizer of every layer
+(:mod:`codeq_cli.core._group`). Counting the operations of a CPU step under it
+counts what a GPU would launch (``bench/launches.py``, ``tests/test_launches.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +28,14 @@ import torch
 from torch import Tensor
 
 
+def gpu_path() -> bool:
+    """True under ``CODEQ_KERNELS=torch``: the CPU takes exactly the operations CUDA takes."""
+    return os.environ.get("CODEQ_KERNELS", "").lower() == "torch"
+
+
 @lru_cache(maxsize=1)
 def _numba():
-    if os.environ.get("CODEQ_KERNELS", "").lower() == "torch":
+    if gpu_path():
         return None
     os.environ.setdefault("NUMBA_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "codeq", "numba"))
     try:

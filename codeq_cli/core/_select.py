@@ -109,9 +109,10 @@ class QuantileCache:
     def quantile_abs(self, w_flat: Tensor, q: float) -> Tensor:
         """Exact ``quantile(|w_flat|, q)`` of a flat tensor (signs allowed)."""
         n = w_flat.numel()
-        if n <= _SMALL or w_flat.device.type != "cpu":
+        if n <= _SMALL or w_flat.device.type != "cpu" or _kernels.gpu_path():
             # Small tensors: selection is cheap. Accelerators: ``topk`` is a
-            # radix select, and the proof below would need a host sync.
+            # radix select, and the proof below would need a host sync; the
+            # GPU path on CPU (``CODEQ_KERNELS=torch``) takes the same road.
             return exact_quantile(w_flat.abs(), q)
         below, above, weight = quantile_rank(n, q)
         k = n - below
