@@ -221,10 +221,15 @@ def test_checkpoint_round_trip_reproduces_the_fake_quantized_logits(tmp_path, bi
     live = dict(act_quant.act_quantizers(model))
     assert set(acts) == set(live) and len(acts) > 5
     for name, qz in live.items():
-        assert acts[name] == {"name": name, **qz.frozen()}
-    assert acts["conv1.0"]["signed"] and not acts["layer1.0.conv1"]["signed"]
+        where = {} if qz.at == "input" else {"at": qz.at}
+        feeds = {} if tuple(qz.feeds) == ((name,) if qz.at == "input" else ()) else {"feeds": list(qz.feeds)}
+        assert acts[name] == {"name": name, **qz.frozen(), **where, **feeds}
+    assert acts["conv1.0"]["signed"] and not acts["conv1.3"]["signed"]  # the image; after the stem's ReLU
     rows = {r.name: r for r in ckpt.rows}
-    assert all(rows[n].act_bits == e["bits"] for n, e in acts.items())
+    feeds = {layer: e["bits"] for e in ckpt.activations
+             for layer in e.get("feeds", [e["name"]] if e.get("at", "input") == "input" else [])}
+    assert all(rows[n].act_bits == b for n, b in feeds.items()) and len(feeds) == len(ckpt.layers)
+    assert any(e.get("at") == "output" for e in ckpt.activations)  # the residual adds' quantizers
     decoded = ckpt.build_model()
     with torch.no_grad():
         got = decoded(x)
@@ -289,7 +294,8 @@ def test_compress_with_act_bits_eval_and_resume_agree(tmp_path, capsys):
     assert code == 0, err
     result = json.loads(stdout)
     ckpt = checkpoint.load(out)
-    names = {e["name"] for e in ckpt.activations}
+    names = {layer for e in ckpt.activations
+             for layer in e.get("feeds", [e["name"]] if e.get("at", "input") == "input" else [])}
     assert names and "conv1.0" not in names and all(4 <= e["bits"] <= 8 for e in ckpt.activations)
     code, stdout, err = run_cli(["eval", str(out), "--workers", "0", "--json"], capsys)
     assert code == 0, err

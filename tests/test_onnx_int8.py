@@ -69,7 +69,8 @@ def test_round_trip_through_onnx_runtime(tmp_path, ckpt):
     info = onnx_int8.export_onnx_int8(ck, tmp_path / "m.onnx")
     graph = onnx.load(str(info.path)).graph
     ops = [n.op_type for n in graph.node]
-    assert ops.count("QuantizeLinear") == len(ck.activations) == info.int8_layers
+    assert ops.count("QuantizeLinear") == len(ck.activations) == info.activation_quantizers
+    assert info.int8_layers == len(ck.layers)  # every quantized layer reads a quantized tensor
     int8 = [i for i in graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) >= 2]
     assert len(int8) == info.int8_layers  # every quantized weight is an int8 initializer
     sess = ort.InferenceSession(str(info.path), providers=["CPUExecutionProvider"])
@@ -126,7 +127,7 @@ def test_cli_export_onnx_int8_answers_in_json(tmp_path, ckpt, capsys):
     code, stdout, stderr = run_cli(["export", str(ckpt[0].path), "--format", "onnx-int8", "--to", str(out), "--json"], capsys)
     assert code == 0, stderr
     answer = json.loads(stdout)
-    assert answer["format"] == "onnx-int8" and answer["int8_layers"] == len(ckpt[0].activations)
+    assert answer["format"] == "onnx-int8" and answer["int8_layers"] == len(ckpt[0].layers)
     assert out.stat().st_size == answer["bytes"]
 
 

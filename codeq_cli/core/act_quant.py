@@ -24,6 +24,14 @@ step used is ``s = step · Q_p(b_max) / Q_p(b)``: the clipping range stays put
 and the width sets the resolution, so ``θ_bit`` gets its gradient through
 ``s`` (the clip bounds pass none), as in the weight quantizer.
 
+Where the quantizers sit (``core/_act_places.py``): on every tensor that an
+integer runtime holds in 8 bits (layer inputs, conv outputs, both inputs and
+the output of residual adds), one per tensor, shared by all its readers. A
+quantizer is a child ``act_quant`` of a module, on its input (forward
+pre-hook) or its output (forward hook); ``feeds`` names the quantized layers
+whose input it is. A quantizer that feeds no layer (only an add reads its
+tensor) keeps ``bits``, or ``b_max`` when the widths are learned.
+
 The step in use is ``max(|step|, 1e-8)``: an optimizer update that carries
 the parameter through zero must not flip or zero it. The step is initialised once, before training, from the first batches
 (:func:`calibrate_`): ``s = quantile(|x|, 0.999) / Q_p`` averaged over the
@@ -40,8 +48,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from codeq_cli.core import _act_places
 from codeq_cli.core.layers import CONV as _CONV
 from codeq_cli.core.quantizer import _RoundSTE
+
+INPUT, OUTPUT = _act_places.INPUT, _act_places.OUTPUT
 
 ATTR = "act_quant"  # the child module's name on the layer it serves
 A_MIN, A_MAX = 2, 8
@@ -134,6 +145,7 @@ class ActQuantizer(nn.Module):
             self.register_parameter("theta_bit", None)
         self.register_buffer("signed", torch.tensor(False))
         self.register_buffer("calibrated", torch.tensor(False))
+        self.at, self.feeds = INPUT, ()  # set by attach(): where it sits and which layers read it
         self._observed: list[tuple[float, float]] | None = None  # (quantile of |x|, min x) per calibration batch
 
     def extra_repr(self) -> str:
@@ -211,28 +223,61 @@ class FrozenActQuantizer(nn.Module):
         super().__init__()
         self.bits, self.signed_, self.step_ = int(bits), bool(signed), float(step)
         self.qn, self.qp = qrange(self.bits, self.signed_)
+        self.at, self.feeds = INPUT, ()
+        self.export_qdq = False  # True: write ONNX QuantizeLinear/DequantizeLinear (formats/onnx_int8.py)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, signed={self.signed_}, step={self.step_!r}"
+        return f"bits={self.bits}, signed={self.signed_}, step={self.step_!r}, at={self.at}"
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.export_qdq:
+            return self._qdq(x)
         s = torch.tensor(self.step_, dtype=torch.float32, device=x.device)
         return (torch.round(x.float() / s).clamp_(self.qn, self.qp) * s).to(x.dtype)
+
+    def _qdq(self, x: Tensor) -> Tensor:
+        """The same values as a uint8 QuantizeLinear/DequantizeLinear pair (zero point 128 for a signed code).
+
+        A width below 8 bits clips at ``[Q_n·s, Q_p·s]`` first (ONNX saturates at the 8-bit limits only).
+        """
+        if self.qp - self.qn < 255:
+            x = torch.clamp(x, self.qn * self.step_, self.qp * self.step_)
+        zp = 128 if self.signed_ else 0
+        return torch.fake_quantize_per_tensor_affine(x, self.step_, zp, 0, 255)
 
 
 def _pre_hook(module: nn.Module, args: tuple):
     qz = getattr(module, ATTR, None)
-    if qz is None or not args:
+    if qz is None or qz.at != INPUT or not args or not isinstance(args[0], Tensor):
         return None
     return (qz(args[0]), *args[1:])
 
 
-def attach(module: nn.Module, quantizer: nn.Module) -> None:
-    """Put ``quantizer`` on the input of ``module`` (child ``act_quant`` and a pre-hook)."""
+def _post_hook(module: nn.Module, args: tuple, out):
+    qz = getattr(module, ATTR, None)
+    if qz is None or qz.at != OUTPUT or not isinstance(out, Tensor):
+        return None
+    return qz(out)
+
+
+def attach(module: nn.Module, quantizer: nn.Module, at: str = INPUT, feeds: Iterable[str] | None = None,
+           name: str = "") -> None:
+    """Put ``quantizer`` on the input (pre-hook) or output (hook) of ``module``, as its child ``act_quant``.
+
+    ``feeds``: the quantized layers that read the quantized tensor (default:
+    ``name``, the module's own, for an input quantizer; none for an output one).
+    """
+    if at not in (INPUT, OUTPUT):
+        raise ValueError(f"at={at!r}: use {INPUT!r} or {OUTPUT!r}")
     if getattr(module, ATTR, None) is not None:
-        raise ValueError(f"{type(module).__name__} already has an activation quantizer")
+        raise ValueError(f"{type(module).__name__} {name!r} already has an activation quantizer")
+    quantizer.at = at
+    quantizer.feeds = tuple(feeds) if feeds is not None else ((name,) if at == INPUT else ())
     module.add_module(ATTR, quantizer)
-    module.register_forward_pre_hook(_pre_hook)
+    if at == INPUT:
+        module.register_forward_pre_hook(_pre_hook)
+    else:
+        module.register_forward_hook(_post_hook)
 
 
 def eligible(model: nn.Module, layer_names: Iterable[str], exclude: Iterable[str] = ()) -> list[str]:
@@ -259,12 +304,23 @@ def eligible(model: nn.Module, layer_names: Iterable[str], exclude: Iterable[str
 
 
 def add_(model: nn.Module, layer_names: Iterable[str], spec: ActSpec) -> list[str]:
-    """Attach an :class:`ActQuantizer` to every eligible layer; returns their names."""
+    """Attach :class:`ActQuantizer` s where the deployed graph holds 8-bit tensors; returns the eligible layers.
+
+    The places (``core/_act_places.py``): every eligible layer's input, every
+    convolution's output, both inputs and the output of every residual add;
+    one quantizer per tensor. One that feeds a quantized layer learns its
+    width when ``spec.bits`` is ``None``; one that only an add reads keeps
+    ``spec.bits`` or ``spec.b_max`` (no BOPs depend on it).
+    """
     names = eligible(model, layer_names, spec.exclude)
-    for name in names:
-        module = model.get_submodule(name)
-        device = next(module.parameters()).device
-        attach(module, ActQuantizer(spec.bits, b_min=spec.b_min, b_max=spec.b_max, init_bit=spec.init_bit).to(device))
+    if not names:
+        return names
+    device = next(model.parameters()).device
+    fixed = spec.bits if spec.bits is not None else spec.b_max
+    for p in _act_places.find(model, names):
+        bits = spec.bits if p.feeds else fixed  # a width no layer's BOPs depend on is not learned
+        qz = ActQuantizer(bits, b_min=min(spec.b_min, bits or spec.b_min), b_max=spec.b_max, init_bit=spec.init_bit)
+        attach(model.get_submodule(p.module), qz.to(device), p.at, p.feeds, p.module)
     return names
 
 
@@ -292,23 +348,27 @@ def act_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parame
 
 
 def act_bits(model: nn.Module, planned: bool = False) -> dict[str, int]:
-    """Layer name → activation bit-width of every calibrated (or frozen) quantizer.
+    """Layer name → the bit-width of its input, for every layer a calibrated (or frozen) quantizer feeds.
 
     ``planned``: also the quantizers not calibrated yet, at the width they
     start with (a budget checked before calibration counts them).
     """
     out = {}
-    for name, qz in act_quantizers(model):
+    for _, qz in act_quantizers(model):
         if isinstance(qz, FrozenActQuantizer):
-            out[name] = qz.bits
+            bits = qz.bits
         elif planned or bool(qz.calibrated):
-            out[name] = int(qz.bit_width())
+            bits = int(qz.bit_width())
+        else:
+            continue
+        for layer in qz.feeds:
+            out[layer] = bits
     return out
 
 
 def lowest_act_bits(model: nn.Module) -> dict[str, int]:
-    """Layer name → the fewest bits each activation quantizer can reach (``b_min`` when learned)."""
-    return {name: qz.b_min if learns_width(qz) else int(qz.bits) for name, qz in act_quantizers(model)}
+    """Layer name → the fewest bits its input's quantizer can reach (``b_min`` when learned)."""
+    return {layer: qz.b_min if learns_width(qz) else int(qz.bits) for _, qz in act_quantizers(model) for layer in qz.feeds}
 
 
 @torch.no_grad()
@@ -341,17 +401,35 @@ def calibrate_(model: nn.Module, batches: Iterable[Tensor]) -> int:
 
 
 def freeze_into(model: nn.Module, entries: Iterable[dict]) -> None:
-    """Attach :class:`FrozenActQuantizer` s to a plain model from ``{"name", "bits", "signed", "step"}`` entries."""
+    """Attach :class:`FrozenActQuantizer` s to a plain model from :func:`frozen_entries`' entries.
+
+    ``at`` and ``feeds`` may be absent or ``None`` (files written before
+    them): a quantizer on its layer's input.
+    """
     for e in entries:
-        attach(model.get_submodule(e["name"]), FrozenActQuantizer(e["bits"], e["signed"], e["step"]))
+        at = e.get("at") or INPUT
+        feeds = e.get("feeds")
+        attach(model.get_submodule(e["name"]), FrozenActQuantizer(e["bits"], e["signed"], e["step"]), at,
+               None if feeds is None else tuple(feeds), e["name"])
 
 
 def frozen_entries(model: nn.Module) -> list[dict]:
-    """``{"name", "bits", "signed", "step"}`` of every calibrated quantizer, in module order."""
+    """``{"name", "bits", "signed", "step"}`` of every calibrated quantizer, in module order.
+
+    Plus ``"at": "output"`` for one on a module's output, and ``"feeds"``
+    (the layers it feeds) where that is not just the module itself.
+    """
     out = []
     for name, qz in act_quantizers(model):
         if isinstance(qz, FrozenActQuantizer):
-            out.append({"name": name, "bits": qz.bits, "signed": qz.signed_, "step": qz.step_})
+            e = {"name": name, "bits": qz.bits, "signed": qz.signed_, "step": qz.step_}
         elif bool(qz.calibrated):
-            out.append({"name": name, **qz.frozen()})
+            e = {"name": name, **qz.frozen()}
+        else:
+            continue
+        if qz.at != INPUT:
+            e["at"] = qz.at
+        if tuple(qz.feeds) != ((name,) if qz.at == INPUT else ()):
+            e["feeds"] = list(qz.feeds)
+        out.append(e)
     return out

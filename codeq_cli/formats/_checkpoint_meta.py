@@ -14,7 +14,7 @@ import math
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer, model_validator
 
 from codeq_cli.core.quantizer import B_MAX, B_MIN
 from codeq_cli.errors import one_line
@@ -85,12 +85,29 @@ class LayerMeta(_Span):
 
 
 class ActivationMeta(_Strict):
-    """One activation quantizer (codeq's extension): its layer, bit-width, sign and step."""
+    """One activation quantizer (codeq's extension): its module, bit-width, sign and step.
+
+    ``at``: on the module's input (absent: files written before residual
+    quantizers had only these) or its output; ``feeds``: the quantized layers
+    that read the tensor (absent: the module itself for an input quantizer,
+    none for an output one).
+    """
 
     name: str
     bits: Annotated[int, Field(ge=B_MIN, le=B_MAX)]
     signed: bool
     step: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    at: Literal["input", "output"] = "input"
+    feeds: list[str] | None = None
+
+    @model_serializer(mode="wrap")
+    def _as_written(self, handler):  # the defaults stay absent, as the writer leaves them
+        d = handler(self)
+        if d.get("at") == "input":
+            del d["at"]
+        if d.get("feeds") is None:
+            d.pop("feeds", None)
+        return d
 
     @field_validator("step")
     @classmethod

@@ -1,0 +1,242 @@
+"""Where the activation quantizers go: the tensors a deployed integer graph holds in 8 bits.
+
+An integer runtime (ONNX Runtime's QDQ fusion, TensorRT, OpenVINO) runs an
+operator on integer kernels only when all its inputs *and* its output are
+quantized tensors. So, beyond the input of every quantized convolution and
+linear layer, codeq quantizes (``docs/method.md``, "where the activations are
+quantized"):
+
+* the **output of every convolution**, after what the runtime folds into it
+  (batch norm, ReLU/ReLU6, identity, dropout): QLinearConv writes 8 bits;
+* both **inputs of every residual add** (the block's branch and its shortcut)
+  and the **add's output** (after a following ReLU): QLinearAdd;
+* nothing after value-preserving ops (max-pool, reshape, flatten, permute,
+  identity): a quantized tensor stays on its grid through them, and the
+  runtime moves the quantization across them (so the stem is quantized
+  *before* its max-pool).
+
+Each tensor gets **one** quantizer, shared by all its consumers. The places are
+found on the ``torch.fx`` symbolic trace of the model (any architecture whose
+forward traces: timm and torchvision ResNets, MobileNets, EfficientNets,
+ConvNeXt, ViT), not from a per-architecture list. A quantizer is put on a
+*module*: on the input of the one quantized layer that reads the tensor (as
+before), else on the output of a module that returns it, else on the input of
+a module that holds all its readers. A module called more than once carries
+none. A model that does not trace keeps one quantizer per layer input (the
+module-structure fallback).
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from codeq_cli.core.layers import CONV as _CONV
+
+log = logging.getLogger(__name__)
+
+INPUT, OUTPUT = "input", "output"
+
+# Ops the runtime folds into the producing conv/add before its output is quantized.
+_ABSORB_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout)
+_ABSORB_FUNCS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.dropout}
+_ABSORB_METHODS = {"relu", "relu_"}
+# Ops that keep a quantized tensor on its grid (the runtime moves Q/DQ across them).
+_KEEP_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.Dropout)
+_KEEP_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze, torch.unsqueeze,
+               torch.nn.functional.max_pool2d, torch.nn.functional.dropout}
+_KEEP_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous"}
+_ADD_FUNCS = {operator.add, operator.iadd, torch.add}
+_ADD_METHODS = {"add", "add_"}
+
+
+@dataclass(frozen=True)
+class Place:
+    """One activation quantizer: on the ``at`` (input or output) of module ``module``.
+
+    ``feeds``: the quantized layers whose input it is (for the BOPs and the
+    learned widths); empty for a tensor only an add or a non-layer op reads.
+    """
+
+    module: str
+    at: str
+    feeds: tuple[str, ...]
+
+
+def per_layer(layer_names: list[str]) -> list[Place]:
+    """The fallback: one quantizer on each layer's input."""
+    return [Place(n, INPUT, (n,)) for n in layer_names]
+
+
+class _Tracer(torch.fx.Tracer):
+    """fx's tracer that also records, for every module call (leaf or not), its first input and its output node."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: dict[str, int] = {}
+        self.returns: dict[torch.fx.Node, list[str]] = {}  # node -> modules returning it (innermost first)
+        self.takes: dict[str, torch.fx.Node] = {}  # module -> its first input
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, (*_CONV, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        self.calls[name] = self.calls.get(name, 0) + 1
+        if args and isinstance(args[0], torch.fx.Proxy):
+            self.takes.setdefault(name, args[0].node)
+        out = super().call_module(m, forward, args, kwargs)
+        if isinstance(out, torch.fx.Proxy):
+            self.returns.setdefault(out.node, []).append(name)
+        return out
+
+
+def _trace(model: nn.Module):
+    tracer = _Tracer()
+    graph = tracer.trace(model)
+    return tracer, graph
+
+
+def _is(node, modules: tuple, funcs: set, methods: set, owner: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(owner.get_submodule(node.target), modules)
+    if node.op == "call_function":
+        return node.target in funcs
+    if node.op == "call_method":
+        return node.target in methods
+    return False
+
+
+def _is_activation(node, memo: dict) -> bool:
+    """Whether ``node`` depends on the model's input (not only on parameters and constants)."""
+    if node in memo:
+        return memo[node]
+    if node.op == "placeholder":
+        memo[node] = True
+    elif node.op in ("get_attr", "output"):
+        memo[node] = False
+    else:
+        memo[node] = any(_is_activation(a, memo) for a in node.all_input_nodes)
+    return memo[node]
+
+
+def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
+    """The places of ``model``'s activation quantizers, given its quantized conv/linear ``layer_names``.
+
+    Falls back to :func:`per_layer` when the model does not trace (logged).
+    """
+    try:
+        tracer, graph = _trace(model)
+    except Exception as exc:  # data-dependent control flow, unsupported ops
+        log.info("activation quantizers: %s does not trace with torch.fx (%s); one per layer input",
+                 type(model).__name__, type(exc).__name__)
+        return per_layer(layer_names)
+    layers = set(layer_names)
+    memo: dict = {}
+    nodes = list(graph.nodes)
+    users = {n: list(n.users) for n in nodes}
+
+    def absorb(n):
+        return _is(n, _ABSORB_MODULES, _ABSORB_FUNCS, _ABSORB_METHODS, model)
+
+    def keeps(n):
+        return _is(n, _KEEP_MODULES, _KEEP_FUNCS, _KEEP_METHODS, model)
+
+    def forward_end(n):  # follow single-reader ops the runtime folds into n's kernel
+        while len(users[n]) == 1 and absorb(users[n][0]) and users[n][0].op != "output":
+            n = users[n][0]
+        return n
+
+    def is_layer(n):
+        return n.op == "call_module" and n.target in layers
+
+    def is_add(n):
+        if n.op == "call_function" and n.target in _ADD_FUNCS or n.op == "call_method" and n.target in _ADD_METHODS:
+            acts = [a for a in n.args[:2] if isinstance(a, torch.fx.Node) and _is_activation(a, memo)]
+            return len(acts) == 2
+        return False
+
+    marked: dict[torch.fx.Node, None] = {}  # ordered set
+    is_output = {a for n in nodes if n.op == "output" for a in n.all_input_nodes}
+    outs_needed, ins_needed = [], []
+    for n in nodes:
+        if is_layer(n) and isinstance(model.get_submodule(n.target), _CONV):
+            outs_needed.append(n)
+            ins_needed.append(n.args[0])
+        elif is_layer(n):
+            ins_needed.append(n.args[0])
+        elif is_add(n):
+            outs_needed.append(n)
+            ins_needed.extend(n.args[:2])
+    for n in outs_needed:
+        end = forward_end(n)
+        if end not in is_output:
+            marked[end] = None
+
+    def covered(t):  # t is on a quantized grid already: marked, or a value-preserving op of a covered tensor
+        seen = t
+        while seen not in marked and keeps(seen) and seen.all_input_nodes:
+            seen = seen.args[0] if isinstance(seen.args[0], torch.fx.Node) else seen.all_input_nodes[0]
+        return seen in marked
+
+    for t in ins_needed:
+        if isinstance(t, torch.fx.Node) and not covered(t):
+            marked[t] = None
+
+    # Each marked tensor: which quantized layers read it (directly or through value-preserving ops).
+    def readers(t):
+        out, stack = [], [t]
+        while stack:
+            for u in users[stack.pop()]:
+                if is_layer(u):
+                    out.append(u.target)
+                elif keeps(u) and u not in marked:
+                    stack.append(u)
+        return tuple(dict.fromkeys(out))
+
+    used: set[str] = set()
+    places = []
+    for t in marked:
+        feeds = readers(t)
+        place = _choose(t, users[t], tracer, used, layers)
+        if place is None:
+            log.info("activation quantizers: no module holds the tensor %s alone; left in float", t.name)
+            continue
+        used.add(place[0])
+        places.append(Place(place[0], place[1], feeds))
+    # Every quantized layer must have its input quantized somewhere: add the ones the trace missed.
+    fed = {f for p in places for f in p.feeds}
+    for name in layer_names:
+        if name not in fed and name not in used:
+            places.append(Place(name, INPUT, (name,)))
+            used.add(name)
+    return places
+
+
+def _choose(t, readers, tracer: _Tracer, used: set[str], layers: set[str]) -> tuple[str, str] | None:
+    once = {m for m, k in tracer.calls.items() if k == 1} - used
+    if len(readers) == 1 and readers[0].op == "call_module" and readers[0].target in layers and readers[0].target in once:
+        return readers[0].target, INPUT
+    for m in tracer.returns.get(t, ()):
+        if m in once and m:
+            return m, OUTPUT
+    # A module whose input is t and that holds every reader of t (a block whose shortcut is its input).
+    for m, first in tracer.takes.items():
+        if first is t and m in once and m:
+            stacks = [r.meta.get("nn_module_stack", {}) for r in readers]
+            if all(any(_qual(k, v) == m for k, v in s.items()) for s in stacks):
+                return m, INPUT
+    return None
+
+
+def _qual(key, value) -> str:
+    """The qualified module name of an ``nn_module_stack`` entry (its key, or the value's first item)."""
+    if isinstance(value, tuple) and value and isinstance(value[0], str):
+        return value[0]
+    return str(key)
