@@ -81,6 +81,21 @@ def _argv() -> list[str]:
     return list(_state["argv"]) if _state.get("argv") is not None else sys.argv[1:]
 
 
+LogToOpt = Annotated[Optional[str], typer.Option("--log-to", help="Also log the run to tensorboard, mlflow and/or wandb (comma-separated; each an extra: pip install 'codeq[tracking]'; docs/tracking.md).")]
+LogDirOpt = Annotated[Optional[Path], typer.Option("--log-dir", help="TensorBoard's folder for the event files [default: RUN_DIR/tensorboard; batch: JOBS.tensorboard/JOB].")]
+
+
+def _tracker(log_to: str | None, log_dir: Path | None, opts):
+    """The tracker of a compress run (one that does nothing without --log-to, or off rank 0)."""
+    import shlex
+
+    from codeq_cli.commands.compress import default_run_dir
+    from codeq_cli.commands.tracking import open_tracker, parse_log_to
+
+    return open_tracker(parse_log_to(log_to), run_dir=opts.run_dir or default_run_dir(opts.out), log_dir=log_dir,
+                        log_every=opts.log_every, command="codeq " + shlex.join(_argv()))
+
+
 @app.command()
 def compress(
     model: Annotated[str, typer.Argument(help="timm:NAME, tv:NAME or a bare name (torchvision first, then timm).")],
@@ -112,6 +127,8 @@ def compress(
     target_size: Annotated[Optional[str], typer.Option("--target-size", help="Compress until the checkpoint fits this size: 2MB, 1.5MiB, 800kB or bytes.")] = None,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Compress as far as possible while top-1 stays within this many points of the FP model.")] = None,
     keep_state: Annotated[bool, typer.Option("--keep-state", help="Keep the run state (state.pt) once the checkpoint is written.")] = False,
+    log_to: LogToOpt = None,
+    log_dir: LogDirOpt = None,
     crop_pct: CropPctOpt = None,
     mean: MeanOpt = None,
     std: StdOpt = None,
@@ -142,13 +159,17 @@ def compress(
     if not is_main:
         output.quiet = True
     on_event = console.compress_events(output)
+    tracker = _tracker(log_to, log_dir, opts)
     try:
         with StopOnSignal(output, _state) as stop:
-            result = run(opts, on_event=on_event, should_stop=stop)
+            result = run(opts, on_event=tracker.wrap(on_event), should_stop=stop)
+        tracker.finish(result)
     except InterruptedRun as exc:
+        tracker.close("KILLED")
         raise InterruptedRun(f"interrupted after step {exc.step}; the run state is saved",
                              hint=f"resume with: {resume_command(_argv())}") from None
     finally:
+        tracker.close("FAILED")  # a no-op after finish() or close()
         on_event.close()
         dist.shutdown()
     if not is_main:
@@ -402,6 +423,8 @@ def batch(
     jobs_file: Annotated[Path, typer.Argument(help="YAML file with jobs and/or a models x recipes matrix (docs/batch.md).")],
     resume: Annotated[bool, typer.Option("--resume", help="Skip jobs whose outputs are complete; resume interrupted ones.")] = False,
     summary_dir: Annotated[Optional[Path], typer.Option("--summary-dir", help="Where to write <jobs>.summary.json/.csv [default: beside the jobs file].")] = None,
+    log_to: LogToOpt = None,
+    log_dir: LogDirOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -418,8 +441,12 @@ def batch(
         msg = row["status"] + (f" ({row['error']})" if row.get("error") else "")
         output.info(f"    {row['name']}: {msg}")
 
+    from codeq_cli.commands.tracking import batch_tracking, parse_log_to
+
+    folder = summary_dir or jobs_file.parent  # every job's run, grouped under the jobs file's name
+    tracking = batch_tracking(parse_log_to(log_to), log_dir, jobs_file.stem, folder / f"{jobs_file.stem}.tensorboard")
     rows = run_batch(jobs, resume=resume, on_job=on_job, on_row=on_row,
-                     stderr=subprocess_devnull() if quiet or json_ else None)
+                     stderr=subprocess_devnull() if quiet or json_ else None, tracking=tracking)
     data = summary(rows)
     json_path, csv_path = write_summary(data, summary_dir or jobs_file.parent, jobs_file.stem)
     html_path = write_summary_html(data, summary_dir or jobs_file.parent, jobs_file.stem)

@@ -207,8 +207,8 @@ def _run_dir(job: dict[str, Any]) -> Path:
     return Path(job["run_dir"]) if job.get("run_dir") else default_run_dir(Path(job["out"]))
 
 
-def run_job(job: dict[str, Any], *, resume: bool, stderr=None) -> dict[str, Any]:
-    """One job in its own process; its summary row."""
+def run_job(job: dict[str, Any], *, resume: bool, stderr=None, tracking: dict | None = None) -> dict[str, Any]:
+    """One job in its own process; its summary row. ``tracking``: ``tracking.batch_tracking``'s settings."""
     from codeq_cli.commands.report import budget_of
     out = Path(job["out"])
     row: dict[str, Any] = {"name": job["name"], "model": job["model"], "recipe": job["recipe"], "out": str(out),
@@ -227,8 +227,11 @@ def run_job(job: dict[str, Any], *, resume: bool, stderr=None) -> dict[str, Any]
     else:
         out.parent.mkdir(parents=True, exist_ok=True)
         state_exists = (_run_dir(job) / "state.pt").exists()
-        cmd = [sys.executable, "-m", "codeq_cli", *compress_args(job, resume and state_exists)]
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ})
+        from codeq_cli.commands.tracking import job_tracking
+
+        track_args, track_env = job_tracking(tracking, job["name"])  # its own tracked run, in the batch's group
+        cmd = [sys.executable, "-m", "codeq_cli", *compress_args(job, resume and state_exists), *track_args]
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True, env={**os.environ, **track_env})
         if proc.returncode == 0:
             try:
                 res = json.loads(proc.stdout)
@@ -281,11 +284,12 @@ def _gates(job: dict[str, Any], row: dict[str, Any]) -> None:
 
 
 def run_batch(jobs: list[dict[str, Any]], *, resume: bool = False, on_job: Callable[[int, dict], None] = lambda i, j: None,
-              on_row: Callable[[dict], None] = lambda r: None, stderr=None) -> list[dict[str, Any]]:
+              on_row: Callable[[dict], None] = lambda r: None, stderr=None,
+              tracking: dict | None = None) -> list[dict[str, Any]]:
     rows = []
     for i, job in enumerate(jobs):
         on_job(i, job)
-        row = run_job(job, resume=resume, stderr=stderr)
+        row = run_job(job, resume=resume, stderr=stderr, tracking=tracking)
         rows.append(row)
         on_row(row)
     return rows
