@@ -101,3 +101,67 @@ def test_foundation_imports_no_package():
     for name in FOUNDATION:
         path = PKG / f"{name}.py"
         assert all(_unit(t) == "<foundation>" for _, t in _imports(path)), name
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every cycle of module imports (one per strongly connected component of two or more, or a self-import)."""
+    index, low, on, stack, out, counter = {}, {}, set(), [], [], [0]
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph.get(v, ()):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1 or v in graph.get(v, ()):
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _typing_only_lines(path: Path) -> set[int]:
+    """Lines inside ``if TYPE_CHECKING:`` blocks: imports for annotations, never run."""
+    lines = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            for child in node.body:
+                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
+    return lines
+
+
+def _module_graph(pkg: Path = PKG) -> dict[str, set[str]]:
+    """Module → the package modules it imports when it runs (annotation-only imports left out)."""
+    modules = {_module_name(p, pkg): p for p in pkg.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        typing_only = _typing_only_lines(path)
+        graph[name] = {t for line, t in _imports(path, pkg) if t in modules and t != name and line not in typing_only}
+    return graph
+
+
+def test_no_two_modules_import_each_other():
+    """Within a package too, imports form no cycle (issue 21: core/act_quant and core/insert did), lazy ones included."""
+    graph = _module_graph()
+    graph.pop("codeq_cli", None)  # the root's lazy table names every public module
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_check_catches_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []

@@ -13,8 +13,10 @@ from torch import nn
 
 from codeq_cli.commands.compress import CompressOptions, run
 from codeq_cli.formats import checkpoint
-from codeq_cli.train.budget import Controller, parse_size
-from codeq_cli.train.distill import kd_loss, reestimate_bn, task_loss
+from codeq_cli.train.budget import BOPS, BOPS_FIGURE, MAX_DROP, parse_size
+from codeq_cli.train.controller import Controller
+from codeq_cli.train.bn import reestimate_bn
+from codeq_cli.train.distill import kd_loss, task_loss
 from codeq_cli.errors import InterruptedRun as Interrupted
 from conftest import TINY, make_image_folder, run_cli
 
@@ -43,7 +45,7 @@ def standin(target: float, steps: int = 400, every: int = 5, ramp: float = 0.6, 
     def figure() -> float:
         return float(torch.floor(25 * (cost * t2()).sum() / cost.sum() / 0.05) * 0.05)
 
-    c = Controller("bops", target, figure(), steps, ramp=ramp, every=every, **controller)
+    c = Controller(BOPS, target, figure(), steps, ramp=ramp, every=every, **controller)
     history = []
     for s in range(steps):
         for group in opt.param_groups:
@@ -94,7 +96,7 @@ def test_a_short_run_follows_the_plan_because_the_cap_on_compressing_steps_adapt
 
 
 def test_the_cap_doubles_while_it_binds_and_halves_once_it_does_not():
-    c = Controller("bops", target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
+    c = Controller(BOPS, target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
     caps = []
     for measured in (40.0, 40.0, 40.0, 40.0, 40.0):  # far above the plan: k·e is 13.9 or more at step 5
         c.update(5, measured, [1.0])
@@ -110,11 +112,11 @@ def test_the_cap_doubles_while_it_binds_and_halves_once_it_does_not():
     state = c.state_dict()
     assert state["boost"] == 4.0
     del state["boost"]  # a run state written before the cap adapted still loads
-    Controller("bops", 5.0, 20.0, 100).load_state_dict(state)
+    Controller(BOPS, 5.0, 20.0, 100).load_state_dict(state)
 
 
 def test_sensitivity_rates_by_hand_weight_the_penalty_by_cost_and_keep_every_step_alike():
-    c = Controller("bops", target=5.0, start=20.0, total_steps=100, rates="sensitivity", ramp=0.5, every=5)
+    c = Controller(BOPS, target=5.0, start=20.0, total_steps=100, rates="sensitivity", ramp=0.5, every=5)
     c.update(25, 11.0, [4.0, 1.0, 0.0])
     assert c.weights == [1.0, 0.25, 0.0]  # cost / max cost, no square root
     dz = [torch.tensor(2.0), torch.tensor(1.0), torch.tensor(3.0)]
@@ -126,13 +128,13 @@ def test_sensitivity_rates_by_hand_weight_the_penalty_by_cost_and_keep_every_ste
     c.scale_steps(before, [after])  # every layer keeps down (compressing) or up (relaxing) of its move
     assert [float(a) for a in after] == pytest.approx([1.0 - 0.2 * 0.5, 1.0 + 0.4 * 0.25, 1.0 - 0.4 * 0.5])
     # the same measurement under the default rule: square roots, and steps scaled by them too
-    d = Controller("bops", target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
+    d = Controller(BOPS, target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
     d.update(25, 11.0, [4.0, 1.0, 0.0])
     assert d.weights == [1.0, 0.5, 0.0]
 
 
 def test_controller_update_by_hand():
-    c = Controller("bops", target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
+    c = Controller(BOPS, target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
     assert c.ramp_end == 50 and c.planned(0) == 20.0 and c.planned(50) == pytest.approx(5.0)
     assert c.planned(25) == pytest.approx(10.0)  # geometric: halfway in log space
     c.update(25, 11.0, [4.0, 1.0, 0.0])
@@ -155,7 +157,7 @@ def test_controller_update_by_hand():
     c.scale_steps(before, [after])
     assert float(after[0]) == pytest.approx(1.0 - 0.2 * 0.5) and float(after[1]) == pytest.approx(1.0 + 0.4 * 0.25 * 0.5)
     state = c.state_dict()
-    d = Controller("bops", 5.0, 20.0, 100)
+    d = Controller(BOPS, 5.0, 20.0, 100)
     d.load_state_dict(json.loads(json.dumps(state)))
     assert d.state_dict() == state
 
@@ -210,7 +212,7 @@ def test_bn_reestimation_changes_only_bn_buffers_and_averages_the_batches():
 def test_the_trim_lands_in_tolerance_and_prunes_first_where_a_weight_costs_most(acts):
     from codeq_cli.core.act_quant import FrozenActQuantizer, attach
     from codeq_cli.core.insert import quantize_, quantized_weights
-    from codeq_cli.train.budget import rel_bops
+    from codeq_cli.train.measure import rel_bops
     from codeq_cli.train.trim import trim
 
     torch.manual_seed(0)
@@ -227,7 +229,7 @@ def test_the_trim_lands_in_tolerance_and_prunes_first_where_a_weight_costs_most(
     start = rel_bops(model, macs)
     a_bits = (8, 4) if acts else (32, 32)
     assert start == pytest.approx(100 * sum(4 * a for a in a_bits) / (2 * 32 * 32), rel=0.02)  # few weights pruned at θ=3
-    report = trim(model, macs, "bops", 0.6 * start, lambda: rel_bops(model, macs))
+    report = trim(model, macs, BOPS_FIGURE, 0.6 * start, lambda: rel_bops(model, macs))
     assert 0.6 * start * 0.97 <= report["after"] <= 0.6 * start and report["trimmed"]
     sparsity = [float((qw.quantizer.encode(qw.original).codes == 0).double().mean()) for qw in quantized_weights(model)]
     # the figure by hand from the codes: Σ density · MACs · weight bits · input bits over the dense FP32 BOPs
@@ -282,9 +284,9 @@ def test_target_size_lands_within_tolerance(data, tmp_path):
 def test_a_size_target_missed_by_the_metadata_is_trimmed_again(data, tmp_path, monkeypatch):
     """The trim counts the metadata measured after training; when the file still comes out too large
     (here: the room kept for the final metrics made 3 kB too small), it is trimmed again and rewritten."""
-    from codeq_cli.commands import _budget
+    from codeq_cli.train import finish
 
-    monkeypatch.setattr(_budget, "_METRICS_ROOM", -3000)
+    monkeypatch.setattr(finish, "_METRICS_ROOM", -3000)
     out = tmp_path / "s.pt"
     res = run(CompressOptions(out=out, max_steps=4, skip_baseline=True, target_size="120kB",
                               **_common(data, overrides=["batch_size=8", "lr_dz=0.3", "budget_every=1"])))
@@ -336,7 +338,7 @@ def test_quantized_activations_count_in_the_starting_figure_and_the_reachable_ra
 
 
 def test_the_controller_drives_learned_activation_widths_with_their_layers_weights():
-    c = Controller("bops", target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
+    c = Controller(BOPS, target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
     c.act_index = [2, 0]  # the first width feeds layer 2, the second layer 0
     c.update(25, 11.0, [4.0, 1.0, 1.0])
     assert c.weights == [1.0, 0.5, 0.5] and c.act_weights == [0.5, 1.0]
@@ -355,7 +357,7 @@ def test_the_controller_drives_learned_activation_widths_with_their_layers_weigh
     assert state["act_index"] == [2, 0] and state["act_weights"] == [0.5, 1.0]
     for key in ("act_index", "act_weights"):  # run states from before still load
         del state[key]
-    Controller("bops", 5.0, 20.0, 100).load_state_dict(state)
+    Controller(BOPS, 5.0, 20.0, 100).load_state_dict(state)
 
 
 @pytest.mark.parametrize("budget", [{"target_bops": 1.0}, {"target_size": "60kB"}])
@@ -414,14 +416,15 @@ def test_resume_with_the_controller_and_teacher_ends_with_the_same_codes(data, t
 def test_max_drop_keeps_the_most_compressed_model_that_met_the_bound_and_backs_off():
     from codeq_cli.core.bops import measure_macs
     from codeq_cli.core.insert import quantize_, quantized_weights
-    from codeq_cli.train.budget import BudgetRun, rel_bops
+    from codeq_cli.train.controller import BudgetRun
+    from codeq_cli.train.measure import rel_bops
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
     macs = measure_macs(model, (3, 8, 8))
     quantize_(model, bits=4)
     start = rel_bops(model, macs)
-    run_ = BudgetRun(Controller("max_drop", start / 50, start, 100), macs, max_drop=1.0, fp_top1=80.0)
+    run_ = BudgetRun(Controller(MAX_DROP, start / 50, start, 100), macs, max_drop=1.0, fp_top1=80.0)
 
     def prune(theta: float) -> float:
         with torch.no_grad():
@@ -450,7 +453,7 @@ def test_max_drop_keeps_the_most_compressed_model_that_met_the_bound_and_backs_o
 
 
 def test_max_drop_stages_and_its_relaxing_speed_by_hand():
-    from codeq_cli.train.budget import max_drop_stages
+    from codeq_cli.train.controller import max_drop_stages
 
     # far end max(2·0.1, 20/50) = 0.4; four evaluations: ratio (0.4/20)^(1/4) = 0.02^0.25
     first, ratio = max_drop_stages(20.0, 0.1, 4)
@@ -458,7 +461,7 @@ def test_max_drop_stages_and_its_relaxing_speed_by_hand():
     assert max_drop_stages(20.0, 1.0, 1) == (pytest.approx(2.0), pytest.approx(0.1))  # far end 2·low = 2
     # Far below its plan a max_drop search relaxes at up to the cap, which binds and doubles (4 → 8);
     # a target run relaxes at most at the optimizer's step and its cap does not move
-    for kind, up, boost in (("max_drop", 8.0, 8.0), ("bops", 1.0, 4.0)):
+    for kind, up, boost in ((MAX_DROP, 8.0, 8.0), (BOPS, 1.0, 4.0)):
         c = Controller(kind, target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
         c.update(5, 2.0, [1.0])  # e = ln(2 / planned(5)) ≈ −2.2: k·e ≈ −44
         assert (c.down, c.up, c.boost) == (0.0, up, boost), kind

@@ -88,6 +88,14 @@ def test_the_torchscript_exporter_fallback_prints_no_deprecation_warning(tmp_pat
 def test_onnx_export_writes_a_valid_model(tmp_path, compressed):
     import onnx
 
-    ckpt, _, _ = compressed
+    import numpy as np
+    import onnxruntime as ort
+
+    ckpt, x, expected = compressed
     out = export.export_onnx(ckpt, tmp_path / "m.onnx")
     onnx.checker.check_model(onnx.load(str(out)))
+    # The graph computes what the decoded model computes: ONNX Runtime's logits against PyTorch's, batch of 2
+    # (the batch dimension is dynamic).
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    (got,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got, expected.numpy(), atol=1e-4, rtol=1e-4)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from codeq_cli.commands import _budget
+from codeq_cli.train import bn, finish
+from codeq_cli.train.budget import BOPS, MAX_DROP, Budget
 from codeq_cli.commands.compress import CompressOptions, run
 from codeq_cli.errors import InterruptedRun as Interrupted
 from codeq_cli.errors import UsageError
@@ -110,12 +111,13 @@ def test_max_drop_from_a_model_at_chance_is_refused(trained, tmp_path, capsys):
 
 
 def test_check_baseline_by_hand():
-    recipe = SimpleNamespace(max_drop=1.0)
-    _budget.check_baseline(recipe, 11.01, 10)  # floor 10.01 > chance 10
-    with pytest.raises(UsageError, match="at or below chance"):
-        _budget.check_baseline(recipe, 11.0, 10)  # floor 10.0 = chance
-    _budget.check_baseline(SimpleNamespace(max_drop=None), 5.0, 10)  # no max_drop: nothing to check
-    _budget.check_baseline(recipe, None, 10)  # no baseline (resumed): nothing to check
+    budget = Budget(MAX_DROP, 1.0)
+    finish.check_baseline(budget, 11.01, 10)  # floor 10.01 > chance 10
+    with pytest.raises(UsageError, match=r"--max-drop 1: .* at or below chance"):
+        finish.check_baseline(budget, 11.0, 10)  # floor 10.0 = chance
+    finish.check_baseline(None, 5.0, 10)  # no budget: nothing to check
+    finish.check_baseline(Budget(BOPS, 1.0), 5.0, 10)  # a target, not a bound: nothing to check
+    finish.check_baseline(budget, None, 10)  # no baseline (resumed): nothing to check
 
 
 class _BN(nn.Module):
@@ -144,7 +146,7 @@ def test_bn_reestimation_is_kept_only_within_max_drop(monkeypatch, after, kind, 
         mod.bn.running_var.fill_(7.0)
         return 16
 
-    monkeypatch.setattr(_budget, "reestimate", fake_reestimate)
+    monkeypatch.setattr(bn, "reestimate", fake_reestimate)
     scores = iter([90.0, after])
     calls = []
 
@@ -152,9 +154,9 @@ def test_bn_reestimation_is_kept_only_within_max_drop(monkeypatch, after, kind, 
         calls.append(float(mod.bn.running_mean[0]))
         return next(scores)
 
-    recipe = SimpleNamespace(bn_reestimate=2, max_drop=1.0, amp=False)
-    entry = {"kind": kind, "met": True}
-    got = _budget.bn_step(model, recipe, entry, 90.0, measure, None, 0, None, 0)
+    ctx = SimpleNamespace(recipe=SimpleNamespace(bn_reestimate=2, amp=False))
+    budget = Budget(MAX_DROP if kind == "max_drop" else BOPS, 1.0)
+    got = bn.bn_step(model, ctx, budget, True, 90.0, measure)
     assert got["top1_before_bn"] == 90.0 and got["bn_images"] == 16
     assert calls == ([0.5, -3.0] if kind == "max_drop" else [0.5])  # measured after only under max_drop
     assert ("bn_kept" not in got) == kept

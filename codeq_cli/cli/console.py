@@ -157,14 +157,10 @@ class TrainingDisplay:
 # -- what the commands print: summaries, event handlers, tables ---------------------------------
 def budget_lines(b: dict, m: dict) -> str:
     """The budget and accuracy lines of the summary ('' when there is nothing to say)."""
-    lines = ""
-    if b.get("kind") == "bops":
-        lines += f"  budget: target {b['target']:.3g}% rel BOPs, achieved {b['achieved']:.3g}%\n"
-    elif b.get("kind") == "size":
-        lines += f"  budget: target {int(b['target'])} bytes, achieved {int(b['achieved'])} bytes\n"
-    elif b.get("kind") == "max_drop":
-        lines += (f"  budget: top-1 within {b['max_drop']:g} points of FP; checkpoint from epoch {b['best_epoch'] + 1}\n"
-                  if b.get("met") else f"  budget: no evaluation stayed within {b['max_drop']:g} points; the final model is written\n")
+    from codeq_cli.train.budget import Budget
+
+    budget = Budget.from_dict(b)
+    lines = f"  budget: {budget.summary_line(b)}\n" if budget is not None else ""
     if m.get("top1_before_bn") is not None:
         lines += ("  batch-norm re-estimation: not kept (it broke --max-drop); the trained statistics give top-1 "
                   f"{m['top1']:.2f}%\n" if m.get("bn_kept", 1) == 0 else
@@ -273,3 +269,4 @@ def batch_table(rows: list[dict], output) -> None:
                       pct(r["rel_bops"]), "-" if r["bytes"] is None else f"{r['bytes'] / 1e6:.2f}",
                       f"{r['seconds']:.0f}", status)
     output.out.print(table)
+

@@ -202,7 +202,7 @@ def _complete(out: Path) -> bool:
 
 
 def _run_dir(job: dict[str, Any]) -> Path:
-    from codeq_cli.commands.compress import default_run_dir
+    from codeq_cli.commands._stages import default_run_dir
 
     return Path(job["run_dir"]) if job.get("run_dir") else default_run_dir(Path(job["out"]))
 
@@ -254,14 +254,10 @@ def run_job(job: dict[str, Any], *, resume: bool, stderr=None, tracking: dict | 
 
 def budget_label(budget: dict[str, Any] | None) -> str:
     """``4% BOPs``, ``60000 B`` or ``drop 1``: a budget in a table cell ("" without one)."""
-    if not budget:
-        return ""
-    target = budget["target"]
-    if budget["kind"] == "bops":
-        return f"{target:g}% BOPs"
-    if budget["kind"] == "size":
-        return f"{int(target)} B"
-    return f"drop {target:g}"
+    from codeq_cli.train.budget import Budget
+
+    b = Budget.from_dict(budget)
+    return b.label() if b is not None else ""
 
 
 def _gates(job: dict[str, Any], row: dict[str, Any]) -> None:

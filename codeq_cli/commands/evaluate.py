@@ -61,7 +61,7 @@ def run(opts: EvalOptions, on_batch: Callable[[int, int], None] | None = None, o
         raise UsageError(f"--batch-size {opts.batch_size} must be at least 1")
     if opts.workers is None:
         opts = replace(opts, workers=default_workers())
-    from codeq_cli.commands.compress import chosen_preprocessing, with_preprocessing_flags
+    from codeq_cli.commands._stages import chosen_preprocessing, with_preprocessing_flags
     from codeq_cli.train.recipe import Recipe
 
     checked = with_preprocessing_flags(Recipe(), opts)  # a bad value is refused before any loading

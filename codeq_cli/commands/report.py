@@ -114,25 +114,20 @@ def top1_line(metrics: dict, compressed: str, fp: str, change: str) -> str:
     return ", ".join(parts)
 
 
-_BUDGET_KEYS = (("bops", "budget_target_bops"), ("size", "budget_target_size"), ("max_drop", "budget_max_drop"))
-
-
 def budget_of(metrics: dict) -> dict | None:
     """The budget ``codeq compress`` recorded in the metrics: ``{"kind", "target"}``, or None (λ as given)."""
-    for kind, key in _BUDGET_KEYS:
-        if metrics.get(key) is not None:
-            return {"kind": kind, "target": metrics[key]}
-    return None
+    from codeq_cli.train.budget import Budget
+
+    b = Budget.from_metrics(metrics)
+    return None if b is None else b.to_dict()
 
 
 def _budget_from_metrics(m: dict, totals: dict) -> dict | None:
     """The budget ``codeq compress`` recorded in the metrics (``budget_target_*``), as a target/achieved pair."""
-    b = budget_of(m)
-    if b is None or (b["kind"] == "max_drop" and m.get("top1_drop") is None):
-        return None
-    metric = {"bops": "rel_bops", "size": "file_bytes", "max_drop": "top1_drop"}[b["kind"]]
-    return {"target": b["target"], "achieved": m["top1_drop"] if metric == "top1_drop" else totals[metric],
-            "metric": metric}
+    from codeq_cli.train.budget import Budget
+
+    b = Budget.from_metrics(m)
+    return None if b is None else b.target_pair(m, totals)
 
 
 def budget_pair(budget) -> dict | None:

@@ -1,482 +1,204 @@
-"""Compressing to a budget: the measured figure, what can be reached, and the pressure controller.
+"""What a run is compressed to: the :class:`Budget` value type (``docs/method.md``, "Compressing to a budget").
 
-``docs/method.md``, "Compressing to a budget" (codeq's extension, not the
-paper's). A budget is one of
+A budget is one of three kinds (codeq's extension, not the paper's):
 
 - ``target_bops``: relative BOPs in percent of the dense FP32 BOPs (``codeq report``'s figure);
 - ``target_size``: bytes of the compressed checkpoint as written;
 - ``max_drop``: top-1 points below the FP model's, compressing as far as that allows.
 
-The :class:`Controller` replaces the user's guess of λ by a pressure
-``p = exp(u)`` that multiplies the recipe's penalty, with per-layer weights
-``w_ℓ`` proportional to each layer's share of the measured cost::
+Every place that needs to know something about a budget asks its
+:class:`BudgetKind` (the recipe key and flag it comes from, the figure the
+controller steers, the metric the checkpoint records, how it is printed):
+nothing else in codeq compares kind names. A fourth kind is one more
+:class:`BudgetKind` in :data:`KINDS`.
 
-    L = task + p · (λ_dz Σ w_ℓ θ_dz,ℓ² + λ_bit Σ w_ℓ θ_bit,ℓ²)
-
-Every ``every`` steps it measures the figure (on rank 0, shared with every rank)
-and moves ``u`` by the log error against a planned path that goes
-geometrically from the starting figure to the target by ``ramp`` of the
-steps and then holds it. Exactness at the end is the job of
-:func:`codeq_cli.train.trim.trim`.
+The module is plain Python (no torch): the recipe parses budgets with it, and
+the CLI and the report print them.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
-import torch
-from torch import nn
-
-from codeq_cli.core.act_quant import act_quantizers, learns_width
-from codeq_cli.core.bops import A_BITS, FP_BITS, bops_rows, bops_totals
-from codeq_cli.core.insert import quantized_weights
 from codeq_cli.errors import UsageError
-from codeq_cli.train.recipe import parse_size  # noqa: F401  (re-exported: budget sizes)
 
-TOLERANCE = 0.03  # the end figure lies in [target·(1 − 3%), target]
-def budget_kind(recipe) -> str | None:
-    """``"bops"``, ``"size"``, ``"max_drop"`` or None (λ as given, the paper's way)."""
-    if recipe.target_bops is not None:
-        return "bops"
-    if recipe.target_size is not None:
-        return "size"
-    if recipe.max_drop is not None:
-        return "max_drop"
-    return None
+TOLERANCE = 0.03  # a target's end figure lies in [target·(1 − 3%), target]
 
 
-# -- measuring -------------------------------------------------------------------------
-def _table_bytes(counts: torch.Tensor) -> int:
-    """Bytes of the frequency table :func:`codeq_cli.formats.entropy.encode` writes."""
-    nz = counts[counts > 0].tolist()
-    varint = lambda v: max(1, (int(v).bit_length() + 6) // 7)  # noqa: E731
-    return varint(len(nz)) + sum(1 + varint(c) for c in nz)
+@dataclass(frozen=True)
+class Figure:
+    """What the controller measures and steers during training: relative BOPs (%) or the file's bytes."""
+
+    name: str  # "bops" or "size": the figure's name in the run state and the trim's report
+    counts_activations: bool  # BOPs count input widths (so steer learned ones); the file does not
+
+    def show(self, v: float) -> str:
+        return f"{v:.3g}%" if self.counts_activations else f"{int(math.ceil(v))} bytes ({v / 1e6:.3f} MB)"
+
+    def layer_cost(self, bits: int, act_bits: int, macs: int, params: int) -> float:
+        """A layer's dense cost in this figure: ``bits · act_bits · MACs`` for BOPs, ``bits · params`` for the size."""
+        return float(bits * act_bits * macs) if self.counts_activations else float(bits * params)
 
 
-@torch.no_grad()
-def coded_bytes(model: nn.Module) -> list[float]:
-    """Per quantized layer: the bytes of its coded weights, estimated from the code histogram."""
-    out = []
-    for qw in quantized_weights(model):
-        codes = qw.quantizer.encode(qw.original).codes
-        counts = torch.bincount(codes.reshape(-1).to(torch.int64) + 128, minlength=256).double()
-        p = counts[counts > 0] / codes.numel()
-        bound_bits = float(-(counts[counts > 0] * torch.log2(p)).sum())
-        out.append(float(_table_bytes(counts) + 4 * (math.ceil(bound_bits / 32) + 1) if (counts > 0).sum() > 1
-                         else _table_bytes(counts)))
-    return out
+BOPS_FIGURE = Figure("bops", counts_activations=True)
+SIZE_FIGURE = Figure("size", counts_activations=False)
 
 
-def measure(kind: str, model: nn.Module, macs: dict[str, int], size_overhead: int = 0) -> tuple[float, list[float]]:
-    """The figure the budget is about (relative BOPs %, or bytes) and each quantized layer's cost share."""
-    if kind == "size":
-        costs = coded_bytes(model)
-        return float(size_overhead + sum(costs)), costs
-    # One encoding of every layer: a quantized row's BOPs (density · MACs · bits · input bits) is its cost.
-    rows = bops_rows(model, macs)
-    cost = {r.name: r.bops for r in rows}
-    return float(bops_totals(rows)["rel_bops"]), [cost[qw.name] for qw in quantized_weights(model)]
+@dataclass(frozen=True)
+class BudgetKind:
+    """One kind of budget and everything codeq does differently for it."""
 
-
-def rel_bops(model: nn.Module, macs: dict[str, int], act_bits: dict[str, int] | None = None) -> float:
-    """Relative BOPs (%) as ``codeq report`` computes it (``act_bits``: see :func:`~codeq_cli.core.bops.bops_rows`)."""
-    return float(bops_totals(bops_rows(model, macs, act_bits=act_bits))["rel_bops"])
-
-
-def act_layer_index(model: nn.Module) -> list[int]:
-    """For each learned activation bit logit (in :func:`~codeq_cli.core.act_quant.act_parameters` order),
-    the index of the layer it feeds among :func:`~codeq_cli.core.insert.quantized_weights`."""
-    index = {qw.name: i for i, qw in enumerate(quantized_weights(model))}
-    return [index.get(name, -1) for name, qz in act_quantizers(model) if learns_width(qz)]
-
-
-def drives_activations(kind: str) -> bool:
-    """Whether a budget of this kind counts (and so steers) activation widths: BOPs do, the file does not."""
-    return kind != "size"
-
-
-# -- what can be reached ----------------------------------------------------------------------
-@torch.no_grad()
-def reachable(kind: str, model: nn.Module, macs: dict[str, int], size_overhead: int, start: float,
-              act_bits: dict[str, int] | None = None, act_low: dict[str, int] | None = None) -> tuple[float, float]:
-    """``(lowest, start)``: the figure at the widest dead zones and fewest bits, and the figure now.
-
-    ``act_bits``: the activation widths the run starts with (default: the
-    model's calibrated ones); ``act_low``: the fewest each can reach (default:
-    the same), for the BOPs.
-
-    The widest dead zone is ``d = 2R`` (θ_dz = 0): every ``|w| ≤ R`` is
-    pruned and about 1 − quantile of the weights stay. The bit-width is then
-    ``b_min`` (mixed) or the fixed one. For the size, each kept weight costs at
-    least its sign, so a layer needs at least ``n·(h(ρ) + ρ)/8`` bytes
-    (``h``: binary entropy, ``ρ``: density), exact at 2 bits.
-    """
-    quantized = {}
-    for qw in quantized_weights(model):
-        w = qw.original.detach()
-        R = qw.quantizer.absmax(w)
-        rho = float((w.abs() > R).sum()) / max(1, w.numel())
-        bits = qw.quantizer.b_min if qw.quantizer.mixed else qw.quantizer.bits
-        quantized[qw.name] = (w.numel(), rho, bits)
-    if kind == "size":
-        low = float(size_overhead)
-        for n, rho, _ in quantized.values():
-            h = 0.0 if rho in (0.0, 1.0) else -(rho * math.log2(rho) + (1 - rho) * math.log2(1 - rho))
-            low += n * (h + rho) / 8.0
-        return low, start
-    rows = bops_rows(model, macs, act_bits=act_bits)
-    dense = sum(r.macs for r in rows) * FP_BITS * A_BITS
-    act_low = act_low or {}
-    low = 0.0
-    for r in rows:
-        a = act_low.get(r.name, r.act_bits)
-        if r.name in quantized:
-            _, rho, bits = quantized[r.name]
-            low += rho * r.macs * bits * a
-        else:  # a float layer: no input quantizer either
-            low += r.bops
-    return (100.0 * low / dense if dense else 0.0), start
-
-
-def _show(kind: str, v: float) -> str:
-    return f"{v:.3g}%" if kind == "bops" else f"{int(math.ceil(v))} bytes ({v / 1e6:.3f} MB)"
-
-
-def check_target(kind: str, target: float, low: float, start: float, size_floor: float | None = None) -> None:
-    """Refuse, before training, a target outside ``(low, start)``: one line naming the reachable range."""
-    flag = {"bops": "--target-bops", "size": "--target-size"}[kind]
-    shown = f"{target:g}" if kind == "bops" else f"{int(target)}"
-    span = f"reachable from this start: {_show(kind, low)} to {_show(kind, start)}"
-    if kind == "size" and size_floor is not None and target < size_floor:
-        raise UsageError(f"{flag} {shown} is smaller than the float tensors and metadata alone ({int(size_floor)} bytes)",
-                         hint=f"{span}; exclude fewer layers or raise the target")
-    if target >= start:
-        raise UsageError(f"{flag} {shown} is already met at the start ({_show(kind, start)})",
-                         hint=f"{span}; choose a smaller target")
-    if target <= low * (1 + TOLERANCE):
-        raise UsageError(f"{flag} {shown} is below what the allowed bit-widths and sparsity can give",
-                         hint=f"{span}; raise the target, or lower b_min/bits")
-
-
-# -- the controller -----------------------------------------------------------------------------
-@dataclass
-class Controller:
-    """Rates and pressure of the logits from the measured figure, along a planned path.
-
-    The plan is geometric from ``anchor`` (the figure at ``anchor_step``) to
-    ``target`` at ``ramp_end``, then flat: the hold phase. After each
-    measurement, with ``e = ln(measured / planned)``:
-
-    - ``down = clip(k·e, 0, boost)``, ``up = clip(−k·e, 0, 1)`` (``max_drop``:
-      ``clip(−k·e, 0, boost)``, its search also moves back up): the share of its
-      optimizer step a logit keeps when the step compresses (``|θ|`` falls) or
-      relaxes it. Above the plan only compressing moves happen, below it only
-      relaxing ones, at a speed proportional to the error; on the plan the
-      logits stand still while the weights keep training. Far above the plan
-      the compressing steps are enlarged up to ``boost`` times. The cap itself
-      adapts: each measurement at which it binds doubles it (up to
-      ``boost_max``), each at which ``k·e`` is below half of it halves it (down
-      to ``boost_min``). A run whose logit learning rate is too small for its
-      budget, a short one above all, still follows the plan instead of leaving
-      the distance to the final trim.
-    - per-layer weights, by ``rates``:
-
-      ``"cost"``: ``w_ℓ = sqrt(cost_ℓ / max cost)`` scales both the penalty and
-      each logit's kept step: layers holding more of the figure move faster.
-      ``"sensitivity"``: ``w_ℓ = cost_ℓ / max cost`` weights the penalty only,
-      and every logit keeps the same share of its step. A logit then
-      compresses where the weighted penalty's pull beats the task gradient's
-      push back: each layer's cost saved against the loss it costs, the
-      Lagrangian's own condition, decides which layers give way.
-    - ``u`` (the log of the pressure ``p`` on the penalty) moves by
-      ``gain·e`` (at most ``max_move``; ``|u| ≤ u_max``): when no layer's
-      step compresses any more, the pull grows until some do; below the plan
-      it shrinks and the task gradient relaxes the layers that need it most.
-    """
-
-    kind: str
-    target: float
-    start: float
-    total_steps: int
-    rates: str = "cost"
-    ramp: float = 0.6
-    every: int = 5
-    k: float = 20.0
-    boost_min: float = 4.0
-    boost_max: float = 32.0
-    boost: float = 4.0
-    gain: float = 0.5
-    max_move: float = 0.25
-    u_max: float = 8.0
-    u: float = 0.0
-    down: float = 1.0
-    up: float = 0.0
-    measured: float = float("nan")
-    weights: list[float] = field(default_factory=list)
-    act_index: list[int] = field(default_factory=list)  # learned activation widths: the layer each feeds
-    act_weights: list[float] = field(default_factory=list)
-    anchor_step: int = 0
-    anchor: float = float("nan")
-    ramp_end: int = -1
-    updates: int = 0
-
-    def __post_init__(self) -> None:
-        if math.isnan(self.anchor):
-            self.anchor = self.start
-        if math.isnan(self.measured):
-            self.measured = self.start
-        if self.ramp_end < 0:
-            self.ramp_end = max(1, int(round(self.ramp * self.total_steps)))
+    name: str  # in events, summaries and --json: "bops", "size", "max_drop"
+    recipe_key: str  # the recipe key (and, with dashes, the flag)
+    figure: Figure  # what training steers
+    metric_key: str  # the checkpoint's metrics key holding the target
+    achieved_metric: str  # the figure `codeq report` sets against the target: rel_bops, file_bytes, top1_drop
+    searches: bool = False  # max_drop: a bound on accuracy, searched over evaluations (no figure to trim to)
 
     @property
-    def pressure(self) -> float:
-        return math.exp(self.u)
+    def flag(self) -> str:
+        return "--" + self.recipe_key.replace("_", "-")
 
-    def planned(self, step: int) -> float:
-        span = max(1, self.ramp_end - self.anchor_step)
-        x = min(1.0, max(0.0, (step - self.anchor_step) / span))
-        return self.anchor * (self.target / self.anchor) ** x
-
-    def retarget(self, target: float, step: int, over_steps: int) -> None:
-        """A new target, reached from the figure measured now within ``over_steps`` (``max_drop``)."""
-        self.target, self.anchor_step, self.anchor = target, step, self.measured
-        self.ramp_end = step + max(1, over_steps)
-
-    def update(self, step: int, measured: float, costs: list[float]) -> None:
-        """One measurement after ``step`` steps: new rates, weights and pressure."""
-        self.measured = measured
-        e = math.log(max(measured, 1e-12) / max(self.planned(step), 1e-12))
-        raw = self.k * e
-        # max_drop's search moves both ways (back up after a miss): its relaxing steps share the cap
-        both_ways = self.kind == "max_drop"
-        need = abs(raw) if both_ways else raw
-        if need > self.boost:  # the cap binds: the logits are too slow for the plan
-            self.boost = min(self.boost_max, 2.0 * self.boost)
-        elif need < 0.5 * self.boost:
-            self.boost = max(self.boost_min, 0.5 * self.boost)
-        self.down = min(self.boost, max(0.0, raw))
-        self.up = min(self.boost if both_ways else 1.0, max(0.0, -raw))
-        self.u = min(self.u_max, max(-self.u_max, self.u + min(self.max_move, max(-self.max_move, self.gain * e))))
-        self.updates += 1
-        top = max(costs) if costs else 0.0
-        if top <= 0:
-            self.weights = [1.0] * len(costs)
-        elif self.rates == "sensitivity":
-            self.weights = [c / top for c in costs]
-        else:
-            self.weights = [math.sqrt(c / top) for c in costs]
-        # a learned activation width moves with the layer it feeds (its bits multiply that layer's cost)
-        self.act_weights = [self.weights[i] if 0 <= i < len(self.weights) else 1.0 for i in self.act_index]
-
-    def _w(self, n: int) -> list[float]:
-        return self.weights if len(self.weights) == n else [1.0] * n
-
-    def _w_act(self, n: int) -> list[float]:
-        return self.act_weights if len(self.act_weights) == n else [1.0] * n
-
-    @torch.no_grad()
-    def scale_steps(self, before: list[torch.Tensor], logits: list[list[torch.Tensor]]) -> None:
-        """After the optimizer step: keep ``down·w_ℓ`` (compressing) or ``up·w_ℓ`` (relaxing) of each logit's move.
-
-        ``before`` holds the logits before the step, in the order of
-        ``logits`` flattened (dead-zone logits, then bit logits, then learned
-        activation bit logits when the controller drives them); the first two
-        lists have one entry per quantized layer, the third one per learned
-        activation width.
-        """
-        i = 0
-        for g, group in enumerate(logits):
-            if self.rates != "cost":
-                w = [1.0] * len(group)
-            else:
-                w = self._w_act(len(group)) if g == 2 else self._w(len(group))
-            for j, p in enumerate(group):
-                old = before[i]
-                i += 1
-                compress = bool(p.abs() < old.abs())
-                p.copy_(old + (p - old) * (w[j] * (self.down if compress else self.up)))
-
-    def penalty(self, dz: list[torch.Tensor], bit: list[torch.Tensor], lambda_dz: float, lambda_bit: float,
-                device=None, act: list[torch.Tensor] = (), lambda_act: float = 0.0) -> torch.Tensor:
-        """``p · (λ_dz Σ w_ℓ θ_dz² + λ_bit Σ w_ℓ θ_bit² + λ_act_bit Σ w_a θ_act²)``.
-
-        Before the first measurement every ``w = 1``; ``w_a`` is the weight of
-        the layer the activation feeds.
-        """
-        total = torch.zeros((), device=dz[0].device if dz else device)
-        if not dz:
-            return total
-        for lam, group, weights in ((lambda_dz, dz, self._w), (lambda_bit, bit, self._w), (lambda_act, act, self._w_act)):
-            if group and lam:
-                w = torch.tensor(weights(len(group)), dtype=group[0].dtype, device=group[0].device)
-                total = total + lam * (w * torch.stack([p.square() for p in group])).sum()
-        return self.pressure * total
-
-    def log_fields(self, step: int) -> dict:
-        return {"budget": self.kind, "target": self.target, "planned": self.planned(step), "measured": self.measured,
-                "pressure": self.pressure, "rate_down": self.down, "rate_up": self.up, "boost": self.boost}
-
-    _STATE = ("target", "u", "down", "up", "boost", "measured", "weights", "act_index", "act_weights", "anchor_step",
-              "anchor", "ramp_end", "updates")
-    _NEWER = ("boost", "act_index", "act_weights")  # absent from run states written before they existed
-
-    def state_dict(self) -> dict:
-        return {"kind": self.kind, "start": self.start, **{k: getattr(self, k) for k in self._STATE}}
-
-    def load_state_dict(self, state: dict) -> None:
-        for k in self._STATE:
-            if k in self._NEWER and k not in state:
-                continue
-            setattr(self, k, state[k])
-        self.weights = list(state["weights"])
-        self.act_index, self.act_weights = list(self.act_index), list(self.act_weights)
-
-
-def max_drop_stages(start: float, low: float, evaluations: int) -> tuple[float, float]:
-    """``(first stage's figure, ratio)`` of a ``max_drop`` search with ``evaluations`` evaluations.
-
-    Until an evaluation misses, each stage steps down by the same ratio, so that
-    the evaluations spread evenly in log space from the start to the far end
-    ``max(2·low, start/50)`` (the lowest reachable figure doubled: the trim's
-    margin; start/50: no layer left worth its bits).
-    """
-    far = max(2.0 * low, start / 50.0)
-    ratio = (far / start) ** (1.0 / max(1, evaluations))
-    return start * ratio, ratio
-
-
-# -- one run's budget: the controller wired to a model --------------------------------------------
-class BudgetRun:
-    """The controller of one training run, plus ``max_drop``'s bookkeeping.
-
-    :class:`codeq_cli.train.loop.Fit` calls :meth:`penalty` in the loss,
-    :meth:`before_step`/:meth:`after_optimizer_step` around the optimizer step,
-    :meth:`after_step` after it and :meth:`on_eval` after each evaluation;
-    :meth:`state_dict` goes into the run state. Every rank applies rank 0's
-    measurement (one host all-reduce per measurement), so every rank uses the
-    same rates and pressure at every step.
-    """
-
-    def __init__(self, controller: Controller, macs: dict[str, int], size_overhead: int = 0,
-                 max_drop: float | None = None, fp_top1: float | None = None, is_main: bool = True,
-                 ratio: float | None = None, eval_every: int = 1) -> None:
-        self.c = controller
-        self.macs = macs
-        self.size_overhead = size_overhead
-        self.max_drop = max_drop
-        self.fp_top1 = fp_top1
-        self.is_main = is_main
-        self.best: dict | None = None  # max_drop: {"epoch", "step", "figure", "top1"}
-        self.best_state: dict[str, torch.Tensor] | None = None
-        self.missed: float | None = None  # max_drop: the lowest figure whose evaluation missed the bound
-        self.ratio = 0.5 if ratio is None else ratio  # max_drop: a stage's step down until a miss (:func:`max_drop_stages`)
-        self.eval_every = eval_every  # max_drop: epochs between evaluations
-        self.figure_kind = "size" if controller.kind == "size" else "bops"
-
-    # -- the step
     @property
-    def drives_act(self) -> bool:
-        """Whether the learned activation widths are the controller's too (:func:`drives_activations`)."""
-        return drives_activations(self.c.kind)
+    def target_figure(self) -> bool:
+        """A target figure (BOPs or bytes) trimmed to at the end; not a bound on accuracy."""
+        return not self.searches
 
-    def _groups(self, logits: tuple) -> list[list]:
-        """``(dz, bit[, act])`` as the controller moves them: the activation logits only when it drives them."""
-        dz, bit, *act = logits
-        groups = [dz, bit]
-        if self.drives_act and act and act[0]:
-            groups.append(act[0])
-        return groups
+    @property
+    def measures_file(self) -> bool:
+        """The target is the file's own length (read from the file; its metadata cannot state it)."""
+        return self.figure is SIZE_FIGURE and not self.searches
 
-    def penalty(self, dz, bit, lambda_dz: float, lambda_bit: float, device=None, act=(), lambda_act: float = 0.0) -> torch.Tensor:
-        """The controller's penalty; ``act`` only when it drives them (:attr:`drives_act`), else the caller's."""
-        return self.c.penalty(dz, bit, lambda_dz, lambda_bit, device, act=act, lambda_act=lambda_act)
+    def label(self, target: float) -> str:
+        """``8% BOPs``, ``60000 B`` or ``drop 1``: a table cell."""
+        if self.searches:
+            return f"drop {target:g}"
+        return f"{target:g}% BOPs" if self.figure is BOPS_FIGURE else f"{int(target)} B"
 
-    @torch.no_grad()
-    def before_step(self, logits: tuple) -> list[torch.Tensor]:
-        return [p.detach().clone() for group in self._groups(logits) for p in group]
+    def shown(self, target: float) -> str:
+        """The target as the user typed it, for messages: ``--target-bops 4.5``."""
+        return f"{self.flag} {target:g}" if self.figure is BOPS_FIGURE or self.searches else f"{self.flag} {int(target)}"
 
-    def after_optimizer_step(self, before: list[torch.Tensor], logits: tuple) -> None:
-        self.c.scale_steps(before, self._groups(logits))  # an empty list (fixed weight bits) keeps its place
 
-    def after_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        if step % self.c.every and step != total_steps:
-            return
-        from codeq_cli.train import dist
+BOPS = BudgetKind("bops", "target_bops", BOPS_FIGURE, "budget_target_bops", "rel_bops")
+SIZE = BudgetKind("size", "target_size", SIZE_FIGURE, "budget_target_size", "file_bytes")
+MAX_DROP = BudgetKind("max_drop", "max_drop", BOPS_FIGURE, "budget_max_drop", "top1_drop", searches=True)
+KINDS: dict[str, BudgetKind] = {k.name: k for k in (BOPS, SIZE, MAX_DROP)}
+RECIPE_KEYS: tuple[str, ...] = tuple(k.recipe_key for k in KINDS.values())
 
-        plain = dist.unwrap(model)
-        n = sum(1 for _ in quantized_weights(plain))
-        if self.drives_act and not self.c.act_index:
-            self.c.act_index = act_layer_index(plain)  # the same on every rank: the model's structure
-        if self.is_main:
-            figure, costs = measure(self.figure_kind, plain, self.macs, self.size_overhead)
-        else:
-            figure, costs = 0.0, [0.0] * n
-        figure, *costs = dist.host_sum([figure, *costs])  # rank 0's numbers on every rank
-        self.c.update(step, figure, costs)
 
-    def log_fields(self, step: int) -> dict:
-        return self.c.log_fields(step)
+@dataclass(frozen=True)
+class Budget:
+    """A run's budget: its kind and its value (percent, bytes or top-1 points)."""
 
-    # -- max_drop
-    def on_eval(self, model: nn.Module, epoch: int, step: int, top1: float, steps_per_epoch: int, total_steps: int) -> dict:
-        """After an evaluation: keep the most compressed model within ``max_drop``; back off when it is missed."""
-        if self.max_drop is None or self.fp_top1 is None:
-            return {}
-        from codeq_cli.train import dist
+    kind: BudgetKind
+    value: float
 
-        plain = dist.unwrap(model)
-        figure = rel_bops(plain, self.macs) if self.is_main else 0.0
-        figure = dist.host_sum([figure])[0]
-        met = top1 >= self.fp_top1 - self.max_drop
-        if met and (self.best is None or figure < self.best["figure"]):
-            self.best = {"epoch": epoch, "step": step, "figure": figure, "top1": top1}
-            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in plain.state_dict().items()}
-        if not met:
-            self.missed = figure if self.missed is None else min(self.missed, figure)
-        if step < total_steps:
-            # The next stage: reach its figure within the first half of the steps to the next
-            # evaluation, then hold it so the weights recover before they are judged.
-            self.c.retarget(self.next_stage(figure), step, max(1, steps_per_epoch * self.eval_every // 2))
-        return {"max_drop_met": met, "best_epoch": None if self.best is None else self.best["epoch"]}
+    # -- where budgets come from
+    @staticmethod
+    def of(recipe: Any) -> Budget | None:
+        """The budget a recipe sets (None: λ as given, the paper's way); the recipe allows at most one."""
+        for kind in KINDS.values():
+            value = getattr(recipe, kind.recipe_key, None)
+            if value is not None:
+                return Budget(kind, float(value))
+        return None
 
-    def next_stage(self, figure: float) -> float:
-        """The figure the next stage of the ``max_drop`` search aims at (the log-space bracket, docs/method.md).
+    @staticmethod
+    def from_metrics(metrics: Mapping[str, Any]) -> Budget | None:
+        """The budget ``codeq compress`` recorded in a checkpoint's metrics (``budget_target_*``), or None."""
+        for kind in KINDS.values():
+            if metrics.get(kind.metric_key) is not None:
+                return Budget(kind, float(metrics[kind.metric_key]))
+        return None
 
-        Until an evaluation misses, one step of ``ratio`` below the figure now;
-        then the geometric mean of the lowest figure that met the bound (the
-        start, if none did) and the lowest that missed it.
-        """
-        if self.missed is None:
-            return figure * self.ratio
-        safe = self.best["figure"] if self.best is not None else self.c.start
-        return math.sqrt(safe * self.missed)
-
-    def restore_best(self, model: nn.Module) -> dict | None:
-        """Load the most compressed model that met ``max_drop`` (None when none did)."""
-        if self.best_state is None:
+    @staticmethod
+    def from_dict(d: Mapping[str, Any] | None) -> Budget | None:
+        """From :meth:`to_dict`'s ``{"kind", "target"}`` (or a summary's budget entry); None for an empty one."""
+        if not d or d.get("kind") not in KINDS:
             return None
-        from codeq_cli.train import dist
+        target = d.get("target", d.get("max_drop"))
+        return Budget(KINDS[d["kind"]], float(target)) if target is not None else None
 
-        dist.unwrap(model).load_state_dict(self.best_state)
-        return self.best
+    def to_dict(self) -> dict:
+        return {"kind": self.kind.name, "target": self.value}
 
-    # -- the run state
-    def state_dict(self) -> dict:
-        import json
+    # -- how it is printed
+    def label(self) -> str:
+        return self.kind.label(self.value)
 
-        out = {"budget": json.dumps({"controller": self.c.state_dict(), "best": self.best, "missed": self.missed})}
-        if self.best_state is not None:
-            out["budget_best"] = self.best_state
+    def summary_line(self, entry: Mapping[str, Any]) -> str:
+        """The summary's budget line for the run's budget entry (what :func:`~codeq_cli.train.finish.finish_budget` returned)."""
+        if self.kind.searches:
+            if entry.get("met"):
+                return f"top-1 within {self.value:g} points of FP; checkpoint from epoch {entry['best_epoch'] + 1}"
+            return f"no evaluation stayed within {self.value:g} points; the final model is written"
+        if self.kind.figure is BOPS_FIGURE:
+            return f"target {entry['target']:.3g}% rel BOPs, achieved {entry['achieved']:.3g}%"
+        return f"target {int(entry['target'])} bytes, achieved {int(entry['achieved'])} bytes"
+
+    def flat_metrics(self, entry: Mapping[str, Any]) -> dict:
+        """The budget entry as the checkpoint's metrics hold it: plain numbers under ``budget_*`` keys."""
+        # A file cannot state its own size stably (its metadata is compressed): a size budget's
+        # achieved figure is the file's length, which `codeq report` reads from the file itself.
+        out = {} if self.kind.measures_file else {"budget_achieved": float(entry["achieved"])}
+        if self.kind.searches:
+            out[self.kind.metric_key] = float(entry["max_drop"])
+            out["budget_best_epoch"] = entry["best_epoch"]
+            return out
+        out[self.kind.metric_key] = float(entry["target"])
+        out["budget_before_trim"] = float(entry["before_trim"])
+        out["budget_trimmed_weights"] = int(entry["trim"]["weights_changed"])
         return out
 
-    def load_state_dict(self, state: dict) -> None:
-        import json
+    def target_pair(self, metrics: Mapping[str, Any], totals: Mapping[str, Any]) -> dict | None:
+        """``{"target", "achieved", "metric"}`` for the report, or None when the file cannot say (no FP top-1)."""
+        metric = self.kind.achieved_metric
+        if self.kind.searches:
+            if metrics.get("top1_drop") is None:
+                return None
+            return {"target": self.value, "achieved": metrics["top1_drop"], "metric": metric}
+        return {"target": self.value, "achieved": totals[metric], "metric": metric}
 
-        if "budget" not in state:
-            return
-        data = json.loads(state["budget"])
-        self.c.load_state_dict(data["controller"])
-        self.best = data["best"]
-        self.missed = data.get("missed")  # absent from run states written before the staged search
-        self.best_state = state.get("budget_best")
+    # -- checks before training
+    def check_reachable(self, low: float, start: float, size_floor: float | None = None) -> None:
+        """Refuse a target outside ``(low, start)``: one line naming the reachable range."""
+        fig = self.kind.figure
+        shown = self.kind.shown(self.value)
+        span = f"reachable from this start: {fig.show(low)} to {fig.show(start)}"
+        if size_floor is not None and self.value < size_floor:
+            raise UsageError(f"{shown} is smaller than the float tensors and metadata alone ({int(size_floor)} bytes)",
+                             hint=f"{span}; exclude fewer layers or raise the target")
+        if self.value >= start:
+            raise UsageError(f"{shown} is already met at the start ({fig.show(start)})",
+                             hint=f"{span}; choose a smaller target")
+        if self.value <= low * (1 + TOLERANCE):
+            raise UsageError(f"{shown} is below what the allowed bit-widths and sparsity can give",
+                             hint=f"{span}; raise the target, or lower b_min/bits")
+
+
+def one_budget(values: Mapping[str, Any]) -> list[str]:
+    """The budget keys set (not None) in ``values``, in :data:`KINDS` order: a recipe allows at most one."""
+    return [k for k in RECIPE_KEYS if values.get(k) is not None]
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(value) -> int:
+    """``2MB``, ``1.5 MiB``, ``800kB``, ``123456`` → bytes (MB = 10⁶ bytes, MiB = 2²⁰)."""
+    if isinstance(value, bool):
+        raise ValueError("not a size")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{value!r} is not a size")
+    return int(round(float(m.group(1)) * _UNITS[m.group(2).lower()]))

@@ -1,4 +1,4 @@
-"""Accuracy at the budget: distillation from the FP model, and batch-norm re-estimation.
+"""Accuracy at the budget: distillation from the FP model (batch-norm re-estimation: :mod:`codeq_cli.train.bn`).
 
 ``docs/method.md``, "Accuracy at the budget" (codeq's extensions, not the
 paper's).
@@ -11,11 +11,6 @@ and in eval mode, sees the same batch; the task loss becomes ::
 with ``α = distill_weight`` and ``T = distill_temperature`` (``T²`` keeps the
 gradient's scale independent of ``T``).
 
-Batch-norm re-estimation: the running statistics of every batch-norm layer
-are recomputed on training batches with the final quantized weights (a
-cumulative average, in train mode, without gradients), because the statistics
-collected while the weights and dead zones moved describe none of the models
-along the way. Nothing but the batch-norm buffers changes.
 """
 
 from __future__ import annotations
@@ -52,52 +47,3 @@ def make_teacher(model: nn.Module) -> nn.Module:
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
-
-
-def has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def bn_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of every batch-norm layer's buffers (running statistics, batch count), by state-dict key.
-
-    ``model.load_state_dict(saved, strict=False)`` puts them back.
-    """
-    out = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            for key, buf in m.named_buffers(recurse=False):
-                if buf is not None:
-                    out[f"{name}.{key}" if name else key] = buf.detach().clone()
-    return out
-
-
-@torch.no_grad()
-def reestimate_bn(model: nn.Module, batches: Iterable, device: torch.device, forward=None) -> int:
-    """Recompute every batch-norm layer's running statistics on ``batches``; returns the images seen.
-
-    Models without batch norm are left alone (0). ``forward(model, images)``
-    runs the model (default: ``model(images)``), e.g. under autocast.
-    """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return 0
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over the batches
-    model.train()
-    seen = 0
-    try:
-        for batch in batches:
-            images = batch[0].to(device, non_blocking=True)
-            if images.numel() == 0:
-                continue
-            (forward or (lambda mod, x: mod(x)))(model, images)
-            seen += int(images.shape[0])
-    finally:
-        for m, mom in zip(norms, momenta):
-            m.momentum = mom
-        model.train(was_training)
-    return seen

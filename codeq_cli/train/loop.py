@@ -53,31 +53,15 @@ from codeq_cli.formats import runstate
 from codeq_cli.formats.runstate import RunPosition
 from codeq_cli.data.loader import build_loader
 from codeq_cli.data.sampling import GlobalBatchSampler
-from codeq_cli.train.budget import BudgetRun
+from codeq_cli.train.controller import BudgetRun
+from codeq_cli.train.objective import penalty
 from codeq_cli.train.distill import task_loss
 
 Event = dict
 OnEvent = Callable[[Event], None]
 
 
-# -- the objective and the optimizer ----------------------------------------
-def regularizer(model: nn.Module, lambda_dz: float, lambda_bit: float) -> torch.Tensor:
-    """``λ_dz Σ θ_dz² + λ_bit Σ θ_bit²``: one scalar per layer, a plain sum."""
-    return penalty(*quantizer_parameters(dist.unwrap(model)), lambda_dz, lambda_bit)
-
-
-def penalty(
-    dz: list[torch.Tensor], bit: list[torch.Tensor], lambda_dz: float, lambda_bit: float, device=None
-) -> torch.Tensor:
-    """:func:`regularizer` of logits already collected (the training step collects them once)."""
-    total = torch.zeros((), device=dz[0].device if dz else device)
-    if dz and lambda_dz:
-        total = total + lambda_dz * torch.stack([p.square() for p in dz]).sum()
-    if bit and lambda_bit:
-        total = total + lambda_bit * torch.stack([p.square() for p in bit]).sum()
-    return total
-
-
+# -- the optimizer ----------------------------------------------------------
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW or SGD with three groups: network weights, dead-zone logits, bit logits.
 
@@ -181,7 +165,7 @@ class FitSetup:
     should_stop: Callable[[], bool] = lambda: False
     debug_stop_after: int = 0  # the last rank asks to stop after this step (CODEQ_DEBUG_STOP_AFTER)
     debug_dump_dir: Path | None = None  # every rank dumps its quantizers here at the end (CODEQ_DEBUG_DUMP_DIR)
-    budget: BudgetRun | None = None  # the controller, when compressing to a budget (train.budget)
+    budget: BudgetRun | None = None  # the controller, when compressing to a budget (train.controller)
     teacher: nn.Module | None = None  # the frozen FP model, for distillation (train.distill)
 
 
@@ -267,14 +251,11 @@ class Fit:
                 with torch.no_grad():
                     teacher = logits_of(s.teacher(images)).float()
         task = task_loss(out, target, teacher, r.distill_weight, r.distill_temperature, label_smoothing)
-        driven = s.budget is not None and s.budget.drives_act  # the controller weighs the widths when BOPs count them
-        if s.budget is not None:
-            reg = s.budget.penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device,
-                                   act=self.act_bit_logits if driven else (), lambda_act=r.lambda_act_bit)
-        else:
-            reg = penalty(*self.logits, r.lambda_dz, lambda_bit, device=task.device)
-        if self.act_bit_logits and r.lambda_act_bit and not driven:  # codeq's extension: λ_act_bit · Σ θ_act_bit²
-            reg = reg + r.lambda_act_bit * torch.stack([p.square() for p in self.act_bit_logits]).sum()
+        # The one penalty (train.objective); under a budget with the controller's weights and pressure.
+        # λ_act_bit · Σ θ_act_bit² is codeq's extension for learned activation widths.
+        reg = (s.budget.penalty if s.budget is not None else penalty)(
+            *self.logits, r.lambda_dz, lambda_bit, device=task.device, act=self.act_bit_logits,
+            lambda_act=r.lambda_act_bit)
         return task + reg, task, reg
 
     def train_one_epoch(self, epoch: int) -> bool:

@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from codeq_cli.errors import RecipeError, UsageError
+from codeq_cli.train.budget import RECIPE_KEYS, Budget, one_budget, parse_size
 
 B_MIN, B_MAX = 2, 8
 
@@ -179,7 +180,7 @@ class Recipe(BaseModel):
         lo, hi = self.crop_scale
         if not (0 < lo <= hi <= 1):
             _fail("crop_scale", list(self.crop_scale), "is out of range")
-        given = [k for k in ("target_bops", "target_size", "max_drop") if getattr(self, k) is not None]
+        given = one_budget({k: getattr(self, k) for k in RECIPE_KEYS})
         if len(given) > 1:
             raise _error(f"{given[0]} and {given[1]} are both set; codeq compresses to one budget at a time",
                          f"keep one: pass one of --target-bops, --target-size, --max-drop (in a recipe, set the others to null: {given[1]}: null)", given[1])
@@ -200,6 +201,11 @@ class Recipe(BaseModel):
     def mixed(self) -> bool:
         """True when the bit-width is learned (``mode: mixed``)."""
         return self.mode == "mixed"
+
+    @property
+    def budget(self) -> Budget | None:
+        """The budget this recipe compresses to (None: λ as given, the paper's way)."""
+        return Budget.of(self)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (lists, not tuples), in the order of the keys above: JSON- and YAML-safe."""
@@ -233,24 +239,6 @@ def quantizer_kwargs(recipe: Recipe) -> dict[str, Any]:
             exclude=tuple(recipe.act_exclude or ()),
         )
     return kw
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30}
-
-
-def parse_size(value) -> int:
-    """``2MB``, ``1.5 MiB``, ``800kB``, ``123456`` → bytes (MB = 10⁶ bytes, MiB = 2²⁰)."""
-    if isinstance(value, bool):
-        raise ValueError("not a size")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise ValueError(f"{value!r} is not a size")
-    return int(round(float(m.group(1)) * _UNITS[m.group(2).lower()]))
 
 
 # -- validation messages -----------------------------------------------------------

@@ -34,15 +34,17 @@ from torch import nn
 from codeq_cli.core.act_quant import act_bits
 from codeq_cli.core.bops import A_BITS
 from codeq_cli.core.insert import quantized_weights
+from codeq_cli.train.budget import Figure
 
 AIM = 0.995  # land half a percent under the target
 
 
 @torch.no_grad()
-def trim(model: nn.Module, macs: dict[str, int], kind: str, target: float, figure: Callable[[], float],
+def trim(model: nn.Module, macs: dict[str, int], kind: Figure, target: float, figure: Callable[[], float],
          tolerance: float = 0.03, aim: float = AIM) -> dict:
     """Move the dead zones of ``model`` until ``figure()`` lies in ``[target·(1 − tolerance), target]``.
 
+    ``kind`` is the figure trimmed (BOPs or the file's bytes): it prices each layer's weights.
     Returns what was done: the figure before and after, the direction, and how
     many weights changed between pruned and kept.
     """
@@ -61,10 +63,7 @@ def trim(model: nn.Module, macs: dict[str, int], kind: str, target: float, figur
             continue
         _, d, _, _ = qz._scalars(R_t, w.dtype)
         bits = int(qz.bit_width())
-        if kind == "bops":
-            cost = float(bits * abits.get(qw.name, A_BITS) * macs.get(qw.name, 0))
-        else:
-            cost = float(bits * w.numel())
+        cost = kind.layer_cost(bits, abits.get(qw.name, A_BITS), macs.get(qw.name, 0), w.numel())
         if cost <= 0:
             continue
         mags = w.abs().reshape(-1).double().cpu().sort().values
