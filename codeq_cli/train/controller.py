@@ -167,7 +167,7 @@ class Controller:
                 p.copy_(old + (p - old) * (w[j] * (self.down if compress else self.up)))
 
     def penalty(self, dz: list[torch.Tensor], bit: list[torch.Tensor], lambda_dz: float, lambda_bit: float,
-                device=None, act: list[torch.Tensor] = (), lambda_act: float = 0.0) -> torch.Tensor:
+                device=None, *, act: list[torch.Tensor] = (), lambda_act: float = 0.0) -> torch.Tensor:
         """``p · (λ_dz Σ w_ℓ θ_dz² + λ_bit Σ w_ℓ θ_bit² + λ_act_bit Σ w_a θ_act²)``.
 
         Before the first measurement every ``w = 1``; ``w_a`` is the weight of
@@ -221,7 +221,7 @@ class BudgetRun:
     same rates and pressure at every step.
     """
 
-    def __init__(self, controller: Controller, macs: dict[str, int], size_overhead: int = 0,
+    def __init__(self, controller: Controller, macs: dict[str, int], *, size_overhead: int = 0,
                  max_drop: float | None = None, fp_top1: float | None = None, is_main: bool = True,
                  ratio: float | None = None, eval_every: int = 1, save_kwargs: dict | None = None) -> None:
         self.c = controller
@@ -251,7 +251,7 @@ class BudgetRun:
             groups.append(act[0])
         return groups
 
-    def penalty(self, dz, bit, lambda_dz: float, lambda_bit: float, device=None, act=(), lambda_act: float = 0.0) -> torch.Tensor:
+    def penalty(self, dz, bit, lambda_dz: float, lambda_bit: float, device=None, *, act=(), lambda_act: float = 0.0) -> torch.Tensor:
         """The controller's penalty; the activation widths under its pressure only when it drives them
         (:attr:`drives_act`), else with plain weights and no pressure, as without a budget."""
         if self.drives_act:

@@ -75,7 +75,7 @@ def act_layer_index(model: nn.Module) -> list[int]:
 
 
 @torch.no_grad()
-def reachable(figure: Figure, model: nn.Module, macs: dict[str, int], size_overhead: int, start: float,
+def reachable(figure: Figure, model: nn.Module, macs: dict[str, int], size_overhead: int, start: float, *,
               act_bits: dict[str, int] | None = None, act_low: dict[str, int] | None = None) -> tuple[float, float]:
     """``(lowest, start)``: the figure at the widest dead zones and fewest bits, and the figure now.
 

@@ -40,7 +40,7 @@ AIM = 0.995  # land half a percent under the target
 
 
 @torch.no_grad()
-def trim(model: nn.Module, macs: dict[str, int], kind: Figure, target: float, figure: Callable[[], float],
+def trim(model: nn.Module, macs: dict[str, int], kind: Figure, target: float, figure: Callable[[], float], *,
          tolerance: float = 0.03, aim: float = AIM) -> dict:
     """Move the dead zones of ``model`` until ``figure()`` lies in ``[target·(1 − tolerance), target]``.
 
