@@ -78,6 +78,9 @@ FIGURES = (("sparsity", "sparsity", "{:.3f}"), ("avg_bits", "bits", "{:.2f}"), (
 LOSS_TERMS = (("distill_loss", "distill"),)
 
 
+WAIT_SHOWN = 0.2  # the progress line says when a fifth or more of the time goes to waiting for data
+
+
 def _figures(e: dict) -> list[str]:
     return [f"{label} {fmt.format(e[key])}" for key, label, fmt in FIGURES if e.get(key) is not None]
 
@@ -93,6 +96,7 @@ class TrainingDisplay:
         self.progress = None
         self.task = None
         self.quantized = True  # the start event says whether the model has quantizers (no penalty without)
+        self.wait = 0.0  # the last logged share of time spent waiting for data
 
     def __enter__(self):
         if self.o.animated:
@@ -124,6 +128,10 @@ class TrainingDisplay:
             parts += [f"{label} {e[key]:.3f}" for key, label in LOSS_TERMS if e.get(key) is not None]
         else:
             parts = [f"loss {e['loss']:.3f}"] if "loss" in e else []
+        if e.get("data_wait") is not None:
+            self.wait = e["data_wait"]
+        if self.wait >= WAIT_SHOWN:  # the loader, not the model, sets the pace: say so
+            parts.append(f"waiting for data {100 * self.wait:.0f}%")
         return "  ".join(parts + _figures(self.stats))
 
     def __call__(self, e: dict) -> None:

@@ -197,6 +197,7 @@ class Fit:
         self.logits = quantizer_parameters(dist.unwrap(setup.model))
         self.act_bit_logits = act_parameters(dist.unwrap(setup.model))[1]
         self.budget_logits = (*self.logits, self.act_bit_logits)  # what the budget's controller may move
+        self.pace = Pace()
 
     # ---------------------------------------------------------------- logging
     def log(self, event: Event) -> None:
@@ -270,7 +271,15 @@ class Fit:
         grad_clip = r.grad_clip
         lambda_bit = r.lambda_bit if r.mixed else 0.0
         world = s.info.world_size
-        for images, target in self.loader:
+        pace = self.pace
+        batches = iter(self.loader)
+        while True:
+            t_ask = time.perf_counter()
+            try:
+                images, target = next(batches)
+            except StopIteration:
+                break
+            pace.waited(time.perf_counter() - t_ask)
             if p.step >= self.total_steps:
                 return False
             if images.numel() == 0:  # every image of this batch was unreadable
@@ -320,7 +329,9 @@ class Fit:
                 "reg_loss": reg_value,
                 "lr": self.optimizer.param_groups[0]["lr"],
             }
+            pace.stepped(self.global_batch)
             if p.step % s.log_every == 0 or p.step == self.total_steps:
+                event.update(pace.read())  # images/s and the share of the time spent waiting for data
                 if s.info.is_main:
                     event.update(compression_stats(model, s.macs))
                 if s.budget is not None:
@@ -388,6 +399,36 @@ class Fit:
                                           self.total_steps))
         self.progress.history.append({k: event[k] for k in event if k != "event"})
         self.log(event)
+
+
+class Pace:
+    """Throughput and data wait over a logging interval (host clock; no device synchronisation).
+
+    ``waited(s)`` adds the time the loop spent asking the loader for a batch,
+    ``stepped(n)`` counts a step of ``n`` images (global), ``read()`` gives the
+    interval's ``images_per_s`` and ``data_wait`` (its share of the interval's
+    wall time spent waiting for data) and starts a new interval. On a GPU the
+    figures are those of the host: it runs ahead by the queued work, so they
+    settle over a few intervals.
+    """
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.wait = 0.0
+        self.images = 0
+
+    def waited(self, seconds: float) -> None:
+        self.wait += seconds
+
+    def stepped(self, images: int) -> None:
+        self.images += images
+
+    def read(self) -> dict:
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        out = {"images_per_s": self.images / elapsed, "data_wait": min(1.0, self.wait / elapsed)}
+        self.start, self.wait, self.images = now, 0.0, 0
+        return out
 
 
 class HostCopy:
