@@ -188,6 +188,23 @@ def test_log_dir_needs_tensorboard(tmp_path):
         tracking.open_tracker(["wandb"], run_dir=tmp_path, log_dir=tmp_path / "tb")
 
 
+def test_batch_jobs_get_their_own_runs_in_the_batch_group(tmp_path, monkeypatch):
+    settings = tracking.batch_tracking(["tensorboard", "mlflow"], None, "sweep", tmp_path / "sweep.tensorboard")
+    args, env = tracking.job_tracking(settings, "r18-mixed")
+    assert args == ["--log-to", "tensorboard,mlflow", "--log-dir", str(tmp_path / "sweep.tensorboard" / "r18-mixed")]
+    assert env == {tracking.GROUP_ENV: "sweep", tracking.NAME_ENV: "r18-mixed"}
+    assert tracking.job_tracking(tracking.batch_tracking([], None, "sweep", tmp_path), "a") == ([], {})
+    with pytest.raises(UsageError, match="--log-dir"):
+        tracking.batch_tracking([], tmp_path / "tb", "sweep", tmp_path)
+    # a job's tracker takes its name and group from that environment
+    t = tracking.open_tracker(["wandb"], run_dir=tmp_path)
+    assert (t.info.name, t.info.group) == (None, None)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    t = tracking.open_tracker(["wandb"], run_dir=tmp_path)
+    assert (t.info.name, t.info.group) == ("r18-mixed", "sweep")
+
+
 # -- the events compress sends, fed by hand --------------------------------------------------------
 def _events(run_dir: Path, steps: range, total: int, resumed: bool = False, extra=lambda s: {}) -> list[dict]:
     evs = [{"event": "data", "train": 24, "val": 9, "classes": 3, "input_size": [3, 32, 32]},
