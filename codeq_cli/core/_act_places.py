@@ -19,9 +19,9 @@ Each tensor gets **one** quantizer, shared by all its consumers. The places are
 found on the ``torch.fx`` symbolic trace of the model (any architecture whose
 forward traces: timm and torchvision ResNets, MobileNets, EfficientNets,
 ConvNeXt, ViT), not from a per-architecture list. A quantizer is put on a
-*module*: on the input of the one quantized layer that reads the tensor (as
-before), else on the output of a module that returns it, else on the input of
-a module that holds all its readers. A module called more than once carries
+*module*: on the input of the one module that reads the tensor (the quantized
+layer, as before), else on the output of a module that returns it, else on the
+input of a module that holds all its readers. A module called more than once carries
 none. A model that does not trace keeps one quantizer per layer input (the
 module-structure fallback).
 """
@@ -43,7 +43,8 @@ INPUT, OUTPUT = "input", "output"
 
 # Ops the runtime folds into the producing conv/add before its output is quantized.
 _ABSORB_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout)
-_ABSORB_FUNCS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.dropout}
+_ABSORB_FUNCS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.nn.functional.dropout,
+                 torch.nn.functional.batch_norm, torch.batch_norm}
 _ABSORB_METHODS = {"relu", "relu_"}
 # Ops that keep a quantized tensor on its grid (the runtime moves Q/DQ across them).
 _KEEP_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.Flatten, nn.Identity, nn.Dropout)
@@ -82,7 +83,9 @@ class _Tracer(torch.fx.Tracer):
         self.takes: dict[str, torch.fx.Node] = {}  # module -> its first input
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (*_CONV, nn.Linear, nn.modules.batchnorm._BatchNorm)):
+        # A batch norm fused with its activation (timm's BatchNormAct2d) is traced through, so that
+        # the place between the norm and a SiLU or hard-swish (which no conv kernel absorbs) shows.
+        if isinstance(m, (*_CONV, nn.Linear)) or type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -113,6 +116,11 @@ def _is(node, modules: tuple, funcs: set, methods: set, owner: nn.Module) -> boo
     return False
 
 
+def _shape_query(node) -> bool:
+    """``x.ndim``, ``x.shape``, ``x.size()``: reads no values."""
+    return (node.op == "call_function" and node.target is getattr) or (node.op == "call_method" and node.target in ("size", "dim"))
+
+
 def _is_activation(node, memo: dict) -> bool:
     """Whether ``node`` depends on the model's input (not only on parameters and constants)."""
     if node in memo:
@@ -140,7 +148,7 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
     layers = set(layer_names)
     memo: dict = {}
     nodes = list(graph.nodes)
-    users = {n: list(n.users) for n in nodes}
+    users = {n: [u for u in n.users if not _shape_query(u)] for n in nodes}
 
     def absorb(n):
         return _is(n, _ABSORB_MODULES, _ABSORB_FUNCS, _ABSORB_METHODS, model)
@@ -221,7 +229,8 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
 
 def _choose(t, readers, tracer: _Tracer, used: set[str], layers: set[str]) -> tuple[str, str] | None:
     once = {m for m, k in tracer.calls.items() if k == 1} - used
-    if len(readers) == 1 and readers[0].op == "call_module" and readers[0].target in layers and readers[0].target in once:
+    # The one module that reads it (the layer, or the activation after a conv): its input.
+    if len(readers) == 1 and readers[0].op == "call_module" and readers[0].target in once:
         return readers[0].target, INPUT
     for m in tracer.returns.get(t, ()):
         if m in once and m:

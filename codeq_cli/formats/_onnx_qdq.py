@@ -73,7 +73,7 @@ def int8_initializers(model_proto) -> None:
         if bscale.size == 1:
             bscale = np.full(bias.shape, bscale[0], np.float32)
         qb = np.clip(np.rint(bias / bscale.astype(np.float64)), -(2**31), 2**31 - 1).astype(np.int32)
-        base = n.input[2]
+        base = f"{n.input[2]}_{len(extra)}"  # one bias tensor may be shared by several convolutions
         g.initializer.extend([numpy_helper.from_array(qb, base + "_int32"), numpy_helper.from_array(bscale, base + "_scale"),
                               numpy_helper.from_array(np.zeros(bias.shape, np.int32), base + "_zp")])
         extra.append(helper.make_node("DequantizeLinear", [base + "_int32", base + "_scale", base + "_zp"], [base + "_dq"], axis=0))

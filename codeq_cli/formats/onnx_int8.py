@@ -125,8 +125,12 @@ def fold_bn_(model) -> dict:
 
     from codeq_cli.core.layers import CONV
 
+    class BNLeaf(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, nn.modules.batchnorm._BatchNorm) or super().is_leaf_module(m, qualname)
+
     try:
-        graph = torch.fx.Tracer().trace(model)
+        graph = BNLeaf().trace(model)
     except Exception:
         return {}
     counts: dict[str, int] = {}
@@ -153,14 +157,32 @@ def fold_bn_(model) -> dict:
             w = conv.weight.double() * f.reshape(-1, *([1] * (conv.weight.dim() - 1)))
             conv.weight = nn.Parameter(w.to(conv.weight.dtype), requires_grad=False)
             conv.bias = nn.Parameter(((b - bn.running_mean.double()) * f + beta).float(), requires_grad=False)
-        act = getattr(bn, "act", None) if type(bn) is not nn.BatchNorm2d else None
-        drop = getattr(bn, "drop", None)
-        rest = [m for m in (drop, act) if isinstance(m, nn.Module) and not isinstance(m, nn.Identity)]
         parent, _, child = u.target.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                nn.Sequential(*rest) if len(rest) > 1 else (rest[0] if rest else nn.Identity()))
+        setattr(model.get_submodule(parent) if parent else model, child, _AfterNorm(bn))
         factors[n.target] = f
     return factors
+
+
+class _AfterNorm:
+    """What is left of a folded batch norm: nothing, or timm's ``drop`` and ``act`` under the same names."""
+
+    def __new__(cls, bn):
+        from torch import nn
+
+        drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
+        if not isinstance(drop, nn.Module) and not isinstance(act, nn.Module):
+            return nn.Identity()
+
+        class AfterNorm(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.drop = drop if isinstance(drop, nn.Module) else nn.Identity()
+                self.act = act if isinstance(act, nn.Module) else nn.Identity()
+
+            def forward(self, x):
+                return self.act(self.drop(x))
+
+        return AfterNorm()
 
 
 def _qdq_weight(layer, codes, scales):
