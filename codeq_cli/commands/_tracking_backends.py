@@ -115,7 +115,9 @@ class MLflow:
             return previous
         experiment = os.environ.get("MLFLOW_EXPERIMENT_NAME") or info.group or "codeq"
         found = self.client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found is not None else self.client.create_experiment(experiment)
+        # MLflow 3's UI opens an experiment of this kind on its runs (model training), not on GenAI traces.
+        exp_id = found.experiment_id if found is not None else self.client.create_experiment(
+            experiment, tags={"mlflow.experimentKind": "custom_model_development"})
         tags = {"codeq.run_dir": str(info.run_dir)}
         if info.group:
             tags["codeq.group"] = info.group
