@@ -17,10 +17,15 @@
 #   memory      bench/linear_memory.py: peak memory of a 16384x16384 linear step, plain vs CoDeQ
 #   budget      --target-bops 3 with 8-bit activations and amp: the figure lands in [2.91, 3]
 #   tp_compile  throughput.py --compile: does compiling remove the quantizers' launch overhead?
+#   pace        issue 22's figures: bench/throughput.py for ResNet-18 and ResNet-50 at 224 px, bf16,
+#               channels_last, batch 128, mixed recipe, no budget, no distillation: CoDeQ images/s over
+#               FP32's (goal >= 0.95) and peak memory over FP32's (goal <= 1.15). Alone, in one call:
+#               CODEQ_GPU_CHECK_SECTIONS="env pace" bench/gpu_check.sh
 #
 # Environment: PYTHON (default python3); OUT (logs go to $OUT/gpu_check/: env.log,
 # sections.log with every section's output in turn, summary.txt; else to a temporary folder); CODEQ_GPU_CHECK_CPU=1 is --cpu;
-# CODEQ_GPU_CHECK_BUDGET (seconds for all sections, default 420).
+# CODEQ_GPU_CHECK_BUDGET (seconds for all sections, default 420); CODEQ_GPU_CHECK_SECTIONS (the
+# sections to run, default all, e.g. "env pace").
 # With a folder .whl/ at the repository root (the wheels the bare GPU image lacks:
 # pydantic, pydantic-core, annotated-types, typing-inspection, constriction) they are
 # installed into /tmp/site first; nothing is downloaded. Exit status 1 when a section failed.
@@ -194,12 +199,32 @@ s_tp_compile() {  # the same throughput with torch.compile on both models (launc
          END {printf "KEY: compiled: images/s FP32 %s, CoDeQ %s (x%s)\n", f, c, ratio}' "$WORK/tpc.txt"
     return "$rc"
 }
-export -f s_env s_tests _same_top1 s_compress s_compile s_ddp s_throughput s_memory s_budget s_tp_compile
+s_pace() {  # issue 22: images/s and peak memory against FP32, ResNet-18 and ResNet-50, then the launch counts
+    local rc=0 model
+    for model in resnet18 resnet50; do
+        if [ "$CPU" = 1 ]; then
+            "$PY" bench/throughput.py --device cpu --model "$model" --size 32 --batch 2 --steps 2 --warmup 1 \
+                > "$WORK/pace_$model.txt" || rc=1
+        else
+            "$PY" bench/throughput.py --device cuda --model "$model" --size 224 --batch 128 --steps 10 --warmup 3 \
+                > "$WORK/pace_$model.txt" || rc=1
+        fi
+        cat "$WORK/pace_$model.txt"
+    done
+    # the launch counts are CPU figures (bench/launches.py, docs/performance.md): not repeated here
+    awk 'FNR == 1 {m = FILENAME; sub(/.*pace_/, "", m); sub(/\.txt$/, "", m)}
+         /^throughput_ratio=/ {split($1, r, "="); t[m] = r[2]} /^peak_memory_ratio=/ {split($1, r, "="); p[m] = r[2]}
+         END {printf "KEY: CoDeQ/FP32 images/s R18 x%s R50 x%s (goal 0.95); peak mem R18 x%s R50 x%s (goal 1.15)\n",
+              t["resnet18"], t["resnet50"], p["resnet18"], p["resnet50"]}' "$WORK"/pace_resnet18.txt "$WORK"/pace_resnet50.txt
+    return "$rc"
+}
+export -f s_env s_tests _same_top1 s_compress s_compile s_ddp s_throughput s_memory s_budget s_tp_compile s_pace
 
 ROWS=()
 FAILED=0
 section() {  # name timeout_s
     local name=$1 limit=$2
+    case " ${CODEQ_GPU_CHECK_SECTIONS:-$name} " in *" $name "*) ;; *) return ;; esac
     local left=$((BUDGET - ($(date +%s) - START)))
     if [ "$left" -lt 20 ]; then ROWS+=("$name|skip|0s|no time left"); return; fi
     [ "$limit" -gt "$left" ] && limit=$left
@@ -233,6 +258,7 @@ section throughput 75
 section memory 45
 section budget 60
 section tp_compile 150
+section pace 240
 
 {
     echo

@@ -8,6 +8,9 @@ the GPU's sequence of operations under ``CODEQ_KERNELS=torch``
 (:func:`codeq_cli.core._kernels.gpu_path`), which this script sets before
 importing codeq.
 
+A logging step's reading of the per-layer figures (``core.bops.bops_rows``:
+codes, bits and sparsity of every layer) is counted on its own after it.
+
 One step: ``zero_grad(set_to_none=True)``, forward, cross-entropy plus the
 CoDeQ penalty ``λ_dz Σθ_dz² + λ_bit Σθ_bit²`` (as ``train/`` writes it: a
 square per logit, stacked and summed), backward, ``torch.optim.AdamW(foreach=True)``
@@ -38,7 +41,11 @@ Ops that a CPU kernel dispatches internally are not seen (as on CUDA, where
 they would be inside the same launch); an op whose CUDA kernel launches more
 than one kernel (``sort``, ``topk``, ``cumsum`` of large tensors) counts one.
 
-    CODEQ_KERNELS=torch python bench/launches.py [--models resnet18 resnet50] [--size 64] [--batch 2]
+The penalty is counted in the forms ``--penalty`` names: ``package`` (as
+``train/`` writes it today), ``stacked`` (one square of the stacked logits) and
+``none`` (the quantizer's own launches).
+
+    python bench/launches.py [--models resnet18 resnet50] [--size 64] [--batch 2] [--penalty package stacked none]
 """
 
 from __future__ import annotations
@@ -70,9 +77,10 @@ _HERE = os.path.abspath(__file__)
 
 def _where() -> str:
     """File and line of the sync: the innermost frame in codeq or this script, else the innermost outside torch."""
-    frames = [f for f in traceback.extract_stack()[:-3] if "_python_dispatch" not in f.filename]
+    frames = [f for f in traceback.extract_stack() if "_python_dispatch" not in f.filename
+              and not (os.path.abspath(f.filename) == _HERE and f.name in ("_where", "spy", "__torch_dispatch__"))]
     for f in reversed(frames):
-        if "codeq_cli" in f.filename or os.path.abspath(f.filename) == _HERE and f.name not in ("_count", "_read"):
+        if "codeq_cli" in f.filename or os.path.abspath(f.filename) == _HERE:
             return f"{_short(f.filename)}:{f.lineno} ({f.name})"
     for f in reversed(frames):
         if "/torch/" not in f.filename:
@@ -137,13 +145,15 @@ class _PythonSyncs:
             setattr(torch.Tensor, name, real)
 
 
-def penalty(dz, bit, lambda_dz=0.02, lambda_bit=0.1):
-    """The CoDeQ penalty as ``train/`` computes it (one square per logit, stacked)."""
+def penalty(dz, bit, form: str, lambda_dz=0.02, lambda_bit=0.1):
+    """The CoDeQ penalty: ``package`` as ``train/`` computes it (one square per logit,
+    stacked), ``stacked`` as one square of the stacked logits, ``none`` left out."""
     total = torch.zeros(())
-    if dz:
-        total = total + lambda_dz * torch.stack([p.square() for p in dz]).sum()
-    if bit:
-        total = total + lambda_bit * torch.stack([p.square() for p in bit]).sum()
+    for lam, group in ((lambda_dz, dz), (lambda_bit, bit)):
+        if group and form == "package":
+            total = total + lam * torch.stack([p.square() for p in group]).sum()
+        elif group and form == "stacked":
+            total = total + lam * torch.stack(group).square().sum()
     return total
 
 
@@ -159,22 +169,29 @@ def build(arch: str, codeq: bool):
     return model, opt, layers
 
 
-def count_step(model, opt, x, y, codeq: bool) -> dict:
-    """Counts of the third step (two warm-up steps first), by phase."""
+def count_step(model, opt, x, y, codeq: bool, form: str = "package") -> dict:
+    """Counts of the third step (two warm-up steps first), by phase; with CoDeQ a ``log`` phase
+    after it: the per-layer figures a logging step reads (:func:`codeq_cli.core.bops.bops_rows`)."""
+    from codeq_cli.core.bops import bops_rows, measure_macs
+
     logits = quantizer_parameters(model) if codeq else ([], [])
+    macs = measure_macs(model, tuple(x.shape[1:])) if codeq else {}
 
     def phases():
         yield "zero_grad", lambda: opt.zero_grad(set_to_none=True)
         out = {}
         yield "forward", lambda: out.setdefault("logits", model(x))
         yield "loss", lambda: out.setdefault("loss", nn.functional.cross_entropy(out["logits"], y)
-                                             + (penalty(*logits) if codeq else 0.0))
+                                             + (penalty(*logits, form) if codeq else 0.0))
         yield "backward", lambda: out["loss"].backward()
         yield "optimizer", opt.step
+        if codeq:
+            yield "log", lambda: bops_rows(model, macs)
 
     for _ in range(2):
-        for _, fn in phases():
-            fn()
+        for phase, fn in phases():
+            if phase != "log":
+                fn()
     host = {id(s["step"]) for s in opt.state.values() if "step" in s and not s["step"].is_cuda}
     result = {}
     for phase, fn in phases():
@@ -186,11 +203,16 @@ def count_step(model, opt, x, y, codeq: bool) -> dict:
 
 
 def summarise(counts: dict) -> dict:
+    log = counts.pop("log", None)
     launches = sum(sum(c.launches.values()) for c in counts.values())
     syncs = collections.Counter()
     for c in counts.values():
         syncs.update(c.syncs)
-    return {"launches": launches, "by_phase": {p: sum(c.launches.values()) for p, c in counts.items()},
+    extra = {}
+    if log is not None:
+        extra["log"] = {"launches": sum(log.launches.values()), "syncs": sum(log.syncs.values()),
+                        "sync_places": dict(log.syncs.most_common())}
+    return {"launches": launches, "by_phase": {p: sum(c.launches.values()) for p, c in counts.items()}, **extra,
             "syncs": sum(syncs.values()), "sync_places": dict(syncs.most_common()),
             "top_ops": dict(sum((c.launches for c in counts.values()), collections.Counter()).most_common(12))}
 
@@ -200,6 +222,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--penalty", nargs="+", default=["package", "none"], choices=["package", "stacked", "none"],
+                    help="forms of the penalty to count (the quantizer's own launches: 'none')")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
@@ -207,29 +231,35 @@ def main() -> None:
     y = torch.randint(0, 1000, (args.batch,))
     report = {}
     for arch in args.models:
-        row = {}
-        for name, codeq in (("fp32", False), ("codeq", True)):
-            model, opt, layers = build(arch, codeq)
-            row[name] = summarise(count_step(model, opt, x, y, codeq))
-            if codeq:
-                row["layers"] = layers
-        extra = row["codeq"]["launches"] - row["fp32"]["launches"]
-        row["extra_launches"] = extra
+        model, opt, _ = build(arch, False)
+        row = {"fp32": summarise(count_step(model, opt, x, y, False))}
+        for form in args.penalty:
+            model, opt, row["layers"] = build(arch, True)
+            r = row[f"codeq/{form}"] = summarise(count_step(model, opt, x, y, True, form))
+            r["extra_launches"] = r["launches"] - row["fp32"]["launches"]
         report[arch] = row
         print(f"{arch} ({row['layers']} quantized layers), {args.size} px, batch {args.batch}, one training step:")
-        for name in ("fp32", "codeq"):
-            r = row[name]
+        for name, r in row.items():
+            if name == "layers":
+                continue
             phases = ", ".join(f"{p} {n}" for p, n in r["by_phase"].items())
-            print(f"  {name:5s} launches {r['launches']:5d} ({phases}); host syncs {r['syncs']}")
-        print(f"  quantizer's extra launches: {extra} ({extra / max(1, row['layers']):.1f} per layer)")
-        print(f"  codeq's most frequent ops: {row['codeq']['top_ops']}")
-        for name in ("fp32", "codeq"):
-            for place, n in row[name]["sync_places"].items():
-                print(f"  sync ({name}) x{n}: {place}")
-    if len(report) >= 2 and "resnet18" in report and "resnet50" in report:
-        ratio = report["resnet50"]["extra_launches"] / max(1, report["resnet18"]["extra_launches"])
-        print(f"extra launches ResNet-50 / ResNet-18: {ratio:.2f}x (goal <= 1.25x); "
-              f"ResNet-18: {report['resnet18']['extra_launches']} (goal <= 200)")
+            extra = f"; extra {r['extra_launches']} ({r['extra_launches'] / row['layers']:.1f} per layer)" \
+                if "extra_launches" in r else ""
+            print(f"  {name:15s} launches {r['launches']:5d} ({phases}); host syncs {r['syncs']}{extra}")
+            for place, n in r["sync_places"].items():
+                print(f"    sync x{n}: {place}")
+            if "log" in r:
+                print(f"    a logging step's figures (bops_rows): launches {r['log']['launches']}, "
+                      f"host syncs {r['log']['syncs']}")
+                for place, n in r["log"]["sync_places"].items():
+                    print(f"      sync x{n}: {place}")
+        for form in args.penalty:
+            print(f"  codeq/{form} most frequent ops: {row[f'codeq/{form}']['top_ops']}")
+    if "resnet18" in report and "resnet50" in report:
+        for form in args.penalty:
+            a, b = (report[m][f"codeq/{form}"]["extra_launches"] for m in ("resnet18", "resnet50"))
+            print(f"penalty {form}: extra launches ResNet-18 {a} (goal <= 200), ResNet-50 {b}, "
+                  f"ratio {b / max(1, a):.2f}x (goal <= 1.25x)")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(report, fh, indent=1)

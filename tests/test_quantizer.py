@@ -516,3 +516,125 @@ def test_matches_reference_on_cuda(bits, theta_dz, theta_bit):
     assert_close(qz.theta_dz.grad, tdz.grad, rtol=1e-4, atol=1e-5)
     e = qz.encode(w)
     assert e.codes.device.type == "cuda" and torch.equal(e.decode(), out)
+
+
+# -- the one-pass quantizer of every layer (core/_group.py) against the per-layer chain ----------
+def _layers_model():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.Conv2d(16, 32, 3), torch.nn.Conv2d(32, 8, 1),
+                            torch.nn.Flatten(), torch.nn.Linear(8 * 2 * 2, 10), torch.nn.Linear(10, 3, bias=False))
+    m[1].to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        m[4].weight.mul_(50.0)  # another scale
+    m[5].weight = torch.nn.Parameter(torch.randn(10, 3).t())  # not contiguous: copied in row order
+    return m
+
+
+@pytest.mark.parametrize("bits", [None, 4, 2])
+def test_one_pass_matches_the_per_layer_chain(bits, monkeypatch):
+    from codeq_cli.core.insert import quantize_, quantized_weights
+
+    monkeypatch.setenv("CODEQ_KERNELS", "torch")
+    _kernels._numba.cache_clear()
+    m = _layers_model()
+    quantize_(m, bits=bits)
+    g = torch.Generator().manual_seed(1)
+    qws = list(quantized_weights(m))
+    assert not qws[-1].original.is_contiguous()
+    with torch.no_grad():
+        for qw in qws:
+            qw.quantizer.theta_dz.fill_(float(torch.empty(()).uniform_(0.3, 3.0, generator=g)))
+            if qw.quantizer.theta_bit is not None:
+                qw.quantizer.theta_bit.fill_(float(torch.empty(()).uniform_(0.0, 3.0, generator=g)))
+    upstream = [torch.randn(qw.original.shape, generator=g) for qw in qws]
+    seen = {}
+    for name, fn in (("one pass", lambda qz, w: qz(w)), ("per layer", lambda qz, w: qz.forward_per_layer(w))):
+        m.zero_grad(set_to_none=True)
+        outs = [fn(qw.quantizer, qw.original) for qw in qws]
+        sum((y * u).sum() for y, u in zip(outs, upstream)).backward()
+        seen[name] = ([y.detach() for y in outs], [p.grad.clone() for p in m.parameters() if p.grad is not None])
+    _kernels._numba.cache_clear()
+    for a, b, qw in zip(seen["one pass"][0], seen["per layer"][0], qws):
+        assert torch.equal(a, b)  # bit for bit
+        dense = _kernels.flat(qw.original) is not None
+        assert a.stride() == b.stride() or not dense  # in the weight's layout (others: row order)
+    assert len(seen["one pass"][1]) == len(seen["per layer"][1]) == len(list(m.parameters())) - 4  # not the biases
+    for a, b in zip(seen["one pass"][1], seen["per layer"][1]):
+        assert_close(a, b, rtol=1e-5, atol=1e-7)  # the sums are reassociated
+
+
+def test_one_pass_results_are_taken_once_and_only_while_valid(monkeypatch):
+    from codeq_cli.core.insert import quantize_, quantized_weights
+
+    monkeypatch.setenv("CODEQ_KERNELS", "torch")
+    _kernels._numba.cache_clear()
+    m = _layers_model()
+    quantize_(m, bits=None)
+    x = torch.randn(2, 3, 6, 6)
+    opt = torch.optim.SGD(m.parameters(), lr=0.01)
+    for _ in range(2):  # a step between two forwards: new weights, new pass
+        opt.zero_grad()
+        y = m(x)
+        y.sum().backward()
+        opt.step()
+    for qw in quantized_weights(m):
+        assert torch.equal(qw.module.weight, qw.quantizer.forward_per_layer(qw.original))
+    # two forwards before one backward (no step between): two passes, both in the graph
+    m.zero_grad(set_to_none=True)
+    (m(x).sum() + m(x).sum()).backward()
+    two = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad(set_to_none=True)
+    (2 * m(x).sum()).backward()
+    for a, b in zip(two, (p.grad for p in m.parameters())):
+        assert_close(a, b)
+    # a pass made under no_grad is not used where gradients are wanted
+    with torch.no_grad():
+        m[0].weight
+    assert m[0].weight.requires_grad
+    # a layer the forward does not use gets no gradient (as with the per-layer quantizer)
+    m.zero_grad(set_to_none=True)
+    m[0](x).sum().backward()
+    first = list(quantized_weights(m))[0].quantizer
+    assert first.theta_dz.grad is not None and m[0].parametrizations.weight.original.grad is not None
+    assert m[4].parametrizations.weight.original.grad is None
+    assert list(quantized_weights(m))[3].quantizer.theta_dz.grad is None
+    _kernels._numba.cache_clear()
+
+
+def test_one_pass_of_many_layers_is_bit_for_bit_and_encodes_what_it_gives(monkeypatch):
+    """More layers than a vector register holds: the vectorised scalar chain equals each layer's own."""
+    from codeq_cli.core.insert import quantize_, quantized_weights
+
+    monkeypatch.setenv("CODEQ_KERNELS", "torch")
+    _kernels._numba.cache_clear()
+    torch.manual_seed(3)
+    m = torch.nn.Sequential(*[torch.nn.Linear(12, 12) for _ in range(24)])
+    quantize_(m, bits=None)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for qw in quantized_weights(m):
+            qw.quantizer.theta_dz.fill_(float(torch.empty(()).uniform_(-3.0, 3.0, generator=g)))
+            qw.quantizer.theta_bit.fill_(float(torch.empty(()).uniform_(-3.0, 3.0, generator=g)))
+    for qw in quantized_weights(m):
+        w_hat = qw.module.weight
+        assert torch.equal(w_hat, qw.quantizer.forward_per_layer(qw.original))
+        assert torch.equal(qw.quantizer.encode(qw.original).decode(), w_hat.detach())
+    _kernels._numba.cache_clear()
+
+
+def test_a_quantized_model_copies_between_passes(monkeypatch):
+    import copy
+
+    from codeq_cli.core.insert import quantize_
+
+    monkeypatch.setenv("CODEQ_KERNELS", "torch")
+    _kernels._numba.cache_clear()
+    m = _layers_model()
+    quantize_(m, bits=4)
+    m[0].weight  # a pass whose other results wait in the group (tensors in an autograd graph)
+    twin = copy.deepcopy(m)
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(twin(x), m(x))
+    with torch.inference_mode():
+        assert torch.equal(twin(x), m(x))
+    _kernels._numba.cache_clear()

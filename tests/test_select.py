@@ -172,3 +172,36 @@ def test_more_than_2_pow_24_elements():
     w.mul_(1.5)
     assert torch.equal(cache.quantile_abs(w, 0.99), _sorted_quantile(w, 0.99, floor=3.0))
     assert (cache.hits, cache.rebuilds) == (1, 1)
+
+
+# -- the one-pass selection of every layer (core/_group.py) -----------------------------------
+@pytest.mark.parametrize("ties", [False, True])
+def test_segmented_selection_equals_torch_quantile_per_layer(ties):
+    from codeq_cli.core import _group
+    from codeq_cli.core.quantizer import DeadZoneQuantizer
+
+    g = torch.Generator().manual_seed(7 + ties)
+    sizes = [1, 2, 3, 100, 1023, 1024, 1025, 5000, 20_001]
+    qs = [0.99, 0.5, 1.0, 0.0, 0.99, 0.37, 0.9, 0.99, 0.999]
+    ws = [torch.randint(-3, 4, (n,), generator=g).float() if ties else torch.randn(n, generator=g) * 10 ** (i % 3 - 1)
+          for i, n in enumerate(sizes)]
+    ws[3][:50] = 0.0  # zeros below the rank: they sort with the slots' padding
+    qzs = [DeadZoneQuantizer(4, quantile=q) for q in qs]
+    layout = _group._Layout(qzs, ws)
+    buf = _group._fill(layout, ws)
+    R = _group.layer_quantiles(buf.abs(), layout)
+    for i, (w, q) in enumerate(zip(ws, qs)):
+        assert torch.equal(R[i], torch.quantile(w.abs(), q)), (sizes[i], q)
+
+
+def test_segmented_selection_on_bit_patterns_that_differ_in_the_last_pass():
+    # magnitudes one ulp apart: the first two passes (15 + 8 bits) cannot tell them apart
+    from codeq_cli.core import _group
+    from codeq_cli.core.quantizer import DeadZoneQuantizer
+
+    base = torch.tensor(1.5).view(torch.int32)
+    w = (base + torch.arange(256, dtype=torch.int32)).view(torch.float32)[torch.randperm(256)]
+    w = torch.cat([w, -w[:40]])
+    layout = _group._Layout([DeadZoneQuantizer(4)], [w])
+    R = _group.layer_quantiles(_group._fill(layout, [w]).abs(), layout)
+    assert torch.equal(R[0], torch.quantile(w.abs(), 0.99))

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from codeq_cli.core.act_quant import act_bits as _act_bits
-from codeq_cli.core.insert import layer_name, plan, quantized_weights
+from codeq_cli.core.insert import encode_all, layer_name, plan
 from codeq_cli.core.layers import CONV as _CONV, LINEAR as _LINEAR
 
 A_BITS = 32
@@ -162,7 +162,7 @@ def bops_rows(model: nn.Module, macs: dict[str, int], encoded: dict | None = Non
     activation quantizers' widths (:func:`~codeq_cli.core.act_quant.act_bits`).
     """
     if encoded is None:
-        encoded = {qw.name: qw.quantizer.encode(qw.original) for qw in quantized_weights(model)}
+        encoded = encode_all(model)  # on a GPU: one read back to the host for all layers
     abits = _act_bits(model) if act_bits is None else act_bits
     rows = []
     for t in plan(model):
@@ -170,8 +170,9 @@ def bops_rows(model: nn.Module, macs: dict[str, int], encoded: dict | None = Non
             continue
         e = encoded.get(t.name)
         if e is not None:
+            nonzero = e.nonzero if e.nonzero is not None else int(torch.count_nonzero(e.codes))
             rows.append(make_row(t.name, t.kind, tuple(e.codes.shape), macs.get(t.name, 0), e.bits,
-                                 int(torch.count_nonzero(e.codes)), abits.get(t.name)))
+                                 nonzero, abits.get(t.name)))
         else:
             rows.append(make_row(t.name, t.kind, t.shape, macs.get(t.name, 0), None, None))
     # out_proj of nn.MultiheadAttention is found by plan() as a Linear: nothing more to add.

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from codeq_cli.core import act_quant
+from codeq_cli.core import _group, _kernels, act_quant
+from codeq_cli.core._group import Group
 from codeq_cli.core.layers import CONV as _CONV, LINEAR as _LINEAR
-from codeq_cli.core.quantizer import DeadZoneQuantizer
+from codeq_cli.core.quantizer import DeadZoneQuantizer, Encoded
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ def quantize_(
     :func:`~codeq_cli.core.act_quant.calibrate_` has run. Default: none.
     """
     wrapped = []
+    group = Group()  # the layers wrapped here are quantized in one pass (off the numba path)
     for t in plan(model, include, exclude):
         if not t.quantize:
             if t.kind != "other":
@@ -211,6 +213,7 @@ def quantize_(
         weight = getattr(module, t.param_name)
         qz = DeadZoneQuantizer(bits, **quantizer_kwargs).to(device=weight.device)
         parametrize.register_parametrization(module, t.param_name, qz, unsafe=True)
+        group.add(qz, module, t.param_name)
         wrapped.append(t.name)
     if activations is not None:
         act_quant.add_(model, wrapped, activations)
@@ -268,6 +271,34 @@ def quantizer_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.
         if qw.quantizer.theta_bit is not None:
             bit.append(qw.quantizer.theta_bit)
     return dz, bit
+
+
+@torch.no_grad()
+def encode_all(model: nn.Module) -> dict[str, Encoded]:
+    """:meth:`DeadZoneQuantizer.encode` of every quantized weight, by layer name, with ``nonzero`` counted.
+
+    Off the CPU's numba path (CUDA, ``CODEQ_KERNELS=torch``) the layers are
+    encoded in one pass with a single read back to the host for all of them
+    (:func:`codeq_cli.core._group.encode`), instead of a few per layer; the
+    result equals each quantizer's own ``encode``.
+    """
+    qws = list(quantized_weights(model))
+    out: dict[str, Encoded] = {}
+    batch = []
+    for qw in qws:
+        w = qw.original
+        if _kernels.usable(w) or w.numel() == 0 or _kernels._compiling():
+            e = qw.quantizer.encode(w)
+            out[qw.name] = Encoded(e.codes, e.step, e.shift, e.bits, int(torch.count_nonzero(e.codes)))
+        else:
+            batch.append(qw)
+    if batch:
+        group = batch[0].quantizer.__dict__.get("_group")
+        layouts = group.encode_layouts if group is not None else {}
+        for qw, (codes, step, shift, bits, kept) in zip(
+                batch, _group.encode([q.quantizer for q in batch], [q.original for q in batch], layouts)):
+            out[qw.name] = Encoded(codes, step, shift, bits, kept)
+    return {qw.name: out[qw.name] for qw in qws}
 
 
 def plain_state(model: nn.Module, state: dict | None = None) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:

@@ -39,13 +39,14 @@ freezes it.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
-from codeq_cli.core import _kernels
+from codeq_cli.core import _group, _kernels
 from codeq_cli.core._select import QuantileCache
+from codeq_cli.core.granularity import Granularity, PerTensor, check as _check_granularity
 
 EPS = 1e-8
 B_MIN, B_MAX = 2, 8
@@ -63,6 +64,7 @@ class Encoded:
     step: float
     shift: float
     bits: int
+    nonzero: int | None = field(default=None, compare=False)  # non-zero codes, when the encoder counted them
 
     def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.codes, self.step, self.shift, dtype)
@@ -182,7 +184,16 @@ class DeadZoneQuantizer(nn.Module):
     ``bits=int`` is fixed precision; ``bits=None`` learns the bit-width in
     ``[b_min, b_max]`` through ``theta_bit``. ``init_dz``/``init_bit`` are the
     initial logits (3.0: about 1% of the weights pruned, 8 bits);
-    ``quantile`` is the fraction of ``|w|`` that defines ``R``.
+    ``quantile`` is the fraction of ``|w|`` that defines ``R``;
+    ``granularity`` over which elements one range is taken (:class:`PerTensor`,
+    the only one implemented).
+
+    Paths: on CPU, float32 weights run the fused numba loops layer by layer.
+    Elsewhere (CUDA, and the CPU under ``CODEQ_KERNELS=torch``) the layers wrapped
+    by one :func:`~codeq_cli.core.insert.quantize_` call run together, in one
+    pass (:mod:`codeq_cli.core._group`); a quantizer on its own runs that pass
+    for its one layer. Under ``torch.compile`` each layer runs the eager
+    per-layer chain (``_DeadZoneSTE``), which is also the oracle of the pass.
     """
 
     def __init__(
@@ -194,8 +205,10 @@ class DeadZoneQuantizer(nn.Module):
         init_dz: float = 3.0,
         init_bit: float = 3.0,
         quantile: float = 0.99,
+        granularity: Granularity = PerTensor(),
     ) -> None:
         super().__init__()
+        self.granularity = _check_granularity(granularity)
         if bits is not None and not (B_MIN <= int(bits) <= B_MAX and int(bits) == bits):
             raise ValueError(f"bits={bits!r}: use an integer from {B_MIN} to {B_MAX}, or None for mixed precision")
         if not (B_MIN <= b_min <= b_max <= B_MAX):
@@ -253,9 +266,19 @@ class DeadZoneQuantizer(nn.Module):
     # -- forward and encoding ------------------------------------------------
     def forward(self, w: Tensor) -> Tensor:
         """Step 8: the dequantized weight ``ŵ`` used in the forward pass."""
-        R = self.absmax(w)
         if _kernels.usable(w):
-            return _FusedDeadZone.apply(w, self.theta_dz, self.theta_bit, self, R)
+            return _FusedDeadZone.apply(w, self.theta_dz, self.theta_bit, self, self.absmax(w))
+        if w.numel() == 0 or _kernels._compiling():
+            return self.forward_per_layer(w)
+        group = self.__dict__.get("_group")
+        out = group.take(self, w) if group is not None else None
+        if out is None:
+            out = _group.run([self], [w], self.__dict__.setdefault("_layouts", {}))[0]
+        return out
+
+    def forward_per_layer(self, w: Tensor) -> Tensor:
+        """``ŵ`` by the eager chain of this layer alone (the one-pass quantizer's oracle)."""
+        R = self.absmax(w)
         qmax, _, s, shift = self._scalars(R, w.dtype)
         q_clip = qmax.detach() if isinstance(qmax, Tensor) else qmax
         return _DeadZoneSTE.apply(w, w.detach().abs(), s, shift, q_clip)

@@ -1,0 +1,113 @@
+"""Kernel launches and host syncs of a quantized training step (issue 22), counted on CPU.
+
+Under ``CODEQ_KERNELS=torch`` the CPU runs the operations a GPU runs
+(:func:`codeq_cli.core._kernels.gpu_path`); a ``TorchDispatchMode`` counts them
+with the rule of ``bench/launches.py``. The quantizer's extra launches must not
+grow with the number of layers, and a quantized forward and backward must not
+read anything back to the host.
+"""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from codeq_cli import quantize_
+from codeq_cli.core import _kernels
+
+_NO_LAUNCH = {"detach", "alias", "lift_fresh", "empty", "empty_like", "empty_strided", "new_empty",
+              "new_empty_strided", "_local_scalar_dense"}
+_SYNC = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "bincount", "equal", "is_nonzero"}
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.launches = collections.Counter()
+        self.syncs = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        if name in _SYNC:
+            self.syncs[name] += 1
+        if not (func.is_view or name in _NO_LAUNCH or name.startswith(("sym_", "is_"))):
+            self.launches[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def gpu_path(monkeypatch):
+    monkeypatch.setenv("CODEQ_KERNELS", "torch")
+    _kernels._numba.cache_clear()
+    assert _kernels.gpu_path() and not _kernels.usable(torch.zeros(3))
+    yield
+    monkeypatch.delenv("CODEQ_KERNELS", raising=False)
+    _kernels._numba.cache_clear()
+
+
+def _net(layers: int) -> nn.Module:
+    body = []
+    for i in range(layers):
+        body += [nn.Conv2d(3 if i == 0 else 8, 8, 3, padding=1), nn.ReLU()]
+    return nn.Sequential(*body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+
+
+def _step_counts(layers: int, bits, quantized: bool) -> _Count:
+    torch.manual_seed(0)
+    model = _net(layers)
+    if quantized:
+        quantize_(model, bits=bits)
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    counter = _Count()
+    with counter:
+        nn.functional.cross_entropy(model(x), y).backward()
+    return counter
+
+
+@pytest.mark.parametrize("bits", [None, 4])
+def test_quantizer_launches_do_not_grow_with_the_number_of_layers(gpu_path, bits):
+    extra = {}
+    for layers in (2, 7):
+        plain = sum(_step_counts(layers, bits, False).launches.values())
+        counted = _step_counts(layers, bits, True)
+        extra[layers] = sum(counted.launches.values()) - plain
+        assert not counted.syncs, f"host syncs in a quantized forward and backward: {dict(counted.syncs)}"
+    assert extra[2] > 0  # the counter sees the quantizer
+    assert extra[7] == extra[2], f"extra launches by layer count: {extra}"
+
+
+def test_the_per_layer_path_would_fail_this_test(gpu_path, monkeypatch):
+    """The check above can fail: each layer on its own (as before the one-pass quantizer) grows."""
+    from codeq_cli.core.quantizer import DeadZoneQuantizer
+
+    monkeypatch.setattr(DeadZoneQuantizer, "forward", DeadZoneQuantizer.forward_per_layer)
+    extra = {n: sum(_step_counts(n, 4, True).launches.values()) - sum(_step_counts(n, 4, False).launches.values())
+             for n in (2, 7)}
+    assert extra[7] > extra[2]
+
+
+def test_a_logging_step_reads_every_layer_back_at_once(gpu_path, monkeypatch):
+    """``bops_rows`` (the logging step's figures) encodes all layers with one read back to the host."""
+    from codeq_cli.core.bops import bops_rows, measure_macs
+    from codeq_cli.core.insert import quantized_weights
+
+    torch.manual_seed(0)
+    model = _net(6)
+    quantize_(model, bits=None)
+    macs = measure_macs(model, (3, 8, 8))
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: (reads.append(t.shape), real(t))[1])
+    counter = _Count()
+    with counter:
+        rows = bops_rows(model, macs)
+    assert len(reads) == 1 and not counter.syncs, (reads, dict(counter.syncs))
+    monkeypatch.setattr(torch.Tensor, "tolist", real)
+    for row, qw in zip(rows, quantized_weights(model)):
+        e = qw.quantizer.encode(qw.original)  # each layer on its own agrees
+        assert (row.name, row.bits) == (qw.name, e.bits)
+        assert row.sparsity == 1.0 - int(torch.count_nonzero(e.codes)) / e.codes.numel()
