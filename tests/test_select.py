@@ -182,7 +182,7 @@ def test_segmented_selection_equals_torch_quantile_per_layer(ties):
 
     g = torch.Generator().manual_seed(7 + ties)
     sizes = [1, 2, 3, 100, 1023, 1024, 1025, 5000, 20_001]
-    qs = [0.99, 0.5, 1.0, 0.0, 0.99, 0.37, 0.9, 0.99, 0.999]
+    qs = [0.99, 0.5, 1.0, 0.01, 0.99, 0.37, 0.9, 0.99, 0.999]
     ws = [torch.randint(-3, 4, (n,), generator=g).float() if ties else torch.randn(n, generator=g) * 10 ** (i % 3 - 1)
           for i, n in enumerate(sizes)]
     ws[3][:50] = 0.0  # zeros below the rank: they sort with the slots' padding
