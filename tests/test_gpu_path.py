@@ -321,3 +321,34 @@ def test_cuda_channels_last_backward_matches_contiguous():
         grads.append((weight.grad.clone(), qz.theta_dz.grad.clone(), qz.theta_bit.grad.clone()))
     for x, y in zip(*grads):
         torch.testing.assert_close(x, y)
+
+
+@cuda_only
+@pytest.mark.parametrize("bits", [None, 4])
+def test_cuda_one_pass_matches_the_per_layer_chain(bits):
+    """The one-pass quantizer (every layer at once) against each layer's eager chain, on the device."""
+    from codeq_cli.core.insert import encode_all, quantize_, quantized_weights
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.Conv2d(64, 128, 3), torch.nn.Conv2d(128, 32, 1),
+                                torch.nn.Flatten(), torch.nn.LazyLinear(10)).cuda()
+    model(torch.randn(1, 3, 12, 12, device="cuda"))
+    model = model.to(memory_format=torch.channels_last)
+    quantize_(model, bits=bits)
+    qws = list(quantized_weights(model))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    upstream = [torch.randn(qw.original.shape, device="cuda", generator=g) for qw in qws]
+    seen = []
+    for fn in (lambda qz, w: qz(w), lambda qz, w: qz.forward_per_layer(w)):
+        model.zero_grad(set_to_none=True)
+        outs = [fn(qw.quantizer, qw.original) for qw in qws]
+        sum((y * u).sum() for y, u in zip(outs, upstream)).backward()
+        seen.append(([y.detach() for y in outs], [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    for a, b in zip(seen[0][0], seen[1][0]):
+        assert torch.equal(a, b)
+    for a, b in zip(seen[0][1], seen[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    enc = encode_all(model)
+    for qw in qws:
+        e = qw.quantizer.encode(qw.original)
+        assert torch.equal(enc[qw.name].codes, e.codes) and (enc[qw.name].step, enc[qw.name].shift) == (e.step, e.shift)
