@@ -208,34 +208,38 @@ def _qdq_weight(layer, codes, scales):
     return QDQWeight()
 
 
-def build_qdq_model(ckpt: CompressedModel, *, reduce_range: bool = True):
-    """The decoded model, BN folded, int8 weights on every layer an activation quantizer feeds, the
-    activation quantizers as QDQ pairs. Returns ``(model, Int8Export figures without path/bytes)``.
+def fed_layers(entries: list[dict]) -> set[str]:
+    """The layers whose input one of the activation quantizers ``entries`` quantizes."""
+    out = set()
+    for e in entries:
+        feeds = e.get("feeds")
+        out.update(feeds if feeds is not None else ([e["name"]] if (e.get("at") or "input") == "input" else []))
+    return out
+
+
+def qdq_model(plain, weights: dict, entries: list[dict], *, reduce_range: bool = True):
+    """``plain`` (a float model, changed in place) as the QDQ model: BN folded, int8 weights on every
+    layer an activation quantizer feeds, the quantizers ``entries`` (:func:`~codeq_cli.core.act_quant.frozen_entries`)
+    as QDQ pairs. ``weights``: layer name → ``(ŵ, s, δ, bits)``, its dead-zone levels.
+
+    Returns ``(model, Int8Export figures without path/bytes)``.
     """
     import torch
     from torch import nn
 
     from codeq_cli.core import act_quant
-    from codeq_cli.models.factory import create
 
     limit = 63 if reduce_range else 127
-    plain = create(ckpt.spec, pretrained=False)
-    plain.load_state_dict(ckpt.state_dict(), strict=True)
     plain.eval()
     factors = fold_bn_(plain)
-    entries = ckpt.activations
-    fed = {layer for e in entries
-           for layer in (e.get("feeds") if e.get("feeds") is not None else ([e["name"]] if (e.get("at") or "input") == "input" else []))}
-    by_name = {layer.name: layer for layer in ckpt.layers.values()}
     errors, floats, exact = {}, [], 0
-    for name in sorted(fed):
-        layer = by_name.get(name)
+    for name in sorted(fed_layers(entries)):
         module = plain.get_submodule(name)
-        if layer is None or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        if name not in weights or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             floats.append(name)
             continue
-        w_hat = layer.decode()
-        sigma, err = int8_grid(layer.step, layer.shift, 2 ** (layer.bits - 1) - 1, limit)
+        w_hat, step, shift, bits = weights[name]
+        sigma, err = int8_grid(step, shift, 2 ** (bits - 1) - 1, limit)
         codes = torch.round(w_hat.double() / sigma).clamp_(-limit, limit).to(torch.int8)
         f = factors.get(name, torch.ones(codes.shape[0], dtype=torch.float64))
         # Scales must be positive: a negative BN factor flips the channel's codes; a zero one
@@ -245,7 +249,7 @@ def build_qdq_model(ckpt: CompressedModel, *, reduce_range: bool = True):
         codes = torch.where(dead.reshape(view), torch.zeros_like(codes), codes * torch.sign(f).to(torch.int8).reshape(view))
         scales = (sigma * torch.where(dead, torch.ones_like(f), f.abs())).float()
         errors[name] = err
-        exact += err <= 1e-6 * max(abs(layer.step), 1e-30)
+        exact += err <= 1e-6 * max(abs(step), 1e-30)
         parent, _, child = name.rpartition(".")
         setattr(plain.get_submodule(parent) if parent else plain, child, _qdq_weight(module, codes, scales))
     act_quant.freeze_into(plain, entries)
@@ -255,16 +259,39 @@ def build_qdq_model(ckpt: CompressedModel, *, reduce_range: bool = True):
                                     max(errors.values(), default=0.0), errors, len(entries), limit)
 
 
-def export_onnx_int8(ckpt: CompressedModel, path: str | os.PathLike, *, opset: int = 18,
-                     img_size: int | None = None, dynamic_batch: bool = True, reduce_range: bool = True) -> Int8Export:
-    """Write the int8 QDQ ONNX graph of ``ckpt`` (atomically); see the module docstring."""
-    import torch
+def build_qdq_model(ckpt: CompressedModel, *, reduce_range: bool = True):
+    """:func:`qdq_model` of the checkpoint's decoded model, dead-zone levels and activation quantizers."""
+    from codeq_cli.models.factory import create
 
-    _modules()
+    plain = create(ckpt.spec, pretrained=False)
+    plain.load_state_dict(ckpt.state_dict(), strict=True)
+    weights = {layer.name: (layer.decode(), layer.step, layer.shift, layer.bits) for layer in ckpt.layers.values()}
+    return qdq_model(plain, weights, ckpt.activations, reduce_range=reduce_range)
+
+
+def to_onnx(model, shape: tuple[int, ...], path: Path, *, opset: int = 18, dynamic_batch: bool = True) -> bytes:
+    """Export a :func:`qdq_model` to ONNX (TorchScript exporter) with int8 weights and int32 biases; the bytes."""
+    import warnings
+
     import onnx
+    import torch
 
     from codeq_cli.formats._onnx_qdq import int8_initializers
 
+    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.zeros(*shape),), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"], dynamic_axes=axes, do_constant_folding=True)
+    proto = onnx.load(str(path))
+    int8_initializers(proto)
+    return proto.SerializeToString()
+
+
+def export_onnx_int8(ckpt: CompressedModel, path: str | os.PathLike, *, opset: int = 18,
+                     img_size: int | None = None, dynamic_batch: bool = True, reduce_range: bool = True) -> Int8Export:
+    """Write the int8 QDQ ONNX graph of ``ckpt`` (atomically); see the module docstring."""
+    _modules()
     if not ckpt.activations:
         raise UsageError(f"{ckpt.path} has no activation quantizers, so there is no integer graph to export",
                          hint="compress with --set act_bits=8 (or act_bits=learned), or export --format onnx (float)")
@@ -278,25 +305,14 @@ def export_onnx_int8(ckpt: CompressedModel, path: str | os.PathLike, *, opset: i
     c, h, w = ckpt.data_config.input_size
     if img_size is not None:
         h = w = int(img_size)
-    axes = {"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch else None
-    import warnings
-
     with tempfile.TemporaryDirectory(prefix=".codeq-onnx-", dir=folder) as tmp:
-        out = Path(tmp) / "model.onnx"
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(model, (torch.zeros(1, c, h, w),), str(out), dynamo=False, opset_version=opset,
-                                  input_names=["input"], output_names=["logits"], dynamic_axes=axes,
-                                  do_constant_folding=True)
-            proto = onnx.load(str(out))
-            int8_initializers(proto)
+            data = to_onnx(model, (1, c, h, w), Path(tmp) / "model.onnx", opset=opset, dynamic_batch=dynamic_batch)
         except CodeqError:
             raise
         except Exception as exc:
             raise CodeqError(f"int8 ONNX export of {ckpt.spec.label} failed ({type(exc).__name__}: {one_line(exc, 200)})",
                              hint="export --format onnx (float) instead, or report this as a codeq bug") from exc
-        data = proto.SerializeToString()
         write_bytes(p, data)
     info.path, info.bytes = p, len(data)
     if not math.isfinite(info.max_weight_error):  # pragma: no cover - defensive

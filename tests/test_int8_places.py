@@ -1,0 +1,221 @@
+"""Where the activation quantizers go (core/_act_places.py) and what ONNX Runtime makes of the export.
+
+The gate is the op count of the graph ONNX Runtime runs (after its optimizer): every convolution and
+linear layer an integer kernel, every residual add a QLinearAdd. Counts do not depend on the machine.
+The architectures are the real timm/torchvision ones (or a member of the family with the same blocks),
+random weights, 32×32 inputs, no training: insert, calibrate on random data, export.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from codeq_cli.core import _act_places, act_quant
+from codeq_cli.core.insert import plan
+from codeq_cli.formats import onnx_int8
+
+HAS_ORT = importlib.util.find_spec("onnx") is not None and importlib.util.find_spec("onnxruntime") is not None
+needs_ort = pytest.mark.skipif(not HAS_ORT, reason="pip install 'codeq[onnx]' (onnx, onnxruntime)")
+
+
+def _build(name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if name.startswith("tv:"):
+        import torchvision
+
+        kw = {"width_mult": 0.25} if name == "tv:mobilenet_v2" else {}
+        return getattr(torchvision.models, name[3:])(num_classes=10, **kw)
+    import timm
+
+    return timm.create_model(name.removeprefix("timm:"), pretrained=False, num_classes=10)
+
+
+def _layers(model: nn.Module) -> list[str]:
+    return [t.module_name for t in plan(model) if t.quantize]
+
+
+def _grid_weights(model: nn.Module, names: list[str]) -> dict:
+    """4-bit levels on a plain uniform grid (step max|w|/7, no shift): the export maps them exactly."""
+    out = {}
+    with torch.no_grad():
+        for n in names:
+            m = model.get_submodule(n)
+            s = float(m.weight.abs().max()) / 7 or 1.0
+            s = float(np.float32(s))
+            w_hat = torch.round(m.weight / s).clamp_(-7, 7) * s
+            m.weight.copy_(w_hat)
+            out[n] = (w_hat.detach().clone(), s, 0.0, 4)
+    return out
+
+
+def _quantized(name: str, size: int = 32):
+    """``(live model with calibrated quantizers, plain copy, weights, entries, x)``."""
+    model = _build(name).eval()
+    names = _layers(model)
+    weights = _grid_weights(model, names)
+    plain = copy.deepcopy(model)
+    act_quant.add_(model, names, act_quant.ActSpec(bits=8))
+    x = torch.randn(2, 3, size, size)
+    act_quant.calibrate_(model, [x])
+    return model.eval(), plain, weights, act_quant.frozen_entries(model), x
+
+
+def _ort_ops(path, tmp_path) -> collections.Counter:
+    import onnx
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
+
+
+def _residual_adds(model: nn.Module) -> int:
+    tracer = _act_places._Tracer()
+    graph = tracer.trace(model)
+    memo: dict = {}
+    n = 0
+    for node in graph.nodes:
+        if (node.op == "call_function" and node.target in _act_places._ADD_FUNCS) or \
+                (node.op == "call_method" and node.target in _act_places._ADD_METHODS):
+            n += sum(isinstance(a, torch.fx.Node) and _act_places._is_activation(a, memo) for a in node.args[:2]) == 2
+    return n
+
+
+# -- the places, by hand on a small residual block -----------------------------------------------------
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1, self.relu1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU()
+        self.conv2, self.bn2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.down = nn.Conv2d(4, 4, 1)
+        self.relu2 = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu2(self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x))))) + self.down(x))
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.act, self.pool = nn.Conv2d(3, 4, 3), nn.ReLU(), nn.MaxPool2d(2)
+        self.block = Block()
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = self.block(self.pool(self.act(self.stem(x))))
+        return self.head(x.mean((2, 3)))
+
+
+def test_places_of_a_residual_block_by_hand():
+    net = Net()
+    places = {(p.module, p.at): p.feeds for p in _act_places.find(net, _layers(net))}
+    assert places == {
+        ("stem", "input"): ("stem",),  # the image
+        ("pool", "input"): ("block.conv1", "block.down"),  # the stem, before the max-pool; one for both readers
+        ("block.conv2", "input"): ("block.conv2",),
+        ("block.bn2", "output"): (),  # the branch into the add
+        ("block.down", "output"): (),  # the shortcut into the add
+        ("block.relu2", "output"): (),  # the add's output (after its ReLU)
+        ("head", "input"): ("head",),
+    }
+
+
+def test_shared_quantizer_feeds_both_layers_in_bops_and_the_checkpoint_entry():
+    net = Net()
+    act_quant.add_(net, _layers(net), act_quant.ActSpec(bits=None))
+    act_quant.calibrate_(net, [torch.randn(2, 3, 9, 9)])
+    bits = act_quant.act_bits(net)
+    assert set(bits) == {"stem", "block.conv1", "block.down", "block.conv2", "head"}
+    shared = net.pool.act_quant
+    assert act_quant.learns_width(shared) and not act_quant.learns_width(net.block.bn2.act_quant)  # no BOPs on it
+    entry = next(e for e in act_quant.frozen_entries(net) if e["name"] == "pool")
+    assert entry.get("at", "input") == "input" and entry["feeds"] == ["block.conv1", "block.down"]
+    # the frozen model computes what the live one does
+    plain = Net()
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if ".act_quant." not in k and not k.startswith("act_quant")})
+    act_quant.freeze_into(plain, act_quant.frozen_entries(net))
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.eval()(x), net.eval()(x))
+
+
+def test_a_model_that_does_not_trace_keeps_one_quantizer_per_layer():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.a(x) if x.sum() > 0 else self.b(x)  # data-dependent: fx cannot trace it
+
+    places = _act_places.find(Branchy(), ["a", "b"])
+    assert [(p.module, p.at, p.feeds) for p in places] == [("a", "input", ("a",)), ("b", "input", ("b",))]
+
+
+# -- integer kernels after ONNX Runtime's optimizer ------------------------------------------------------
+FAMILIES = [
+    "tv:resnet18",
+    "tv:mobilenet_v2",  # width 0.25: the same blocks
+    "timm:mobilenetv3_small_050",  # MobileNet-V3's blocks (SE, hard-swish) at a fraction of the size
+    "timm:efficientnet_b0",
+    "timm:convnext_atto",  # ConvNeXt-T's block (dw conv, LayerNorm, two linears, layer scale) at 1/8 of the size
+]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def exported(request, tmp_path_factory):
+    """One architecture quantized, calibrated and exported (shared by the count and the equality tests)."""
+    if not HAS_ORT:
+        pytest.skip("pip install 'codeq[onnx]' (onnx, onnxruntime)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: threads only contend with each other
+    try:
+        name = request.param
+        model, plain, weights, entries, x = _quantized(name)
+        convs = sum(isinstance(model.get_submodule(n), (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for n in weights)
+        adds = _residual_adds(plain)
+        qdq, info = onnx_int8.qdq_model(plain, weights, entries)
+        path = tmp_path_factory.mktemp("int8") / "m.onnx"
+        path.write_bytes(onnx_int8.to_onnx(qdq, (1, 3, 32, 32), path))
+        ops = _ort_ops(path, path.parent)
+    finally:
+        torch.set_num_threads(threads)
+    return {"name": name, "model": model, "qdq": qdq, "info": info, "weights": weights, "convs": convs,
+            "adds": adds, "path": path, "ops": ops, "x": x}
+
+
+def test_every_conv_linear_and_residual_add_runs_on_integer_kernels(exported):
+    ops, info, weights = exported["ops"], exported["info"], exported["weights"]
+    assert info.int8_layers == len(weights) and not info.float_layers
+    linears = len(weights) - exported["convs"]
+    assert ops["QLinearConv"] == exported["convs"] and ops["Conv"] == ops["FusedConv"] == 0, ops
+    assert ops["QGemm"] + ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"] == linears and ops["Gemm"] == ops["MatMul"] == 0, ops
+    assert exported["adds"] > 0 and ops["QLinearAdd"] == exported["adds"], ops
+
+
+def test_onnx_runtime_computes_what_the_fake_quantized_model_does(exported):
+    import onnxruntime as ort
+
+    x, qdq, model = exported["x"], exported["qdq"], exported["model"]
+    # the graph as written, in float (its integer kernels on this CPU are the next check's business):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    got = ort.InferenceSession(str(exported["path"]), so, providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+        qdq_torch = qdq(x).numpy()
+    np.testing.assert_allclose(got, qdq_torch, rtol=0, atol=1e-4 * np.abs(qdq_torch).max() + 1e-6)
+    # The trained (fake-quantized) model, up to BN folding in float, which can move a code by one step:
+    assert np.abs(got - ref).max() <= 0.1 * np.abs(ref).max()
+    # and on integer kernels (all optimizations), still the same logits to within a few steps
+    fast = ort.InferenceSession(str(exported["path"]), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+    assert np.abs(fast - ref).max() <= 0.1 * np.abs(ref).max()
