@@ -54,7 +54,7 @@ def standin(target: float, steps: int = 400, every: int = 5, ramp: float = 0.6, 
         th = torch.stack(thetas)
         task = (sens * (1 - torch.tanh(th)).square()).sum() + 1e-3 * (torch.randn(len(cost), generator=g) * th).sum()
         (task + c.penalty(thetas, [], 0.05, 0.0)).backward()
-        before = [p.detach().clone() for p in thetas]
+        before = [torch.stack([p.detach() for p in thetas])]
         opt.step()
         c.scale_steps(before, [thetas])
         if (s + 1) % every == 0:
@@ -123,7 +123,7 @@ def test_sensitivity_rates_by_hand_weight_the_penalty_by_cost_and_keep_every_ste
     got = c.penalty(dz, [], 0.1, 0.0)
     assert float(got) == pytest.approx(c.pressure * 0.1 * (1.0 * 4 + 0.25 * 1 + 0.0 * 9), rel=1e-6)
     c.down, c.up = 0.5, 0.25
-    before = [torch.tensor(1.0), torch.tensor(1.0), torch.tensor(1.0)]
+    before = [torch.tensor([1.0, 1.0, 1.0])]  # each group's logits before the step, stacked
     after = [torch.tensor(0.8), torch.tensor(1.4), torch.tensor(0.6)]
     c.scale_steps(before, [after])  # every layer keeps down (compressing) or up (relaxing) of its move
     assert [float(a) for a in after] == pytest.approx([1.0 - 0.2 * 0.5, 1.0 + 0.4 * 0.25, 1.0 - 0.4 * 0.5])
@@ -152,7 +152,7 @@ def test_controller_update_by_hand():
     assert float(got) == pytest.approx(c.pressure * (0.1 * (4 + 1 + 9) + 0.2 * (1 + 4 + 0.25)), rel=1e-6)
     # Moves: compressing ones (|θ| falls) keep down·w, relaxing ones up·w.
     c.down, c.up, c.weights = 0.5, 0.25, [1.0, 0.5]
-    before = [torch.tensor(1.0), torch.tensor(1.0)]
+    before = [torch.tensor([1.0, 1.0])]
     after = [torch.tensor(0.8), torch.tensor(1.4)]
     c.scale_steps(before, [after])
     assert float(after[0]) == pytest.approx(1.0 - 0.2 * 0.5) and float(after[1]) == pytest.approx(1.0 + 0.4 * 0.25 * 0.5)
@@ -347,7 +347,7 @@ def test_the_controller_drives_learned_activation_widths_with_their_layers_weigh
     got = c.penalty(dz, [], 0.1, 0.0, act=act, lambda_act=0.2)
     assert float(got) == pytest.approx(c.pressure * (0.1 * (1 + 0.5 + 0.5) + 0.2 * (0.5 * 4 + 1.0 * 9)), rel=1e-6)
     c.down, c.up = 0.5, 0.25
-    before = [torch.tensor(1.0)] * 3 + [torch.tensor(2.0), torch.tensor(3.0)]
+    before = [torch.tensor([1.0, 1.0, 1.0]), None, torch.tensor([2.0, 3.0])]
     layers = [torch.tensor(0.8), torch.tensor(0.8), torch.tensor(0.8)]
     widths = [torch.tensor(1.6), torch.tensor(3.4)]  # the first compresses, the second relaxes
     c.scale_steps(before, [layers, [], widths])
@@ -465,3 +465,29 @@ def test_max_drop_stages_and_its_relaxing_speed_by_hand():
         c = Controller(kind, target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
         c.update(5, 2.0, [1.0])  # e = ln(2 / planned(5)) ≈ −2.2: k·e ≈ −44
         assert (c.down, c.up, c.boost) == (0.0, up, boost), kind
+
+
+def test_the_controllers_vector_step_scaling_equals_the_per_logit_rule_bit_for_bit():
+    """scale_steps decides on the device, one vector operation per group; the rule is the per-logit one:
+    a logit whose |θ| fell keeps w·down of its move, else w·up (the transcription below)."""
+    torch.manual_seed(0)
+    c = Controller(BOPS, target=5.0, start=20.0, total_steps=100, ramp=0.5, every=5)
+    c.update(5, 30.0, [3.0, 1.0, 0.5, 2.0])  # above the plan: compressing moves kept, boosted
+    c.up = 0.37  # both shares non-trivial, so both branches are exercised
+    groups = [[torch.nn.Parameter(torch.randn(())) for _ in range(4)] for _ in range(2)]
+    before = [torch.stack([p.detach() for p in g]) for g in groups]
+    with torch.no_grad():
+        for g in groups:
+            for p in g:
+                p.add_(torch.randn(()) * 0.3)
+    after = [[p.detach().clone() for p in g] for g in groups]
+    expected = []
+    for g, gafter in zip(before, after):  # the rule, logit by logit, in host floats
+        w = [math.sqrt(x / 3.0) for x in [3.0, 1.0, 0.5, 2.0]]
+        expected.append([old + (new - old) * (w[j] * (c.down if bool(new.abs() < old.abs()) else c.up))
+                         for j, (old, new) in enumerate(zip(g.unbind(), gafter))])
+    c.scale_steps(before, groups)
+    for g, e in zip(groups, expected):
+        for p, x in zip(g, e):
+            assert torch.equal(p.detach(), x)
+    assert c.down > 0 and c.up == 0.37 and len(c._cache) == 2  # one pair of factor tensors per group

@@ -89,6 +89,7 @@ class Controller:
     anchor: float = float("nan")
     ramp_end: int = -1
     updates: int = 0
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)  # device copies of the kept shares
 
     def __post_init__(self) -> None:
         if math.isnan(self.anchor):
@@ -128,6 +129,7 @@ class Controller:
         self.up = min(self.boost if both_ways else 1.0, max(0.0, -raw))
         self.u = min(self.u_max, max(-self.u_max, self.u + min(self.max_move, max(-self.max_move, self.gain * e))))
         self.updates += 1
+        self._cache.clear()
         top = max(costs) if costs else 0.0
         if top <= 0:
             self.weights = [1.0] * len(costs)
@@ -144,27 +146,37 @@ class Controller:
     def _w_act(self, n: int) -> list[float]:
         return self.act_weights if len(self.act_weights) == n else [1.0] * n
 
+    def _factors(self, g: int, n: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept shares of group ``g``'s steps, ``(w·down, w·up)``, as device tensors.
+
+        Made once per measurement (the host numbers change only then) and reused
+        at every step: no host-to-device copy in a step.
+        """
+        w = [1.0] * n if self.rates != "cost" else (self._w_act(n) if g == 2 else self._w(n))
+        key = ("steps", g, like.device, like.dtype, self.down, self.up, tuple(w))
+        if key not in self._cache:
+            self._cache[key] = (torch.tensor([x * self.down for x in w], dtype=like.dtype, device=like.device),
+                                torch.tensor([x * self.up for x in w], dtype=like.dtype, device=like.device))
+        return self._cache[key]
+
     @torch.no_grad()
-    def scale_steps(self, before: list[torch.Tensor], logits: list[list[torch.Tensor]]) -> None:
+    def scale_steps(self, before: list[torch.Tensor | None], logits: list[list[torch.Tensor]]) -> None:
         """After the optimizer step: keep ``down·w_ℓ`` (compressing) or ``up·w_ℓ`` (relaxing) of each logit's move.
 
-        ``before`` holds the logits before the step, in the order of
-        ``logits`` flattened (dead-zone logits, then bit logits, then learned
-        activation bit logits when the controller drives them); the first two
-        lists have one entry per quantized layer, the third one per learned
-        activation width.
+        ``before`` holds, per group of ``logits`` (dead-zone logits, then bit
+        logits, then learned activation bit logits when the controller drives
+        them), the group's logits stacked before the step (:meth:`BudgetRun.before_step`).
+        The first two groups have one entry per quantized layer, the third one per
+        learned activation width. A logit compresses when its ``|θ|`` fell. Each
+        group is one vector operation, decided on the device (no host sync).
         """
-        i = 0
-        for g, group in enumerate(logits):
-            if self.rates != "cost":
-                w = [1.0] * len(group)
-            else:
-                w = self._w_act(len(group)) if g == 2 else self._w(len(group))
-            for j, p in enumerate(group):
-                old = before[i]
-                i += 1
-                compress = bool(p.abs() < old.abs())
-                p.copy_(old + (p - old) * (w[j] * (self.down if compress else self.up)))
+        for g, (old, group) in enumerate(zip(before, logits)):
+            if not group:
+                continue
+            new = torch.stack([p.detach() for p in group])
+            down, up = self._factors(g, len(group), new)
+            moved = old + (new - old) * torch.where(new.abs() < old.abs(), down, up)
+            torch._foreach_copy_(list(group), list(moved.unbind()))
 
     def penalty(self, dz: list[torch.Tensor], bit: list[torch.Tensor], lambda_dz: float, lambda_bit: float,
                 device=None, *, act: list[torch.Tensor] = (), lambda_act: float = 0.0) -> torch.Tensor:
@@ -174,7 +186,18 @@ class Controller:
         the layer the activation feeds.
         """
         return penalty(dz, bit, lambda_dz, lambda_bit, device, act=act, lambda_act=lambda_act,
-                       weights=self._w(len(dz)), act_weights=self._w_act(len(act)), pressure=self.pressure)
+                       weights=self._on_device(self._w(len(dz)), dz), act_weights=self._on_device(self._w_act(len(act)), act),
+                       pressure=self.pressure)
+
+    def _on_device(self, w: list[float], group) -> torch.Tensor | list[float]:
+        """``w`` as a tensor beside ``group``'s logits, made once per measurement (no copy to the device per step)."""
+        if not group:
+            return w
+        like = group[0]
+        key = ("penalty", like.device, like.dtype, tuple(w))
+        if key not in self._cache:
+            self._cache[key] = torch.tensor(w, dtype=like.dtype, device=like.device)
+        return self._cache[key]
 
     def log_fields(self, step: int) -> dict:
         return {"budget": self.kind.name, "target": self.target, "planned": self.planned(step), "measured": self.measured,
@@ -193,6 +216,7 @@ class Controller:
                 continue
             setattr(self, k, state[k])
         self.weights = list(state["weights"])
+        self._cache.clear()
         self.act_index, self.act_weights = list(self.act_index), list(self.act_weights)
 
 
@@ -262,8 +286,9 @@ class BudgetRun:
         return reg
 
     @torch.no_grad()
-    def before_step(self, logits: tuple) -> list[torch.Tensor]:
-        return [p.detach().clone() for group in self._groups(logits) for p in group]
+    def before_step(self, logits: tuple) -> list[torch.Tensor | None]:
+        """Each group's logits before the optimizer step, stacked (one copy per group)."""
+        return [torch.stack([p.detach() for p in group]) if group else None for group in self._groups(logits)]
 
     def after_optimizer_step(self, before: list[torch.Tensor], logits: tuple) -> None:
         self.c.scale_steps(before, self._groups(logits))  # an empty list (fixed weight bits) keeps its place

@@ -24,7 +24,8 @@ def penalty(dz: Sequence[torch.Tensor], bit: Sequence[torch.Tensor], lambda_dz: 
     """``p · Σ_groups λ Σ w θ²`` over the dead-zone, bit and activation-bit logits.
 
     ``weights`` (one per quantized layer, for ``dz`` and ``bit``) and
-    ``act_weights`` (one per learned activation width) default to 1, and
+    ``act_weights`` (one per learned activation width; lists or tensors on the
+    logits' device) default to 1, and
     ``pressure`` to none; a group with no logits or λ = 0 adds nothing.
     """
     total = torch.zeros((), device=dz[0].device if dz else device)
@@ -33,6 +34,8 @@ def penalty(dz: Sequence[torch.Tensor], bit: Sequence[torch.Tensor], lambda_dz: 
             continue
         squares = torch.stack([p.square() for p in group])
         if w is not None:
-            squares = torch.tensor(list(w), dtype=group[0].dtype, device=group[0].device) * squares
+            if not isinstance(w, torch.Tensor):
+                w = torch.tensor(list(w), dtype=group[0].dtype, device=group[0].device)
+            squares = w * squares
         total = total + lam * squares.sum()
     return total if pressure is None else pressure * total
