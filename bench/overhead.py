@@ -1,13 +1,17 @@
 """Cost of CoDeQ's quantizers in one training step, side by side with FP32.
 
 One step = forward, backward and AdamW step of torchvision ResNet-18 (random
-weights) at 64x64, batch 64, on CPU. Three models are built from the same
+weights; ``--model`` another torchvision name, or ``timm:NAME``) at 64x64,
+batch 64, on CPU. Three models are built from the same
 weights: plain FP32, codeq's quantizers (mixed precision, every conv and
 linear wrapped), and a literal transcription of the method (exact
 ``torch.quantile`` and separate straight-through nodes every forward). Steps
 alternate between them and the medians are compared.
 
-    python bench/overhead.py [--steps 15] [--size 64] [--batch 64] [--fixed]
+    python bench/overhead.py [--model resnet18] [--steps 15] [--size 64] [--batch 64] [--fixed]
+
+Issue 22's CPU set: ``--model resnet50 --batch 16``, ``--model timm:vit_small_patch16_224 --batch 4``,
+``--model mobilenet_v2 --batch 32`` (64 px), besides ResNet-18.
 """
 
 from __future__ import annotations
@@ -45,6 +49,15 @@ def _plain_quantize(model, bits):
             parametrize.register_parametrization(module, "weight", _Plain(bits), unsafe=True)
 
 
+def _build(name: str, size: int) -> nn.Module:
+    if name.startswith("timm:"):
+        import timm
+
+        kwargs = {"img_size": size} if "vit" in name or "deit" in name else {}
+        return timm.create_model(name[5:], pretrained=False, **kwargs)
+    return getattr(torchvision.models, name)()
+
+
 def _optimizer(model):
     return torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.0)
 
@@ -52,6 +65,7 @@ def _optimizer(model):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=15, help="timed steps per model")
+    ap.add_argument("--model", default="resnet18", help="a torchvision classification model, or timm:NAME")
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--fixed", action="store_true", help="4-bit fixed precision instead of mixed")
@@ -60,7 +74,7 @@ def main() -> None:
     bits = 4 if args.fixed else None
 
     torch.manual_seed(0)
-    base = torchvision.models.resnet18()
+    base = _build(args.model, args.size)
     models = {"fp32": copy.deepcopy(base), "codeq": copy.deepcopy(base)}
     wrapped = quantize_(models["codeq"], bits=bits)
     if not args.no_plain:
@@ -88,7 +102,7 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     dz, bit = quantizer_parameters(models["codeq"])
-    print(f"ResNet-18 {args.size}x{args.size} batch {args.batch}, {'4-bit' if bits else 'mixed'}, "
+    print(f"{args.model} {args.size}x{args.size} batch {args.batch}, {'4-bit' if bits else 'mixed'}, "
           f"{len(wrapped)} layers wrapped, {torch.get_num_threads()} threads, {args.steps} alternating steps")
     for name, t in med.items():
         print(f"  {name:6s} median step {t * 1000:8.1f} ms   ratio to fp32 {t / med['fp32']:.3f}x")
