@@ -16,92 +16,19 @@ FP32 export (QDQ, per-channel int8 weights, uint8 activations, calibrated on the
 from __future__ import annotations
 
 import argparse
-import collections
 import json
-import platform
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-INT_OPS = ("QLinearConv", "ConvInteger", "QGemm", "MatMulInteger", "QLinearMatMul", "MatMulIntegerToFloat",
-           "QLinearAdd", "QLinearMul", "QLinearGlobalAveragePool", "QLinearAveragePool", "QLinearSigmoid")
-FLOAT_OPS = ("Conv", "FusedConv", "Gemm", "FusedGemm", "MatMul", "FusedMatMul", "Add", "Mul")
+from codeq_cli.commands.int8_check import (cpu_name, interleaved, op_summary, optimized_ops, ort_static,
+                                           plain_fp32)
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def optimized_ops(path: Path, tmp: Path) -> collections.Counter:
-    import onnx
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(tmp / f"{path.stem}.opt.onnx")
-    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return collections.Counter(n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node)
-
-
-def summary(ops: collections.Counter) -> dict:
-    return {"int": {k: ops[k] for k in INT_OPS if ops[k]}, "float": {k: ops[k] for k in FLOAT_OPS if ops[k]},
-            "QuantizeLinear": ops["QuantizeLinear"], "DequantizeLinear": ops["DequantizeLinear"]}
-
-
-def session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
-def interleaved(paths: dict[str, Path], shape, threads: int, reps: int) -> dict[str, float]:
-    """Median milliseconds per graph, the graphs run one after another in each repetition."""
-    sessions = {k: session(p, threads) for k, p in paths.items()}
-    x = np.random.default_rng(0).standard_normal(shape, dtype=np.float32)
-    for s in sessions.values():
-        for _ in range(3):
-            s.run(None, {s.get_inputs()[0].name: x})
-    times: dict[str, list[float]] = {k: [] for k in sessions}
-    for _ in range(reps):
-        for k, s in sessions.items():
-            t0 = time.perf_counter()
-            s.run(None, {s.get_inputs()[0].name: x})
-            times[k].append(time.perf_counter() - t0)
-    return {k: 1e3 * statistics.median(v) for k, v in times.items()}
-
-
-def ort_static(fp32: Path, out: Path, calib: list[np.ndarray], per_channel: bool = True) -> Path:
-    """ONNX Runtime's own post-training quantization of the FP32 graph (QDQ, per-channel, uint8 activations)."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.it = iter(calib)
-
-        def get_next(self):
-            x = next(self.it, None)
-            return None if x is None else {"input": x}
-
-    pre = out.with_suffix(".pre.onnx")
-    quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
-    quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return out
+def summary(ops) -> dict:
+    return {**op_summary(ops), "QuantizeLinear": ops["QuantizeLinear"], "DequantizeLinear": ops["DequantizeLinear"]}
 
 
 def random_ckpt(label: str, size: int, tmp: Path):
@@ -128,23 +55,6 @@ def random_ckpt(label: str, size: int, tmp: Path):
     return checkpoint.load(path)
 
 
-def plain_fp32(ckpt, path: Path) -> Path:
-    """The decoded weights in the plain architecture, float activations (no quantizer arithmetic)."""
-    import warnings
-
-    from codeq_cli.models.factory import create
-
-    model = create(ckpt.spec, pretrained=False)
-    model.load_state_dict(ckpt.state_dict(), strict=True)
-    c, h, w = ckpt.data_config.input_size
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model.eval(), (torch.zeros(1, c, h, w),), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    return path
-
-
 def measure(label: str, ckpt, tmp: Path, args) -> dict:
     from codeq_cli.formats.onnx_int8 import export_onnx_int8
 
@@ -154,6 +64,8 @@ def measure(label: str, ckpt, tmp: Path, args) -> dict:
     rng = np.random.default_rng(1)
     ort_q = ort_static(fp32, tmp / "ort.onnx", [rng.standard_normal((1, c, h, w), dtype=np.float32) for _ in range(4)])
     paths = {"fp32": fp32, "codeq": codeq, "ort_static": ort_q}
+    if args.full_range:  # 8-bit weight codes (no reduce_range): exact on VNNI, may saturate without it
+        paths["codeq_full_range"] = export_onnx_int8(ckpt, tmp / "codeq_full.onnx", reduce_range=False).path
     row = {"model": label, "ops": {k: summary(optimized_ops(p, tmp)) for k, p in paths.items()}, "latency": []}
     for b in args.batch:
         ms = interleaved(paths, (b, c, h, w), args.threads, args.reps)
@@ -186,6 +98,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--batch", type=int, action="append", default=None)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--full-range", action="store_true", help="also time codeq's graph with 8-bit weight codes")
     args = ap.parse_args()
     args.batch = args.batch or [1, 8]
     models = args.model if args.model is not None else ([] if args.ckpt else ["tv:resnet18"])
@@ -212,6 +125,9 @@ def main() -> None:
         print(" ".join(f"{k}={v}" for k, v in head.items()))
         print(table(rows))
         for r in rows:
+            for lat in r["latency"]:
+                if "codeq_full_range" in lat["ms"]:
+                    print(f"{r['model']} batch {lat['batch']}: codeq full-range {lat['ms']['codeq_full_range']:.2f} ms")
             for k in ("fp32", "ort_static"):
                 print(f"{r['model']} {k}: int {r['ops'][k]['int']} float {r['ops'][k]['float']}")
 

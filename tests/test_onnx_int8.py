@@ -140,3 +140,34 @@ def test_cli_refuses_onnx_int8_without_activation_quantizers(tmp_path, capsys):
     has_onnx = importlib.util.find_spec("onnx") is not None
     assert code == (2 if has_onnx else 1) and len(lines) == 1
     assert ("act_bits=8" if has_onnx else "codeq[onnx]") in lines[0]
+
+
+@needs_ort
+def test_cli_export_check_counts_integer_kernels_and_times_three_graphs(tmp_path, ckpt, capsys):
+    import json
+
+    from conftest import run_cli
+
+    ck, _ = ckpt
+    if any(a["bits"] != 8 for a in ck.activations):
+        pytest.skip("the 8-bit graph is the one that runs on integer kernels")
+    out = tmp_path / "model.onnx"
+    code, stdout, stderr = run_cli(["export", str(ck.path), "--format", "onnx-int8", "--to", str(out), "--check",
+                                    "--reps", "1", "--json"], capsys)
+    assert code == 0, stderr
+    check = json.loads(stdout)["check"]
+    convs = sum(len(layer.shape) == 4 for layer in ck.layers.values())
+    assert check["ops"]["codeq"]["int"]["QLinearConv"] == convs and check["ops"]["codeq"]["int"]["QLinearAdd"] == 4
+    assert not check["ops"]["codeq"]["float"] and check["ops"]["fp32"]["float"]["Add"] == 4
+    assert [row["batch"] for row in check["latency"]] == [1, 8]
+    assert all(set(row["ms"]) == {"fp32", "codeq", "ort_static"} for row in check["latency"])
+    assert check["top1"] is None  # the checkpoint records no image folder
+    assert "VNNI" in check["cpu"]
+
+
+def test_cli_check_needs_the_int8_format(tmp_path, capsys):
+    from conftest import run_cli
+
+    path = weights_only_checkpoint(tmp_path)
+    code, _, stderr = run_cli(["export", str(path), "--format", "onnx", "--to", str(tmp_path / "m.onnx"), "--check"], capsys)
+    assert code == 2 and "--check" in stderr and len(stderr.strip().splitlines()) == 1

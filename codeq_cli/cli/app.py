@@ -328,6 +328,11 @@ def export(
     format_: Annotated[Optional[str], typer.Option("--format", help="safetensors, pt, onnx or onnx-int8 (QDQ graph on integer kernels; needs act_bits) [default: from the suffix of --to].")] = None,
     opset: Annotated[int, typer.Option("--opset", help="ONNX opset.")] = 18,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing output file.")] = False,
+    reduce_range: Annotated[bool, typer.Option("--reduce-range/--full-range", help="onnx-int8: 7-bit weight codes, safe on CPUs without VNNI (docs/deploy.md), or the full 8 bits.")] = True,
+    check: Annotated[bool, typer.Option("--check", help="onnx-int8: then count integer vs float ops after ONNX Runtime's optimizer, time it against FP32 and ORT's quantize_static here, and compare top-1 with codeq eval.")] = False,
+    data: Annotated[Optional[Path], typer.Option("--data", help="--check: image folder for top-1 [default: the one recorded in the checkpoint].")] = None,
+    subset: Annotated[Optional[str], typer.Option("--subset", help="--check: images per class (or a fraction) for top-1, as codeq eval.")] = None,
+    reps: Annotated[int, typer.Option("--reps", min=1, help="--check: timed runs per graph and batch.")] = 20,
     json_: JsonOpt = False,
 ) -> None:
     """Dense dequantized weights for deployment (loads with strict=True), or ONNX."""
@@ -339,6 +344,8 @@ def export(
     suffixes = {"safetensors": ".safetensors", "pt": ".pt", "pth": ".pth", "onnx": ".onnx", "onnx-int8": ".onnx"}
     if fmt not in suffixes:
         raise UsageError(f"--format {fmt!r} is not supported", hint="use safetensors, pt, onnx or onnx-int8")
+    if check and fmt != "onnx-int8":
+        raise UsageError(f"--check measures the integer graph, not --format {fmt}", hint="add --format onnx-int8, or drop --check")
     if to.suffix.lower() != suffixes[fmt] and not (fmt == "pt" and to.suffix.lower() == ".pth"):
         to = to.with_name(to.name + suffixes[fmt])
     if to.exists() and not overwrite:
@@ -347,13 +354,18 @@ def export(
     if fmt == "onnx-int8":
         from codeq_cli.formats.onnx_int8 import export_onnx_int8
 
-        info = export_onnx_int8(ckpt, to, opset=opset)
-        _output(json_, False).result(
-            {"path": str(info.path), "format": fmt, "bytes": info.bytes, "model": ckpt.spec.label,
-             **{k: v for k, v in info.to_dict().items() if k not in ("path", "bytes", "weight_errors")}},
-            f"wrote {info.path} ({info.bytes / 1e6:.2f} MB, int8 QDQ ONNX: {info.int8_layers} integer layers, "
-            f"largest int8 weight rounding {info.max_weight_error:.3g})",
-        )
+        info = export_onnx_int8(ckpt, to, opset=opset, reduce_range=reduce_range)
+        answer = {"path": str(info.path), "format": fmt, "bytes": info.bytes, "model": ckpt.spec.label,
+                  **{k: v for k, v in info.to_dict().items() if k not in ("path", "bytes", "weight_errors")}}
+        text = (f"wrote {info.path} ({info.bytes / 1e6:.2f} MB, int8 QDQ ONNX: {info.int8_layers} integer layers, "
+                f"{info.activation_quantizers} activation quantizers, largest int8 weight rounding {info.max_weight_error:.3g})")
+        if check:
+            from codeq_cli.commands import int8_check
+
+            res = int8_check.run(int8_check.CheckOptions(info.path, Path(file), data=data, subset=subset, reps=reps))
+            answer["check"] = res
+            text += "\n" + int8_check.render(res)
+        _output(json_, False).result(answer, text)
         return
     path = export_onnx(ckpt, to, opset=opset) if fmt == "onnx" else export_state_dict(ckpt, to)
     size = Path(path).stat().st_size
