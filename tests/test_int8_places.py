@@ -219,3 +219,23 @@ def test_onnx_runtime_computes_what_the_fake_quantized_model_does(exported):
     # and on integer kernels (all optimizations), still the same logits to within a few steps
     fast = ort.InferenceSession(str(exported["path"]), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
     assert np.abs(fast - ref).max() <= 0.1 * np.abs(ref).max()
+
+
+def test_a_batch_norm_replaced_by_a_converter_gets_its_quantizer_hook_back():
+    net = Net()
+    act_quant.add_(net, _layers(net), act_quant.ActSpec(bits=8))
+    act_quant.calibrate_(net, [torch.randn(2, 3, 9, 9)])
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        want = net.eval()(x)
+    converted = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # copies the children, drops the hooks
+    assert converted.block.bn2.act_quant.at == "output" and not converted.block.bn2._forward_hooks
+    assert act_quant.rehook_(converted) == 1 and act_quant.rehook_(converted) == 0
+
+    class Plain(nn.SyncBatchNorm):  # SyncBatchNorm runs only distributed; same arithmetic as BN in eval
+        def forward(self, x):
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+
+    converted.block.bn2.__class__ = Plain
+    with torch.no_grad():
+        torch.testing.assert_close(converted.eval()(x), want)

@@ -280,6 +280,25 @@ def attach(module: nn.Module, quantizer: nn.Module, at: str = INPUT, feeds: Iter
         module.register_forward_hook(_post_hook)
 
 
+def rehook_(model: nn.Module) -> int:
+    """Register the hook again on every module whose ``act_quant`` child lost it; returns how many.
+
+    A converter that builds new modules and copies the children over (torch's
+    and timm's ``convert_sync_batchnorm``) keeps the quantizer but drops the
+    hook, and a quantizer may sit on a batch norm's output.
+    """
+    n = 0
+    for module in model.modules():
+        qz = getattr(module, ATTR, None)
+        if not isinstance(qz, (ActQuantizer, FrozenActQuantizer)):
+            continue
+        hook, table = (_pre_hook, module._forward_pre_hooks) if qz.at == INPUT else (_post_hook, module._forward_hooks)
+        if hook not in table.values():
+            (module.register_forward_pre_hook if qz.at == INPUT else module.register_forward_hook)(hook)
+            n += 1
+    return n
+
+
 def eligible(model: nn.Module, layer_names: Iterable[str], exclude: Iterable[str] = ()) -> list[str]:
     """Which of the quantized ``layer_names`` get an input quantizer.
 
