@@ -32,6 +32,7 @@ import os
 import queue
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,8 @@ class Tracker:
         self._step = 0
         self._emit: Callable[[dict], None] = lambda e: None
         self._lock = threading.Lock()
+        self.observe_s = 0.0  # seconds spent in observe() on the caller's thread
+        self.worker_cpu_s = 0.0  # CPU seconds of the worker thread, once it has ended
 
     # -- the event side (main thread) ------------------------------------------------------------
     def wrap(self, on_event: Callable[[dict], None]) -> Callable[[dict], None]:
@@ -147,7 +150,9 @@ class Tracker:
         self._emit = on_event
 
         def tracked(e: dict) -> None:
+            t0 = time.perf_counter()
             self.observe(e)
+            self.observe_s += time.perf_counter() - t0  # the tracker's cost on the training thread (bench/tracking.py)
             on_event(e)
             self._warn()
 
@@ -263,6 +268,7 @@ class Tracker:
         while True:
             item = self._queue.get()
             if item is None:
+                self.worker_cpu_s = time.thread_time()
                 return
             method, args = item
             if method == "open":
