@@ -53,7 +53,7 @@ def _server(tmp_path_factory):
     )
     server = {"uri": f"http://127.0.0.1:{port}", "proc": proc, "log": folder / "server.log", "up": False}
     yield server
-    for sig, wait in ((signal.SIGTERM, 3), (signal.SIGKILL, 5)):  # the server and the workers it started
+    for sig, wait in ((signal.SIGTERM, 1), (signal.SIGKILL, 5)):  # the server and the workers it started
         try:
             os.killpg(proc.pid, sig)
             proc.wait(wait)
@@ -367,6 +367,9 @@ def test_compress_logs_to_all_three(data, tmp_path, capsys, mlflow_uri, monkeypa
     assert sc["train/task_loss"] == [(s, pytest.approx(e["task_loss"], rel=1e-6)) for s, e in steps.items()]
     assert sc["compression/rel_bops"] == [(s, pytest.approx(e["rel_bops"], rel=1e-6)) for s, e in steps.items()]
     assert sc["eval/top1"] == [(s, pytest.approx(e["top1"], rel=1e-6)) for s, e in evals.items()]
+    paced = {s: e for s, e in steps.items() if "images_per_s" in e}  # throughput, when the loop reports it
+    assert sc.get("perf/images_per_s", []) == [(s, pytest.approx(e["images_per_s"], rel=1e-6)) for s, e in paced.items()]
+    assert sc.get("perf/data_wait", []) == [(s, pytest.approx(e["data_wait"], rel=1e-6, abs=1e-9)) for s, e in paced.items()]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert sc["final/top1"] == [(4, pytest.approx(summary["metrics"]["top1"], rel=1e-6))]
     assert "layers/bits" in tb_tags(run_dir / "tensorboard")["histograms"]
