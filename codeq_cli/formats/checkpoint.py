@@ -44,7 +44,7 @@ from codeq_cli.formats import history as history_format
 from codeq_cli._io import _json_default, write_with
 from codeq_cli.core.bops import LayerRow, bops_rows
 from codeq_cli.errors import CheckpointError, CheckpointPathError, CodeqError, one_line
-from codeq_cli.core.insert import QuantizedWeight, plain_state
+from codeq_cli.core.insert import QuantizedWeight, encode_all, plain_state
 from codeq_cli.models.factory import DataConfig, ModelSpec, with_module_versions
 from codeq_cli.core.quantizer import dequantize
 from codeq_cli.core import act_quant
@@ -137,14 +137,14 @@ def save(
         raise ValueError(f"format_version must be 1 or {FORMAT_VERSION}")
     payload = bytearray()
     layers, bound_bits = [], 0.0
-    encodings = {}
+    encodings = encode_all(model)  # every layer in one pass where the one-pass quantizer runs (one read back)
     tensors, state_keys = [], []
     state = model.state_dict()
     for key, entry in plain_state(model, state):
         state_keys.append(key)
         if isinstance(entry, QuantizedWeight):
             qw = entry
-            enc = encodings[qw.name] = qw.quantizer.encode(qw.original)
+            enc = encodings[qw.name]
             codes = enc.codes.detach().to("cpu").contiguous()
             flat = codes.reshape(-1).numpy()
             blob = entropy.encode(flat)

@@ -32,7 +32,7 @@ def penalty(dz: Sequence[torch.Tensor], bit: Sequence[torch.Tensor], lambda_dz: 
     for lam, group, w in ((lambda_dz, dz, weights), (lambda_bit, bit, weights), (lambda_act, act, act_weights)):
         if not group or not lam:
             continue
-        squares = torch.stack([p.square() for p in group])
+        squares = torch.stack(list(group)).square()  # one stack, one square: launches independent of the layer count
         if w is not None:
             if not isinstance(w, torch.Tensor):
                 w = torch.tensor(list(w), dtype=group[0].dtype, device=group[0].device)
