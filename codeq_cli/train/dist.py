@@ -211,7 +211,11 @@ def convert_sync_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
     """
     from timm.layers import convert_sync_batchnorm as timm_convert
 
-    return timm_convert(model)
+    from codeq_cli.core.act_quant import rehook_
+
+    model = timm_convert(model)
+    rehook_(model)  # the converter copies an activation quantizer on a batch norm's output, not its hook
+    return model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
