@@ -71,7 +71,9 @@ def act_layer_index(model: nn.Module) -> list[int]:
     """For each learned activation bit logit (in :func:`~codeq_cli.core.act_quant.act_parameters` order),
     the index of the layer it feeds among :func:`~codeq_cli.core.insert.quantized_weights`."""
     index = {qw.name: i for i, qw in enumerate(quantized_weights(model))}
-    return [index.get(name, -1) for name, qz in act_quantizers(model) if learns_width(qz)]
+    # A quantizer shared by several layers, or sitting on a non-layer module's output, is named by the layers it feeds.
+    return [index.get(qz.feeds[0] if getattr(qz, "feeds", None) else name, -1)
+            for name, qz in act_quantizers(model) if learns_width(qz)]
 
 
 @torch.no_grad()
