@@ -17,6 +17,9 @@ import typer
 
 from codeq_cli._version import __version__
 from codeq_cli.cli import console
+from codeq_cli.cli._options import (
+    CropPctOpt, InterpOpt, JsonOpt, LogDirOpt, LogToOpt, MeanOpt, QuietOpt, StdOpt, numbers as _numbers,
+)
 from codeq_cli.cli.runctl import StopOnSignal, rank, resume_command
 from codeq_cli.errors import CodeqError, InterruptedRun, TrainingError, UsageError, one_line
 
@@ -48,30 +51,6 @@ def _main(
     _state["debug"] = debug
 
 
-CropPctOpt = Annotated[Optional[float], typer.Option("--crop-pct", help="Centre-crop fraction for evaluation, in (0, 1]; 1.0: no crop [default: the model's; eval: the checkpoint's].")]
-MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Normalization mean per channel: 0.5,0.5,0.5 [default: the model's; eval: the checkpoint's].")]
-StdOpt = Annotated[Optional[str], typer.Option("--std", help="Normalization std per channel: 0.5,0.5,0.5 [default: the model's; eval: the checkpoint's].")]
-InterpOpt = Annotated[Optional[str], typer.Option("--interpolation", help="Resize interpolation: bilinear, bicubic, nearest, box, hamming, lanczos [default: the model's; eval: the checkpoint's].")]
-
-
-def _numbers(flag: str, text: str | None) -> list[float] | None:
-    """``--mean 0.5,0.4,0.3`` (commas or spaces) as numbers."""
-    if text is None:
-        return None
-    parts = [p for p in text.replace(",", " ").split() if p]
-    try:
-        values = [float(p) for p in parts]
-    except ValueError:
-        values = []
-    if not values:
-        raise UsageError(f"{flag} {text!r} is not a list of numbers", hint=f"write it like {flag} 0.485,0.456,0.406")
-    return values
-
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout (logs go to stderr).")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print only the result.")]
-
-
 def _output(json_mode: bool, quiet: bool):
     return console.Output(json_mode=json_mode, quiet=quiet)
 
@@ -79,10 +58,6 @@ def _output(json_mode: bool, quiet: bool):
 def _argv() -> list[str]:
     """The arguments this invocation was given (``main(argv)`` or the command line)."""
     return list(_state["argv"]) if _state.get("argv") is not None else sys.argv[1:]
-
-
-LogToOpt = Annotated[Optional[str], typer.Option("--log-to", help="Also log the run to tensorboard, mlflow and/or wandb (comma-separated; each an extra: pip install 'codeq[tracking]'; docs/tracking.md).")]
-LogDirOpt = Annotated[Optional[Path], typer.Option("--log-dir", help="TensorBoard's folder for the event files [default: RUN_DIR/tensorboard; batch: JOBS.tensorboard/JOB].")]
 
 
 def _tracker(log_to: str | None, log_dir: Path | None, opts):
@@ -187,34 +162,9 @@ def compress(
     output.result(result.to_dict(), human)
 
 
-recipes_app = typer.Typer(help="List and show the built-in recipes.", no_args_is_help=False, invoke_without_command=True)
+from codeq_cli.cli._recipes import recipes_app  # noqa: E402  (its own module: the `recipes` subcommands)
+
 app.add_typer(recipes_app, name="recipes")
-
-
-@recipes_app.callback()
-def _recipes(ctx: typer.Context, json_: JsonOpt = False) -> None:
-    """List the built-in recipes with a one-line summary."""
-    if ctx.invoked_subcommand is not None:
-        return
-    from codeq_cli.train.recipe import list_recipes
-
-    items = list_recipes()
-    width = max(len(n) for n, _ in items)
-    human = "\n".join(f"{n:<{width}}  {summary}" for n, summary in items)
-    _output(json_, False).result({"recipes": [{"name": n, "summary": s} for n, s in items]}, human)
-
-
-@recipes_app.command("show")
-def _recipes_show(
-    name: Annotated[str, typer.Argument(help="A built-in recipe name or a YAML path.")],
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Apply overrides before showing.")] = None,
-    json_: JsonOpt = False,
-) -> None:
-    """Print one recipe (resolved and validated) as YAML."""
-    from codeq_cli.train.recipe import apply_overrides, load_recipe, recipe_to_yaml
-
-    recipe = apply_overrides(load_recipe(name), list(set_ or []))
-    _output(json_, False).result(recipe.to_dict(), recipe_to_yaml(recipe).rstrip())
 
 
 @app.command()

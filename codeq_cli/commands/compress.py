@@ -13,7 +13,6 @@ the events; nothing here touches the terminal.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path

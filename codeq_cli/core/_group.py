@@ -90,7 +90,6 @@ class _Layout:
         self.size = offset
         self.rows = offset // ROW
         dev = self.device
-        L = len(members)
         seg = torch.tensor([i for i, m in enumerate(members) for _ in range(m.rows)], dtype=torch.int64)
         self.row_seg = seg.to(dev)
         self.lengths = torch.tensor([m.rows for m in members], device=dev)

@@ -16,7 +16,6 @@ gradient's scale independent of ``T``).
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
