@@ -145,16 +145,31 @@ class _PythonSyncs:
             setattr(torch.Tensor, name, real)
 
 
-def penalty(dz, bit, form: str, lambda_dz=0.02, lambda_bit=0.1):
-    """The CoDeQ penalty: ``package`` as ``train/`` computes it (one square per logit,
-    stacked), ``stacked`` as one square of the stacked logits, ``none`` left out."""
+def penalty(dz, bit, form: str, lambda_dz=0.02, lambda_bit=0.1, budget=None):
+    """The CoDeQ penalty: ``package`` is ``train/``'s own (:func:`codeq_cli.train.objective.penalty`,
+    one square of the stacked logits since issue 22), ``stacked`` the same written here, ``budget``
+    the controller's (``BudgetRun.penalty``: weights and pressure), ``none`` left out."""
+    from codeq_cli.train.objective import penalty as package
+
+    if form == "package":
+        return package(dz, bit, lambda_dz, lambda_bit)
+    if form == "budget":
+        return budget.penalty(dz, bit, lambda_dz, lambda_bit)
     total = torch.zeros(())
     for lam, group in ((lambda_dz, dz), (lambda_bit, bit)):
-        if group and form == "package":
-            total = total + lam * torch.stack([p.square() for p in group]).sum()
-        elif group and form == "stacked":
+        if group and form == "stacked":
             total = total + lam * torch.stack(group).square().sum()
     return total
+
+
+def budget_run(model, macs: dict):
+    """A ``--target-bops`` controller wired to ``model`` as ``train/`` wires it (measured every 5 steps)."""
+    from codeq_cli.train.budget import BOPS
+    from codeq_cli.train.controller import BudgetRun, Controller
+    from codeq_cli.train.measure import rel_bops
+
+    start = rel_bops(model, macs)
+    return BudgetRun(Controller(BOPS, start / 4, start, 100, every=5), macs)
 
 
 def build(arch: str, codeq: bool):
@@ -176,21 +191,30 @@ def count_step(model, opt, x, y, codeq: bool, form: str = "package") -> dict:
 
     logits = quantizer_parameters(model) if codeq else ([], [])
     macs = measure_macs(model, tuple(x.shape[1:])) if codeq else {}
+    run = budget_run(model, macs) if form == "budget" else None
+    if run is not None:
+        run.after_step(model, 5, 100)  # a first measurement: the controller's weights are per layer from here
 
     def phases():
         yield "zero_grad", lambda: opt.zero_grad(set_to_none=True)
         out = {}
         yield "forward", lambda: out.setdefault("logits", model(x))
         yield "loss", lambda: out.setdefault("loss", nn.functional.cross_entropy(out["logits"], y)
-                                             + (penalty(*logits, form) if codeq else 0.0))
+                                             + (penalty(*logits, form, budget=run) if codeq else 0.0))
         yield "backward", lambda: out["loss"].backward()
+        if run is not None:  # the controller around the optimizer step, as Fit does at every step
+            yield "controller", lambda: out.setdefault("before", run.before_step((*logits, [])))
         yield "optimizer", opt.step
+        if run is not None:
+            yield "controller ", lambda: run.after_optimizer_step(out["before"], (*logits, []))
         if codeq:
             yield "log", lambda: bops_rows(model, macs)
+        if run is not None:
+            yield "measure", lambda: run.after_step(model, 10, 100)  # a measuring step (every 5 steps)
 
     for _ in range(2):
         for phase, fn in phases():
-            if phase != "log":
+            if phase not in ("log", "measure"):
                 fn()
     host = {id(s["step"]) for s in opt.state.values() if "step" in s and not s["step"].is_cuda}
     result = {}
@@ -204,6 +228,7 @@ def count_step(model, opt, x, y, codeq: bool, form: str = "package") -> dict:
 
 def summarise(counts: dict) -> dict:
     log = counts.pop("log", None)
+    measure = counts.pop("measure", None)
     launches = sum(sum(c.launches.values()) for c in counts.values())
     syncs = collections.Counter()
     for c in counts.values():
@@ -212,6 +237,9 @@ def summarise(counts: dict) -> dict:
     if log is not None:
         extra["log"] = {"launches": sum(log.launches.values()), "syncs": sum(log.syncs.values()),
                         "sync_places": dict(log.syncs.most_common())}
+    if measure is not None:
+        extra["measure"] = {"launches": sum(measure.launches.values()), "syncs": sum(measure.syncs.values()),
+                            "sync_places": dict(measure.syncs.most_common())}
     return {"launches": launches, "by_phase": {p: sum(c.launches.values()) for p, c in counts.items()}, **extra,
             "syncs": sum(syncs.values()), "sync_places": dict(syncs.most_common()),
             "top_ops": dict(sum((c.launches for c in counts.values()), collections.Counter()).most_common(12))}
@@ -222,7 +250,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["resnet18", "resnet50"])
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--penalty", nargs="+", default=["package", "none"], choices=["package", "stacked", "none"],
+    ap.add_argument("--penalty", nargs="+", default=["package", "none"], choices=["package", "stacked", "budget", "none"],
                     help="forms of the penalty to count (the quantizer's own launches: 'none')")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
@@ -252,6 +280,11 @@ def main() -> None:
                 print(f"    a logging step's figures (bops_rows): launches {r['log']['launches']}, "
                       f"host syncs {r['log']['syncs']}")
                 for place, n in r["log"]["sync_places"].items():
+                    print(f"      sync x{n}: {place}")
+            if "measure" in r:
+                print(f"    the budget's measuring step (every budget_every steps): launches "
+                      f"{r['measure']['launches']}, host syncs {r['measure']['syncs']}")
+                for place, n in r["measure"]["sync_places"].items():
                     print(f"      sync x{n}: {place}")
         for form in args.penalty:
             print(f"  codeq/{form} most frequent ops: {row[f'codeq/{form}']['top_ops']}")

@@ -111,3 +111,40 @@ def test_a_logging_step_reads_every_layer_back_at_once(gpu_path, monkeypatch):
         e = qw.quantizer.encode(qw.original)  # each layer on its own agrees
         assert (row.name, row.bits) == (qw.name, e.bits)
         assert row.sparsity == 1.0 - int(torch.count_nonzero(e.codes)) / e.codes.numel()
+
+
+def _controller_counts(layers: int) -> _Count:
+    """The budget controller's work in one non-measuring step, as Fit does it: its penalty (forward and
+    backward), the logits' copy before the optimizer step and the kept shares after it."""
+    from codeq_cli.core.bops import measure_macs
+    from codeq_cli.core.insert import quantizer_parameters
+    from codeq_cli.train.budget import BOPS
+    from codeq_cli.train.controller import BudgetRun, Controller
+    from codeq_cli.train.measure import rel_bops
+
+    torch.manual_seed(0)
+    model = _net(layers)
+    macs = measure_macs(model, (3, 8, 8))
+    quantize_(model, bits=None)
+    start = rel_bops(model, macs)
+    run = BudgetRun(Controller(BOPS, start / 4, start, 100, every=5), macs)
+    run.after_step(model, 5, 100)  # a measurement: per-layer weights and rates from here on
+    logits = (*quantizer_parameters(model), [])
+    opt = torch.optim.SGD([p for g in logits for p in g], lr=0.1, foreach=True)
+    counter = _Count()
+    with counter:
+        run.penalty(*logits[:2], 0.02, 0.1).backward()
+        before = run.before_step(logits)
+        opt.step()
+        run.after_optimizer_step(before, logits)
+    return counter
+
+
+def test_the_budget_controller_adds_no_host_sync_and_no_launch_per_layer(gpu_path):
+    """Issue 22, point 3: between measurements the controller decides on the device (it used to read
+    one bool() per logit and copy its weights to the device at every step)."""
+    a, b = _controller_counts(2), _controller_counts(7)
+    assert not a.syncs and not b.syncs, f"host syncs in the controller's step: {dict(b.syncs)}"
+    assert sum(a.launches.values()) > 0
+    # the stacks of the logits cost the same few launches for 3 layers as for 8 (the SGD step is one foreach)
+    assert sum(b.launches.values()) == sum(a.launches.values()), (dict(a.launches), dict(b.launches))
