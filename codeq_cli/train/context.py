@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from codeq_cli.train import dist, precision
-from codeq_cli.train.accuracy import EvalResult, eval_loader, measure_accuracy
+from codeq_cli.train import accuracy, dist, precision
+from codeq_cli.train.accuracy import EvalResult
 
 
 @dataclass(frozen=True)
@@ -36,8 +36,8 @@ class RunContext:
 
     def evaluate(self, model: nn.Module) -> EvalResult:
         """Top-1/top-5 of ``model`` (plain, not DDP) on the validation set, summed over the ranks."""
-        loader = eval_loader(self.val_set, self.recipe.batch_size, self.info, self.workers, self.device)
-        return measure_accuracy(model, loader, self.device, arithmetic=self.arithmetic)
+        loader = accuracy.eval_loader(self.val_set, self.recipe.batch_size, self.info, self.workers, self.device)
+        return accuracy.measure_accuracy(model, loader, self.device, arithmetic=self.arithmetic)
 
     def top1(self, model: nn.Module) -> float:
         return self.evaluate(model).top1
