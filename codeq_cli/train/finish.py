@@ -230,8 +230,9 @@ def write(out: Path, finished: Finished, plan: BudgetPlan | None, save_kwargs: C
         return checkpoint.save(out, finished.model, **{**save_kwargs(), "metrics": finished.metrics,
                                                        "history": finished.history})
 
-    from codeq_cli.core.bops import bops_rows, bops_totals
-
     saved = save_within(save, plan, finished.model, finished.entry, finished.metrics)
-    finished.totals = bops_totals(bops_rows(finished.model, save_kwargs()["macs"]))  # a retrim may have moved them
+    if finished.entry.get("retrimmed"):  # only a retrim moves the codes after finish() counted them
+        from codeq_cli.core.bops import bops_rows, bops_totals
+
+        finished.totals = bops_totals(bops_rows(finished.model, save_kwargs()["macs"]))
     return saved

@@ -15,7 +15,7 @@ from torch import nn
 
 from codeq_cli.core.act_quant import act_quantizers, learns_width
 from codeq_cli.core.bops import A_BITS, FP_BITS, bops_rows, bops_totals
-from codeq_cli.core.insert import quantized_weights
+from codeq_cli.core.insert import encode_all, quantized_weights
 from codeq_cli.train.budget import SIZE_FIGURE, Figure
 
 
@@ -30,8 +30,8 @@ def _table_bytes(counts: torch.Tensor) -> int:
 def coded_bytes(model: nn.Module) -> list[float]:
     """Per quantized layer: the bytes of its coded weights, estimated from the code histogram."""
     out = []
-    for qw in quantized_weights(model):
-        codes = qw.quantizer.encode(qw.original).codes
+    for enc in encode_all(model).values():
+        codes = enc.codes
         counts = torch.bincount(codes.reshape(-1).to(torch.int64) + 128, minlength=256).double()
         p = counts[counts > 0] / codes.numel()
         bound_bits = float(-(counts[counts > 0] * torch.log2(p)).sum())
@@ -46,8 +46,8 @@ def exact_size(model: nn.Module, overhead: int) -> int:
     from codeq_cli.formats import entropy
 
     coded = 0
-    for qw in quantized_weights(model):
-        coded += len(entropy.encode(qw.quantizer.encode(qw.original).codes.detach().cpu().reshape(-1).numpy()))
+    for enc in encode_all(model).values():  # every layer in one pass where the one-pass quantizer runs
+        coded += len(entropy.encode(enc.codes.detach().cpu().reshape(-1).numpy()))
     return overhead + coded
 
 
@@ -72,7 +72,7 @@ def act_layer_index(model: nn.Module) -> list[int]:
     the index of the layer it feeds among :func:`~codeq_cli.core.insert.quantized_weights`."""
     index = {qw.name: i for i, qw in enumerate(quantized_weights(model))}
     # A quantizer shared by several layers, or sitting on a non-layer module's output, is named by the layers it feeds.
-    return [index.get(qz.feeds[0] if getattr(qz, "feeds", None) else name, -1)
+    return [index.get(qz.feeds[0] if qz.feeds else name, -1)
             for name, qz in act_quantizers(model) if learns_width(qz)]
 
 
