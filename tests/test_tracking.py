@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -144,10 +145,17 @@ def wandb_records(run_file: Path) -> list:
     return records
 
 
+def wandb_attempts(run_dir: Path, run_id: str) -> list[Path]:
+    """The offline run folders of ``run_id``, one per attempt, oldest first. W&B names one
+    ``offline-run-TIME-ID`` and, when a second attempt starts within the same second, ``…-ID-1``."""
+    pattern = re.compile(rf"offline-run-\d{{8}}_\d{{6}}-{re.escape(run_id)}(-\d+)?")
+    return sorted(d for d in (run_dir / "wandb").iterdir() if pattern.fullmatch(d.name))
+
+
 def wandb_history(run_dir: Path, run_id: str) -> tuple[list[dict], list]:
     """Every history row of the offline runs with ``run_id`` under ``run_dir/wandb`` (all attempts), and the records."""
     rows, records = [], []
-    for f in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb")):
+    for f in (d / f"run-{run_id}.wandb" for d in wandb_attempts(run_dir, run_id)):
         deadline = time.monotonic() + 15  # W&B's service process may still be writing the run's last records
         recs = wandb_records(f)
         while not any(r.WhichOneof("record_type") == "exit" for r in recs):
@@ -341,7 +349,7 @@ def test_resume_continues_the_same_runs(tmp_path, mlflow_uri):
     # TensorBoard drops the first attempt's step 4 (purge_step): each step once
     assert tb_scalars(run_dir / "tensorboard")["train/task_loss"] == [(s, 2.0 * s) for s in range(1, 7)]
     rows, records = wandb_history(run_dir, ids["wandb"]["id"])
-    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{ids['wandb']['id']}"))) == 2  # two attempts, one id
+    assert len(wandb_attempts(run_dir, ids["wandb"]["id"])) == 2  # two attempts, one id
     assert sorted({r["train/step"] for r in rows if "train/task_loss" in r}) == list(range(1, 7))
 
 
