@@ -10,7 +10,8 @@ paper's). The :class:`Controller` replaces the user's guess of λ by a pressure
 Every ``every`` steps it measures the figure (on rank 0, shared with every rank)
 and moves ``u`` by the log error against a planned path that goes
 geometrically from the starting figure to the target by ``ramp`` of the
-steps and then holds it. Exactness at the end is the job of
+steps and then holds it (``schedule="cubic"``: fast at first, gently near
+the target). Exactness at the end is the job of
 :func:`codeq_cli.train.trim.trim`. :class:`BudgetRun` wires a controller to
 one training run (and keeps ``max_drop``'s search).
 """
@@ -70,6 +71,7 @@ class Controller:
     total_steps: int
     rates: str = "cost"
     ramp: float = 0.6
+    schedule: str = "geometric"  # or "cubic": the share of the log distance done by x is 1 − (1 − x)³
     every: int = 5
     k: float = 20.0
     boost_min: float = 4.0
@@ -106,6 +108,8 @@ class Controller:
     def planned(self, step: int) -> float:
         span = max(1, self.ramp_end - self.anchor_step)
         x = min(1.0, max(0.0, (step - self.anchor_step) / span))
+        if self.schedule == "cubic":  # Zhu & Gupta's gradual schedule, in log space (docs/method.md)
+            x = 1.0 - (1.0 - x) ** 3
         return self.anchor * (self.target / self.anchor) ** x
 
     def retarget(self, target: float, step: int, over_steps: int) -> None:

@@ -95,7 +95,8 @@ def plan_budget(recipe, model: torch.nn.Module, macs: dict[str, int], *, save_kw
         target, begin = budget.value, start_bops
         budget.check_reachable(low_bops, begin)
     del probe
-    ctrl = Controller(budget.kind, target, begin, steps, rates=recipe.budget_rates, ramp=ramp, every=recipe.budget_every)
+    ctrl = Controller(budget.kind, target, begin, steps, rates=recipe.budget_rates, ramp=ramp, every=recipe.budget_every,
+                      schedule="geometric" if budget.kind.searches else recipe.budget_schedule)
     run = BudgetRun(ctrl, macs, size_overhead=overhead, max_drop=recipe.max_drop, is_main=is_main,
                     ratio=ratio, eval_every=recipe.eval_every, save_kwargs=save_kwargs)
     return BudgetPlan(budget, run, start)

