@@ -56,7 +56,6 @@ os.environ["CODEQ_KERNELS"] = "torch"  # the GPU path on CPU; before codeq is im
 
 import argparse  # noqa: E402
 import collections  # noqa: E402
-import copy  # noqa: E402
 import json  # noqa: E402
 import traceback  # noqa: E402
 
@@ -157,8 +156,9 @@ def penalty(dz, bit, form: str, lambda_dz=0.02, lambda_bit=0.1, budget=None):
         return budget.penalty(dz, bit, lambda_dz, lambda_bit)
     total = torch.zeros(())
     for lam, group in ((lambda_dz, dz), (lambda_bit, bit)):
-        if group and form == "stacked":
-            total = total + lam * torch.stack(group).square().sum()
+        if len(group) and form == "stacked":
+            group = group if isinstance(group, torch.Tensor) else torch.stack(list(group))
+            total = total + lam * group.square().sum()
     return total
 
 
@@ -189,7 +189,11 @@ def count_step(model, opt, x, y, codeq: bool, form: str = "package") -> dict:
     after it: the per-layer figures a logging step reads (:func:`codeq_cli.core.bops.bops_rows`)."""
     from codeq_cli.core.bops import bops_rows, measure_macs
 
+    from codeq_cli.core.insert import quantized_weights
+    from codeq_cli.train.objective import current_logits
+
     logits = quantizer_parameters(model) if codeq else ([], [])
+    qzs = [qw.quantizer for qw in quantized_weights(model)]
     macs = measure_macs(model, tuple(x.shape[1:])) if codeq else {}
     run = budget_run(model, macs) if form == "budget" else None
     if run is not None:
@@ -200,7 +204,8 @@ def count_step(model, opt, x, y, codeq: bool, form: str = "package") -> dict:
         out = {}
         yield "forward", lambda: out.setdefault("logits", model(x))
         yield "loss", lambda: out.setdefault("loss", nn.functional.cross_entropy(out["logits"], y)
-                                             + (penalty(*logits, form, budget=run) if codeq else 0.0))
+                                             + (penalty(*current_logits(qzs, logits), form, budget=run)
+                                                if codeq else 0.0))
         yield "backward", lambda: out["loss"].backward()
         if run is not None:  # the controller around the optimizer step, as Fit does at every step
             yield "controller", lambda: out.setdefault("before", run.before_step((*logits, [])))

@@ -148,3 +148,37 @@ def test_the_budget_controller_adds_no_host_sync_and_no_launch_per_layer(gpu_pat
     assert sum(a.launches.values()) > 0
     # the stacks of the logits cost the same few launches for 3 layers as for 8 (the SGD step is one foreach)
     assert sum(b.launches.values()) == sum(a.launches.values()), (dict(a.launches), dict(b.launches))
+
+
+def _loss_step(layers: int, stacked: bool) -> tuple[_Count, list[torch.Tensor]]:
+    """Forward, cross-entropy plus ``train/``'s penalty, backward: counts and the logits' gradients.
+    ``stacked``: the penalty on the one-pass quantizer's logit vectors (what ``Fit`` does), else on
+    the parameters stacked again."""
+    from codeq_cli.core.insert import quantized_weights, quantizer_parameters
+    from codeq_cli.train.objective import current_logits, penalty
+
+    torch.manual_seed(0)
+    model = _net(layers)
+    quantize_(model, bits=None)
+    params = quantizer_parameters(model)
+    qzs = [qw.quantizer for qw in quantized_weights(model)]
+    x, y = torch.randn(2, 3, 8, 8), torch.tensor([1, 3])
+    counter = _Count()
+    with counter:
+        out = model(x)
+        dz, bit = current_logits(qzs, params) if stacked else params
+        (nn.functional.cross_entropy(out, y) + penalty(dz, bit, 0.02, 0.1)).backward()
+    return counter, [p.grad for g in params for p in g]
+
+
+def test_the_penalty_on_the_passs_logit_vectors_adds_no_launch_per_layer(gpu_path):
+    """Issue 22: each logit gets one gradient (the quantizer's and the penalty's meet in one vector),
+    the same values as the penalty on the parameters, which adds one per logit."""
+    counts = {(n, s): _loss_step(n, s) for n in (2, 7) for s in (True, False)}
+    launches = {k: sum(c.launches.values()) for k, (c, _) in counts.items()}
+    assert launches[7, True] - launches[2, True] == launches[7, False] - launches[2, False] - 2 * 5, launches
+    plain = {n: sum(_step_counts(n, None, False).launches.values()) for n in (2, 7)}
+    assert launches[7, True] - plain[7] == launches[2, True] - plain[2], (launches, plain)
+    for n in (2, 7):
+        for a, b in zip(counts[n, True][1], counts[n, False][1]):
+            assert torch.equal(a, b)

@@ -591,13 +591,16 @@ def test_one_pass_results_are_taken_once_and_only_while_valid(monkeypatch):
     with torch.no_grad():
         m[0].weight
     assert m[0].weight.requires_grad
-    # a layer the forward does not use gets no gradient (as with the per-layer quantizer)
+    # a layer the forward does not use: no gradient for its weight; its logits take part in the
+    # pass's logit vectors, and get exactly zero there (docs/method.md, "Decisions")
     m.zero_grad(set_to_none=True)
     m[0](x).sum().backward()
     first = list(quantized_weights(m))[0].quantizer
     assert first.theta_dz.grad is not None and m[0].parametrizations.weight.original.grad is not None
+    assert torch.count_nonzero(first.theta_dz.grad) == 1
     assert m[4].parametrizations.weight.original.grad is None
-    assert list(quantized_weights(m))[3].quantizer.theta_dz.grad is None
+    unused = list(quantized_weights(m))[3].quantizer
+    assert torch.equal(unused.theta_dz.grad, torch.zeros(())) and torch.equal(unused.theta_bit.grad, torch.zeros(()))
     _kernels._numba.cache_clear()
 
 

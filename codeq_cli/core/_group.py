@@ -223,17 +223,19 @@ def scalars(layout: _Layout, R: Tensor, theta_dz: Tensor, theta_bit: Tensor | No
 class _OnePass(torch.autograd.Function):
     """Steps 1-8 of every layer of ``layout`` and their gradients, as one autograd node.
 
-    Inputs: the layout, the number of layers ``L``, then ``L`` dead-zone logits,
-    ``L`` bit logits (mixed layouts only) and ``L`` weights. Outputs: ``L``
-    dequantized weights, views of one buffer.
+    Inputs: the layout, the number of layers ``L``, the dead-zone logits
+    stacked into one vector of ``L``, the bit logits likewise (``None`` for
+    fixed layouts) and ``L`` weights. Outputs: ``L`` dequantized weights, views
+    of one buffer. The logits' gradients come back as vectors too (a layer
+    whose output the forward did not use gets zero there), so that autograd
+    adds the penalty's gradient once per vector, not once per logit.
     """
 
     @staticmethod
-    def forward(ctx, layout: _Layout, L: int, *inputs):  # type: ignore[override]
+    def forward(ctx, layout: _Layout, L: int, dz_vec: Tensor, bit_vec: Tensor | None, *ws):  # type: ignore[override]
         ctx.set_materialize_grads(False)
-        dz = torch.stack(inputs[:L]).to(layout.dtype)
-        bit = torch.stack(inputs[L:2 * L]).to(layout.dtype) if layout.mixed else None
-        ws = inputs[2 * L if layout.mixed else L:]
+        dz = dz_vec.detach().to(layout.dtype)
+        bit = bit_vec.detach().to(layout.dtype) if bit_vec is not None else None
         buf = _fill(layout, [w.detach() for w in ws])
         a = buf.abs()
         R = layer_quantiles(a, layout)
@@ -253,14 +255,13 @@ class _OnePass(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *gs):  # type: ignore[override]
-        layout, L = ctx.layout, ctx.L
+        layout = ctx.layout
         buf, err, kept, R, d, s, qmax, denom, dz, bit = ctx.saved_tensors
         mixed = layout.mixed
-        n_logits = 2 * L if mixed else L
         if all(g is None for g in gs):
-            return (None, None) + (None,) * (n_logits + L)
+            return (None,) * (4 + len(gs))
         grad_dz = grad_bit = None
-        if any(ctx.needs_input_grad[2:2 + n_logits]):
+        if any(ctx.needs_input_grad[2:4]):
             g = _fill(layout, list(gs)).view(layout.rows, ROW)
             g_sign = torch.sign(buf).view(layout.rows, ROW).mul_(g)
             # Σ g·(q − r) = −Σ g·sign(w)·(|r| − |q|);  Σ g·(sign(q) − sign(w)) = −Σ_{q = 0} g·sign(w)
@@ -278,16 +279,32 @@ class _OnePass(torch.autograd.Function):
                 g_q = -g_s_total * (R - d / 2.0) / (denom * denom)
                 tb = torch.tanh(bit.abs())
                 grad_bit = g_q * (qmax + 1.0) * _LN2 * layout.span * (1.0 - tb * tb) * torch.sign(bit)
-        used = [g is not None for g in gs]
-        out_dz = [x if u else None for x, u in zip(grad_dz.unbind(), used)] if grad_dz is not None else [None] * L
-        out_bit = []
-        if mixed:
-            out_bit = [x if u else None for x, u in zip(grad_bit.unbind(), used)] if grad_bit is not None else [None] * L
-        return (None, None, *out_dz, *out_bit, *gs)
+        return (None, None, grad_dz, grad_bit, *gs)
 
 
-def run(qzs: list, ws: list[Tensor], layouts: dict) -> list[Tensor]:
-    """``ŵ`` of every ``(quantizer, weight)``, the layers in as few passes as their kinds allow.
+@dataclass(frozen=True)
+class Logits:
+    """One pass's logits as the vectors its autograd node took (``bit`` is None in fixed precision).
+
+    A loss term that reads these rather than stacking the parameters again
+    sends its gradient into the same vector, so each logit receives one
+    gradient per step (:meth:`Group.logit_vectors`).
+    """
+
+    quantizers: tuple
+    dz: Tensor
+    bit: Tensor | None
+    stamps: tuple  # (data_ptr, version) of each logit when stacked
+
+
+def _theta_stamps(qzs) -> tuple:
+    ts = [q.theta_dz for q in qzs] + [q.theta_bit for q in qzs if q.theta_bit is not None]
+    return tuple((t.data_ptr(), t._version) for t in ts)
+
+
+def run(qzs: list, ws: list[Tensor], layouts: dict) -> tuple[list[Tensor], list[Logits]]:
+    """``ŵ`` of every ``(quantizer, weight)``, the layers in as few passes as their kinds allow,
+    and each pass's stacked logits.
 
     One pass per (device, dtype, fixed or mixed precision); ``layouts`` remembers
     the layout of each from one call to the next.
@@ -296,13 +313,16 @@ def run(qzs: list, ws: list[Tensor], layouts: dict) -> list[Tensor]:
     for i, (qz, w) in enumerate(zip(qzs, ws)):
         parts.setdefault((w.device, w.dtype, qz.theta_bit is None), []).append(i)
     out: list[Tensor | None] = [None] * len(ws)
+    logits = []
     for idx in parts.values():
         q, w = [qzs[i] for i in idx], [ws[i] for i in idx]
         layout = _layout_for(q, w, layouts)
-        thetas = [x.theta_dz for x in q] + ([x.theta_bit for x in q] if layout.mixed else [])
-        for i, y in zip(idx, _OnePass.apply(layout, len(q), *thetas, *w)):
+        dz = torch.stack([x.theta_dz for x in q])
+        bit = torch.stack([x.theta_bit for x in q]) if layout.mixed else None
+        logits.append(Logits(tuple(q), dz, bit, _theta_stamps(q)))
+        for i, y in zip(idx, _OnePass.apply(layout, len(q), dz, bit, *w)):
             out[i] = y
-    return out  # type: ignore[return-value]
+    return out, logits  # type: ignore[return-value]
 
 
 @torch.no_grad()
@@ -364,6 +384,7 @@ class Group:
         self.entries: dict[int, tuple[Tensor, tuple]] = {}
         self.layouts: dict = {}
         self.encode_layouts: dict = {}  # those of insert.encode_all (the same layers, usually)
+        self.logits: list[Logits] = []  # the last pass's stacked logits (see logit_vectors)
 
     def add(self, qz, module, pname: str) -> None:
         self.members.append((qz, module, pname))
@@ -380,7 +401,7 @@ class Group:
 
     def __getstate__(self) -> dict:
         # deepcopy and pickle: the layers, not this forward's results (tensors in an autograd graph)
-        return {"members": self.members, "entries": {}, "layouts": {}, "encode_layouts": {}}
+        return {"members": self.members, "entries": {}, "layouts": {}, "encode_layouts": {}, "logits": []}
 
     @staticmethod
     def _stamp(qz, w: Tensor) -> tuple:
@@ -403,7 +424,24 @@ class Group:
         live = [(q, x) for q, x in self._live() if x.numel() > 0 and not _kernels.usable(x)]
         if not any(q is qz and x is w for q, x in live):
             return None
-        outs = run([q for q, _ in live], [x for _, x in live], self.layouts)
+        outs, self.logits = run([q for q, _ in live], [x for _, x in live], self.layouts)
         self.entries = {id(q): (y, self._stamp(q, x)) for (q, x), y in zip(live, outs)}
         entry = self.entries.pop(id(qz))
         return entry[0]
+
+    def logit_vectors(self, qzs: list) -> tuple[Tensor, Tensor | None] | None:
+        """``(θ_dz, θ_bit)`` of ``qzs`` as the last pass stacked them, or None.
+
+        Only when that pass took exactly these quantizers in this order, in
+        one part, with grad enabled, and no logit has changed since (an
+        optimizer step, a load); otherwise the caller stacks the parameters
+        itself. Reading them makes each logit's two gradients (the
+        quantizer's and the penalty's) meet in one vector.
+        """
+        if len(self.logits) != 1:
+            return None
+        lg = self.logits[0]
+        if (len(lg.quantizers) != len(qzs) or any(a is not b for a, b in zip(lg.quantizers, qzs))
+                or not lg.dz.requires_grad or lg.stamps != _theta_stamps(qzs)):
+            return None
+        return lg.dz, lg.bit

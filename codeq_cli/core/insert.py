@@ -273,6 +273,22 @@ def quantizer_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.
     return dz, bit
 
 
+def logit_vectors(qzs: list[DeadZoneQuantizer]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(θ_dz, θ_bit)`` of the quantizers ``qzs`` (a model's, as :func:`quantized_weights` lists them),
+    stacked as this forward's one-pass quantizer took them.
+
+    In the order of :func:`quantizer_parameters`; ``θ_bit`` is None in fixed
+    precision. None when no single pass of the current forward holds exactly
+    these logits unchanged (the numba path on CPU, mixed devices or dtypes,
+    after an optimizer step): then stack :func:`quantizer_parameters`. A loss
+    term on these vectors adds its gradient to the quantizer's once per
+    vector instead of once per logit (issue 22: launches that do not grow with
+    the number of layers).
+    """
+    group = qzs[0].__dict__.get("_group") if qzs else None
+    return group.logit_vectors(qzs) if group is not None else None
+
+
 @torch.no_grad()
 def encode_all(model: nn.Module) -> dict[str, Encoded]:
     """:meth:`DeadZoneQuantizer.encode` of every quantized weight, by layer name, with ``nonzero`` counted.

@@ -273,7 +273,7 @@ class DeadZoneQuantizer(nn.Module):
         group = self.__dict__.get("_group")
         out = group.take(self, w) if group is not None else None
         if out is None:
-            out = _group.run([self], [w], self.__dict__.setdefault("_layouts", {}))[0]
+            out = _group.run([self], [w], self.__dict__.setdefault("_layouts", {}))[0][0]
         return out
 
     def forward_per_layer(self, w: Tensor) -> Tensor:

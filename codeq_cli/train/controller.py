@@ -27,7 +27,7 @@ from torch import nn
 from codeq_cli.core.insert import quantized_weights
 from codeq_cli.train.budget import BudgetKind
 from codeq_cli.train.measure import act_layer_index, measure, rel_bops
-from codeq_cli.train.objective import penalty
+from codeq_cli.train.objective import Logits, penalty
 
 
 @dataclass
@@ -182,7 +182,7 @@ class Controller:
             moved = old + (new - old) * torch.where(new.abs() < old.abs(), down, up)
             torch._foreach_copy_(list(group), list(moved.unbind()))
 
-    def penalty(self, dz: list[torch.Tensor], bit: list[torch.Tensor], lambda_dz: float, lambda_bit: float,
+    def penalty(self, dz: Logits, bit: Logits, lambda_dz: float, lambda_bit: float,
                 device=None, *, act: list[torch.Tensor] = (), lambda_act: float = 0.0) -> torch.Tensor:
         """``p · (λ_dz Σ w_ℓ θ_dz² + λ_bit Σ w_ℓ θ_bit² + λ_act_bit Σ w_a θ_act²)``.
 
@@ -195,7 +195,7 @@ class Controller:
 
     def _on_device(self, w: list[float], group) -> torch.Tensor | list[float]:
         """``w`` as a tensor beside ``group``'s logits, made once per measurement (no copy to the device per step)."""
-        if not group:
+        if not len(group):
             return w
         like = group[0]
         key = ("penalty", like.device, like.dtype, tuple(w))

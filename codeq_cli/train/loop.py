@@ -47,14 +47,14 @@ from codeq_cli.train._compile import compile_errors
 from codeq_cli.train.recipe import Recipe
 from codeq_cli.core.bops import bops_rows, bops_totals
 from codeq_cli.errors import InterruptedRun, TrainingError
-from codeq_cli.core.insert import quantizer_parameters
+from codeq_cli.core.insert import quantized_weights, quantizer_parameters
 from codeq_cli.core.act_quant import act_parameters
 from codeq_cli.formats import runstate
 from codeq_cli.formats.runstate import RunPosition
 from codeq_cli.data.loader import build_loader
 from codeq_cli.data.sampling import GlobalBatchSampler
 from codeq_cli.train.controller import BudgetRun
-from codeq_cli.train.objective import penalty
+from codeq_cli.train.objective import current_logits, penalty
 from codeq_cli.train.distill import task_loss
 
 Event = dict
@@ -105,9 +105,16 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_step
     warmup = int(round(recipe.warmup_epochs * steps_per_epoch))
     min_factor = recipe.min_lr / recipe.lr
     schedule = recipe.schedule
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, total_steps, warmup, schedule, min(1.0, min_factor))
-    )
+    run = lambda s: lr_factor(s, total_steps, warmup, schedule, min(1.0, min_factor))  # noqa: E731
+    budget = recipe.budget
+    if recipe.budget_recover_lr is not None and budget is not None and not budget.kind.searches:
+        from codeq_cli.train.recovery import ramp_end, recover_factor  # docs/method.md, "Aggressive budgets"
+
+        end, restart = ramp_end(recipe.budget_ramp, total_steps), recipe.budget_recover_lr / recipe.lr
+        weights = lambda s: recover_factor(s, total_steps, end, warmup, restart, min(1.0, min_factor))  # noqa: E731
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, [weights if g.get("name") == "weights" else run for g in optimizer.param_groups])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, run)
 
 
 def compression_stats(model: nn.Module, macs: dict[str, int]) -> dict:
@@ -195,6 +202,7 @@ class Fit:
         if setup.info.is_main and state is None and self.metrics_path.exists():
             self.metrics_path.unlink()  # a fresh run (--overwrite) starts a fresh log
         self.logits = quantizer_parameters(dist.unwrap(setup.model))
+        self.quantizers = [qw.quantizer for qw in quantized_weights(dist.unwrap(setup.model))]
         self.act_bit_logits = act_parameters(dist.unwrap(setup.model))[1]
         self.budget_logits = (*self.logits, self.act_bit_logits)  # what the budget's controller may move
         self.pace = Pace()
@@ -254,8 +262,9 @@ class Fit:
         task = task_loss(out, target, teacher, r.distill_weight, r.distill_temperature, label_smoothing)
         # The one penalty (train.objective); under a budget with the controller's weights and pressure.
         # λ_act_bit · Σ θ_act_bit² is codeq's extension for learned activation widths.
+        dz, bit = current_logits(self.quantizers, self.logits)  # as the one-pass quantizer stacked them
         reg = (s.budget.penalty if s.budget is not None else penalty)(
-            *self.logits, r.lambda_dz, lambda_bit, device=task.device, act=self.act_bit_logits,
+            dz, bit, r.lambda_dz, lambda_bit, device=task.device, act=self.act_bit_logits,
             lambda_act=r.lambda_act_bit)
         return task + reg, task, reg
 
