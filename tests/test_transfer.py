@@ -56,6 +56,7 @@ def test_schedule_recipe_key_reaches_the_controller(monkeypatch):
     from codeq_cli.train.recipe import apply_overrides, load_recipe
 
     monkeypatch.setattr(finish, "_probe_save", lambda model, kw: (4000, 3000))  # no checkpoint written
+    monkeypatch.setattr(finish, "reachable", lambda *a, **k: (0.1, None))  # no search for the lowest figure
 
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3))
     macs = {"0": 1000, "2": 2000}
@@ -155,3 +156,104 @@ def test_missing_wheels_give_the_extra(monkeypatch, tmp_path):
         bench.lite_weights(tmp_path)
     assert "codeq[transfer]" in str(exc.value)
     assert not list(tmp_path.iterdir())
+
+
+# -- the warning before an aggressive budget ------------------------------------------------------
+def test_weight_bits_by_hand():
+    from codeq_cli.train.advice import weight_bits
+
+    assert weight_bits(5.0) == pytest.approx(1.6)  # 0.05 · 32 bits with float activations
+    assert weight_bits(10.0) == pytest.approx(3.2)
+    assert weight_bits(5.0, 8) == pytest.approx(6.4)  # 8-bit activations: four times as many
+    assert weight_bits(3.0, 4) == pytest.approx(7.68)
+
+
+def test_budget_warning_rule():
+    from codeq_cli.train.advice import FEW_STEPS, budget_warning
+    from codeq_cli.train.recipe import apply_overrides, load_recipe
+
+    def warn(overrides, steps=138):
+        return budget_warning(apply_overrides(load_recipe("mixed"), overrides), steps)
+
+    line = warn(["target_bops=5"])
+    assert line is not None and "\n" not in line
+    assert line.startswith("--target-bops 5 leaves the weights 1.6 bits") and "138 steps" in line
+    assert "act_bits=8" in line and "more epochs" in line
+    assert warn(["target_bops=3"]) is not None
+    assert warn(["target_bops=10"]) is None  # 3.2 bits per weight
+    assert warn(["target_bops=5"], steps=FEW_STEPS + 1) is None
+    assert warn(["target_bops=5", "act_bits=8"]) is None  # 6.4 bits per weight
+    assert warn(["target_bops=1", "act_bits=8"]) is not None  # 1.28 bits per weight
+    assert warn(["target_bops=5", "act_bits=learned"]) is None
+    assert warn([]) is None and warn(["max_drop=1"]) is None and warn(["target_size=1MB"]) is None
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("overrides,warned", [([], True), (["act_bits=8"], False)])
+def test_compress_warns_once_before_training(tmp_path, overrides, warned):
+    from codeq_cli.commands import compress
+    from conftest import make_image_folder
+
+    events = []
+
+    def on_event(e):
+        events.append(e)
+        if e["event"] == "quantized":  # after the warning's place, before any training step
+            raise _Stop
+
+    data = make_image_folder(tmp_path / "data")
+    with pytest.raises(_Stop):
+        compress.run(compress.CompressOptions(
+            model="timm:test_resnet", data=data, out=tmp_path / "m.pt", pretrained=False, img_size=32, workers=0,
+            num_classes=3, epochs=1, batch_size=6, target_bops=5.0, skip_baseline=True, overrides=overrides), on_event)
+    notes = [e["text"] for e in events if e["event"] == "note" and e["text"].startswith("warning: ")]
+    assert len(notes) == (1 if warned else 0)
+    if warned:
+        assert notes[0].startswith("warning: --target-bops 5 leaves the weights 1.6 bits each")
+        assert "3 steps" in notes[0]  # 18 images, batch 6, one epoch
+
+
+# -- the recovery phase's learning rate -----------------------------------------------------------
+def test_recover_factor_by_hand():
+    from codeq_cli.train.recovery import ramp_end, recover_factor
+
+    assert ramp_end(0.6, 138) == 83 and ramp_end(0.6, 1) == 1
+    # 100 steps, target at step 60, restart at 10x, no warmup
+    assert recover_factor(0, 100, 60, 0, 10.0) == 1.0 and recover_factor(59, 100, 60, 0, 10.0) == 1.0
+    assert recover_factor(60, 100, 60, 0, 10.0) == pytest.approx(10.0)
+    assert recover_factor(80, 100, 60, 0, 10.0) == pytest.approx(5.0)  # halfway through the hold: cos(π/2)
+    assert recover_factor(70, 100, 60, 0, 10.0) == pytest.approx(10.0 * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert recover_factor(100, 100, 60, 0, 10.0, 0.1) == pytest.approx(0.1)
+    assert recover_factor(4, 100, 60, 10, 10.0) == pytest.approx(0.5)  # warmup first
+
+
+def test_recover_lr_reaches_only_the_weights_and_only_under_a_target():
+    from codeq_cli.core.insert import quantize_
+    from codeq_cli.train.loop import build_optimizer, build_scheduler
+    from codeq_cli.train.recipe import apply_overrides, load_recipe
+
+    def lrs(overrides, total=100):
+        model = nn.Sequential(nn.Linear(4, 4))
+        quantize_(model)
+        recipe = apply_overrides(load_recipe("mixed"), overrides)
+        opt = build_optimizer(model, recipe)
+        sched = build_scheduler(opt, recipe, total, 10)
+        out = []
+        for _ in range(total):
+            out.append({g["name"]: g["lr"] for g in opt.param_groups})
+            opt.step()
+            sched.step()
+        return out
+
+    got = lrs(["target_bops=5", "budget_ramp=0.6", "budget_recover_lr=1e-3", "lr=1e-4", "lr_dz=5e-3"])
+    assert got[0]["weights"] == pytest.approx(1e-4) and got[59]["weights"] == pytest.approx(1e-4)
+    assert got[60]["weights"] == pytest.approx(1e-3) and got[80]["weights"] == pytest.approx(5e-4)
+    plain = lrs(["target_bops=5", "lr=1e-4", "lr_dz=5e-3"])  # the run's cosine, as before
+    assert [g["dead_zone"] for g in got] == pytest.approx([g["dead_zone"] for g in plain])
+    assert plain[50]["weights"] == pytest.approx(0.5e-4)
+    # no budget (the paper's fixed λ) or max_drop: the key changes nothing
+    for ov in (["budget_recover_lr=1e-3"], ["max_drop=1", "budget_recover_lr=1e-3"]):
+        assert lrs(ov) == lrs(ov[:-1])

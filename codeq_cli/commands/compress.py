@@ -84,6 +84,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     from codeq_cli.commands import _stages as P
     from codeq_cli.formats import runstate
     from codeq_cli.train import dist, finish as F, loop, precision, prepare
+    from codeq_cli.train.advice import budget_warning
     from codeq_cli.train.context import RunContext
 
     t0 = time.monotonic()
@@ -100,6 +101,8 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     arithmetic, amp_note = precision.resolve(recipe.amp, recipe.channels_last, info.device)
     ctx = RunContext(recipe, info, data.train_set, data.val_set, opts.seed, opts.workers, arithmetic)
     _report_setup(on_event, plan, loaded, data, state, amp_note)
+    if state is None and (warning := budget_warning(recipe, steps)) is not None:  # docs/method.md, "Aggressive budgets"
+        on_event({"event": "note", "text": f"warning: {warning}"})
 
     progress = runstate.progress_from_state(state) if state is not None else runstate.RunPosition()
     if not opts.skip_baseline and state is None:
