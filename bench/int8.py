@@ -10,7 +10,11 @@ calibrated on random inputs): latency and op counts only, no accuracy. ``--ckpt`
 real checkpoint instead. The reference is ``onnxruntime.quantization.quantize_static`` of the same
 FP32 export (QDQ, per-channel int8 weights, uint8 activations, calibrated on the same inputs).
 
-    PYTHONPATH=. .venv/bin/python bench/int8.py --model tv:resnet18 --model timm:resnet10t [--reps 20]
+``--openvino`` adds OpenVINO's CPU plugin (the ``openvino`` extra) on the same FP32 and codeq files,
+in the same loop (``INFERENCE_NUM_THREADS`` = ``--threads``, FP32 pinned to f32), and its integer
+layers (``runtimePrecision`` u8/i8 of the compiled model).
+
+    PYTHONPATH=. .venv/bin/python bench/int8.py --model tv:resnet18 --model timm:resnet10t [--reps 20] [--openvino]
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from codeq_cli.commands.int8_check import (cpu_name, interleaved, op_summary, optimized_ops, ort_static,
-                                           plain_fp32)
+from codeq_cli.commands.int8_check import (cpu_name, interleaved, op_summary, optimized_ops, ort_static, ov_ops,
+                                           ov_version, plain_fp32)
 
 
 def summary(ops) -> dict:
@@ -67,12 +71,31 @@ def measure(label: str, ckpt, tmp: Path, args) -> dict:
     if args.full_range:  # 8-bit weight codes (no reduce_range): exact on VNNI, may saturate without it
         paths["codeq_full_range"] = export_onnx_int8(ckpt, tmp / "codeq_full.onnx", reduce_range=False).path
     row = {"model": label, "ops": {k: summary(optimized_ops(p, tmp)) for k, p in paths.items()}, "latency": []}
+    ov = {"fp32": fp32, "codeq": codeq} if args.openvino else None
+    if ov:
+        row["openvino_ops"] = {k: ov_ops(p) for k, p in ov.items()}
     for b in args.batch:
-        ms = interleaved(paths, (b, c, h, w), args.threads, args.reps)
-        row["latency"].append({"batch": b, "ms": ms, "codeq_vs_fp32": ms["fp32"] / ms["codeq"],
-                               "codeq_vs_ort_static": ms["ort_static"] / ms["codeq"],
-                               "ort_static_vs_fp32": ms["fp32"] / ms["ort_static"]})
+        ms = interleaved(paths, (b, c, h, w), args.threads, args.reps, openvino=ov)
+        lat = {"batch": b, "ms": ms, "codeq_vs_fp32": ms["fp32"] / ms["codeq"],
+               "codeq_vs_ort_static": ms["ort_static"] / ms["codeq"], "ort_static_vs_fp32": ms["fp32"] / ms["ort_static"]}
+        if ov:
+            lat["openvino_codeq_vs_fp32"] = ms["openvino_fp32"] / ms["openvino_codeq"]
+        row["latency"].append(lat)
     return row
+
+
+def ov_table(rows: list[dict]) -> str:
+    lines = ["| model | batch | OpenVINO FP32 ms | OpenVINO codeq ms | codeq vs FP32 | integer layers (codeq) | float layers (codeq) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ops = r["openvino_ops"]["codeq"]
+        ints = ", ".join(f"{k} {v}" for k, v in ops["int"].items()) or "none"
+        floats = ", ".join(f"{k} {v}" for k, v in ops["float"].items()) or "none"
+        for lat in r["latency"]:
+            ms = lat["ms"]
+            lines.append(f"| {r['model']} | {lat['batch']} | {ms['openvino_fp32']:.2f} | {ms['openvino_codeq']:.2f} | "
+                         f"{lat['openvino_codeq_vs_fp32']:.2f}× | {ints} | {floats} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict]) -> str:
@@ -99,6 +122,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, action="append", default=None)
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--full-range", action="store_true", help="also time codeq's graph with 8-bit weight codes")
+    ap.add_argument("--openvino", action="store_true", help="also time the FP32 and codeq graphs in OpenVINO (same loop)")
     args = ap.parse_args()
     args.batch = args.batch or [1, 8]
     models = args.model if args.model is not None else ([] if args.ckpt else ["tv:resnet18"])
@@ -118,12 +142,14 @@ def main() -> None:
     import onnxruntime
 
     head = {"cpu": cpu_name(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
-            "threads": args.threads, "reps": args.reps}
+            "threads": args.threads, "reps": args.reps, **({"openvino": ov_version()} if args.openvino else {})}
     if args.json:
         print(json.dumps({**head, "rows": rows}, indent=1))
     else:
         print(" ".join(f"{k}={v}" for k, v in head.items()))
         print(table(rows))
+        if args.openvino:
+            print(ov_table(rows))
         for r in rows:
             for lat in r["latency"]:
                 if "codeq_full_range" in lat["ms"]:

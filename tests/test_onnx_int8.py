@@ -171,3 +171,89 @@ def test_cli_check_needs_the_int8_format(tmp_path, capsys):
     path = weights_only_checkpoint(tmp_path)
     code, _, stderr = run_cli(["export", str(path), "--format", "onnx", "--to", str(tmp_path / "m.onnx"), "--check"], capsys)
     assert code == 2 and "--check" in stderr and len(stderr.strip().splitlines()) == 1
+
+
+# -- OpenVINO (the `openvino` extra) ------------------------------------------------------------
+HAS_OV = importlib.util.find_spec("openvino") is not None
+
+
+def test_cli_check_in_openvino_without_the_package_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    from conftest import run_cli
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # `import openvino` raises ImportError
+    path = weights_only_checkpoint(tmp_path)
+    out = tmp_path / "m.onnx"
+    code, _, stderr = run_cli(["export", str(path), "--format", "onnx-int8", "--to", str(out), "--check",
+                               "--runtime", "openvino"], capsys)
+    lines = [line for line in stderr.strip().splitlines() if line]
+    assert code == 2 and len(lines) == 1, stderr
+    assert "openvino" in lines[0] and "pip install 'codeq[openvino]'" in lines[0]
+    assert not out.exists()  # refused before any work
+
+
+@pytest.mark.parametrize("args, words", [(["--runtime", "openvino"], "add --check"),
+                                         (["--check", "--runtime", "ort,openvno"], "did you mean 'openvino'")])
+def test_cli_runtime_mistakes_are_one_line(tmp_path, capsys, args, words):
+    from conftest import run_cli
+
+    path = weights_only_checkpoint(tmp_path)
+    code, _, stderr = run_cli(["export", str(path), "--format", "onnx-int8", "--to", str(tmp_path / "m.onnx"), *args], capsys)
+    lines = [line for line in stderr.strip().splitlines() if line]
+    assert code == 2 and len(lines) == 1 and words in lines[0], stderr
+
+
+@needs_ort
+@pytest.mark.skipif(not HAS_OV, reason="pip install 'codeq[openvino]'")
+def test_openvino_runs_the_int8_graph_as_onnx_runtime_does(tmp_path, ckpt):
+    from codeq_cli.commands import int8_check
+
+    ck, x = ckpt
+    if any(a["bits"] != 8 for a in ck.activations):
+        pytest.skip("the 8-bit graph is the one that runs on integer kernels")
+    info = onnx_int8.export_onnx_int8(ck, tmp_path / "m.onnx")
+    ort_out = int8_check.session(info.path, 1).run(None, {"input": x.numpy()})[0]
+    ov_out = int8_check.ov_compile(info.path, 1).create_infer_request().infer([x.numpy()])[0]
+    # Both runtimes compute the same integer codes with the same scales; they may differ only where a
+    # requantization rounds a tie the other way, i.e. by about one step of an 8-bit activation
+    # (1/255 ≈ 0.4% of its range). A float or bf16 path in OpenVINO differs by several percent (the
+    # export's weight grid and activation rounding against the float model), so this can fail.
+    scale = np.abs(ort_out).max()
+    assert np.abs(ov_out - ort_out).max() <= 0.005 * scale
+    assert (ov_out.argmax(1) == ort_out.argmax(1)).all()
+    ops = int8_check.ov_ops(info.path)  # OpenVINO's compiled model: every conv and the linear on u8/i8
+    convs = sum(len(layer.shape) == 4 for layer in ck.layers.values())
+    assert ops["int"].get("Convolution", 0) == convs and ops["int"].get("FullyConnected", 0) == 1
+    assert "Convolution" not in ops["float"]
+
+
+@needs_ort
+@pytest.mark.parametrize("bits", [4, 8])
+def test_export_counts_and_warns_about_weights_above_7_bits(tmp_path, capsys, bits):
+    import json
+
+    from conftest import run_cli
+
+    spec = ModelSpec("timm", "test_resnet", num_classes=4)
+    torch.manual_seed(0)
+    model = create(spec)
+    macs = measure_macs(model, (3, 32, 32))
+    quantize_(model, bits=bits, init_dz=0.8, activations=ActSpec(bits=8))
+    calibrate_(model.eval(), [torch.randn(4, 3, 32, 32)])
+    path = tmp_path / "m.codeq"
+    checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
+                    recipe={}, provenance={}, metrics={}, macs=macs)
+    ck = checkpoint.load(path)
+    wide = sum(layer.bits > 7 for layer in ck.layers.values())
+    assert wide == (len(ck.layers) if bits == 8 else 0)
+    flags = (("--reduce-range", True), ("--full-range", False)) if wide else (("--reduce-range", False),)
+    for flag, warned in flags:
+        code, stdout, stderr = run_cli(["export", str(path), "--format", "onnx-int8", "--to",
+                                        str(tmp_path / f"{flag}.onnx"), flag, "--json"], capsys)
+        assert code == 0, stderr
+        assert json.loads(stdout)["over_7_bits"] == wide
+        lines = [line for line in stderr.splitlines() if line.startswith("warning:")]
+        assert len(lines) == int(warned), stderr
+        if warned:
+            assert f"{wide} of {len(ck.layers)} layers" in lines[0] and "--recipe int8" in lines[0]

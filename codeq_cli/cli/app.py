@@ -283,6 +283,7 @@ def export(
     data: Annotated[Optional[Path], typer.Option("--data", help="--check: image folder for top-1 [default: the one recorded in the checkpoint].")] = None,
     subset: Annotated[Optional[str], typer.Option("--subset", help="--check: images per class (or a fraction) for top-1, as codeq eval.")] = None,
     reps: Annotated[int, typer.Option("--reps", min=1, help="--check: timed runs per graph and batch.")] = 20,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="--check: ort, openvino or ort,openvino (OpenVINO is an extra: pip install 'codeq[openvino]') [default: ort].")] = None,
     json_: JsonOpt = False,
 ) -> None:
     """Dense dequantized weights for deployment (loads with strict=True), or ONNX."""
@@ -296,6 +297,13 @@ def export(
         raise UsageError(f"--format {fmt!r} is not supported", hint="use safetensors, pt, onnx or onnx-int8")
     if check and fmt != "onnx-int8":
         raise UsageError(f"--check measures the integer graph, not --format {fmt}", hint="add --format onnx-int8, or drop --check")
+    if runtime is not None and not check:
+        raise UsageError(f"--runtime {runtime} picks the runtimes of --check", hint="add --check, or drop --runtime")
+    if check:
+        from codeq_cli.commands import int8_check
+
+        runtimes = int8_check.parse_runtimes(runtime)
+        int8_check.check_installed(runtimes)
     if to.suffix.lower() != suffixes[fmt] and not (fmt == "pt" and to.suffix.lower() == ".pth"):
         to = to.with_name(to.name + suffixes[fmt])
     if to.exists() and not overwrite:
@@ -309,10 +317,14 @@ def export(
                   **{k: v for k, v in info.to_dict().items() if k not in ("path", "bytes", "weight_errors")}}
         text = (f"wrote {info.path} ({info.bytes / 1e6:.2f} MB, int8 QDQ ONNX: {info.int8_layers} integer layers, "
                 f"{info.activation_quantizers} activation quantizers, largest int8 weight rounding {info.max_weight_error:.3g})")
+        if reduce_range and info.over_7_bits:
+            _output(json_, False).warn(
+                f"{info.over_7_bits} of {info.int8_layers} layers have 8-bit weights, rounded to the 7-bit grid of "
+                f"--reduce-range, so the exported top-1 may differ from codeq eval; train with --recipe int8 "
+                f"(or --set b_max=7), or export with --full-range for VNNI/ARM CPUs (docs/deploy.md)")
         if check:
-            from codeq_cli.commands import int8_check
-
-            res = int8_check.run(int8_check.CheckOptions(info.path, Path(file), data=data, subset=subset, reps=reps))
+            res = int8_check.run(int8_check.CheckOptions(info.path, Path(file), data=data, subset=subset, reps=reps,
+                                                         runtimes=runtimes))
             answer["check"] = res
             text += "\n" + int8_check.render(res)
         _output(json_, False).result(answer, text)

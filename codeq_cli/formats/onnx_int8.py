@@ -72,6 +72,7 @@ class Int8Export:
     weight_errors: dict[str, float] = field(default_factory=dict)
     activation_quantizers: int = 0  # QuantizeLinear/DequantizeLinear pairs on activations
     weight_code_limit: int = 63  # 63: reduce_range (7-bit codes); 127: full int8
+    over_7_bits: int = 0  # integer layers whose weights have more than 7 bits (rounded to the 7-bit grid under reduce_range)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -232,7 +233,7 @@ def qdq_model(plain, weights: dict, entries: list[dict], *, reduce_range: bool =
     limit = 63 if reduce_range else 127
     plain.eval()
     factors = fold_bn_(plain)
-    errors, floats, exact = {}, [], 0
+    errors, floats, exact, wide = {}, [], 0, 0
     for name in sorted(fed_layers(entries)):
         module = plain.get_submodule(name)
         if name not in weights or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
@@ -250,13 +251,14 @@ def qdq_model(plain, weights: dict, entries: list[dict], *, reduce_range: bool =
         scales = (sigma * torch.where(dead, torch.ones_like(f), f.abs())).float()
         errors[name] = err
         exact += err <= 1e-6 * max(abs(step), 1e-30)
+        wide += bits > 7
         parent, _, child = name.rpartition(".")
         setattr(plain.get_submodule(parent) if parent else plain, child, _qdq_weight(module, codes, scales))
     act_quant.freeze_into(plain, entries)
     for _, qz in act_quant.act_quantizers(plain):
         qz.export_qdq = True
     return plain.eval(), Int8Export(Path(), 0, len(errors), floats, bool(factors), exact,
-                                    max(errors.values(), default=0.0), errors, len(entries), limit)
+                                    max(errors.values(), default=0.0), errors, len(entries), limit, wide)
 
 
 def build_qdq_model(ckpt: CompressedModel, *, reduce_range: bool = True):
