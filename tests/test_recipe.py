@@ -224,7 +224,7 @@ def test_existing_file_wins_over_builtin_name(tmp_path, monkeypatch):
 def test_folder_and_missing_paths(tmp_path):
     with pytest.raises(UsageError, match="is a folder"):
         load_recipe(tmp_path)
-    with pytest.raises(UsageError, match=r"recipe file '.*nope.yaml' does not exist; built-in recipes: fixed4, mixed"):
+    with pytest.raises(UsageError, match=r"recipe file '.*nope.yaml' does not exist; built-in recipes: fixed4, int8, mixed"):
         load_recipe(tmp_path / "nope.yaml")
 
 
@@ -312,10 +312,10 @@ PAPER = {
 
 
 def test_builtins_are_the_expected_set():
-    assert builtin_names() == sorted(["fixed4", "mixed", *PAPER])
+    assert builtin_names() == sorted(["fixed4", "int8", "mixed", *PAPER])
 
 
-@pytest.mark.parametrize("name", sorted(["fixed4", "mixed", *PAPER]))
+@pytest.mark.parametrize("name", sorted(["fixed4", "int8", "mixed", *PAPER]))
 def test_every_builtin_loads_under_every_spelling(name):
     r = load_recipe(name)
     assert load_recipe(f"{name}.yaml") == r
@@ -365,14 +365,14 @@ def test_mixed_builtin_is_the_default_recipe():
 def test_list_recipes():
     items = dict(list_recipes())
     # Every YAML file that ships, by name, sorted; each summary is the file's own description line.
-    assert list(items) == sorted(["fixed4", "mixed", *PAPER])
+    assert list(items) == sorted(["fixed4", "int8", "mixed", *PAPER])
     assert items["mixed"] == ("Mixed precision for a short fine-tune of a pretrained model: learned dead zones "
                               "and bit-widths (2-8)")
     assert items["resnet18-imagenet-fixed4"].startswith("Paper: ResNet-18 (pretrained) on ImageNet, 4-bit")
     assert all(summary and "\n" not in summary for summary in items.values())
 
 
-@pytest.mark.parametrize("name", sorted(["fixed4", "mixed", *PAPER]))
+@pytest.mark.parametrize("name", sorted(["fixed4", "int8", "mixed", *PAPER]))
 def test_yaml_round_trip(tmp_path, name):
     r = apply_overrides(load_recipe(name), ["include=[layer1*]", "grad_clip=2"])
     text = recipe_to_yaml(r, header="resolved from test\nsecond line")
@@ -410,3 +410,11 @@ def test_quantizer_kwargs_feed_quantize_():
     assert wrapped == ["0"]
     (qw,) = list(quantized_weights(model))
     assert qw.quantizer.mixed and qw.quantizer.b_min == 3 and qw.quantizer.theta_dz.item() == 2.0
+
+
+def test_int8_preset_is_mixed_with_8_bit_activations_and_7_bit_weights():
+    # Trained as `codeq export --format onnx-int8` deploys it (docs/deploy.md): every other key is mixed's.
+    int8 = load_recipe("int8").to_dict()
+    mixed = apply_overrides(load_recipe("mixed"), ["act_bits=8", "b_max=7"]).to_dict()
+    assert {k: v for k, v in int8.items() if mixed[k] != v} == {"description": int8["description"]}
+    assert load_recipe("mixed").b_max == 8 and load_recipe("mixed").act_bits is None  # the default is unchanged
