@@ -313,8 +313,8 @@ def main() -> None:
     (work / "results").mkdir(parents=True, exist_ok=True)
     store = work / "results.json"
     results = json.loads(store.read_text()) if store.exists() else {}
-    for got in sorted((work / "results").glob("*@*.json")):  # runs finished by another invocation or worker
-        results.setdefault(got.stem, json.loads(got.read_text()))
+    for got in sorted((work / "results").glob("*@*.json")):  # runs finished here, by another invocation or a worker
+        results[got.stem] = json.loads(got.read_text())  # each worker's own file is the record
     todo = runs()
     if not args.table:
         import torch
