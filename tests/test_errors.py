@@ -1,13 +1,17 @@
 """The error catalogue: every mistake a user can make is one line, the right exit code, the culprit named.
 
-One table, one row per case. Each row runs the real CLI in a subprocess
-(``python -m codeq_cli``) and checks: the exit code (2 for a wrong command
-line, 1 for something that is there but cannot be used), stderr is exactly one
-non-empty line ``error: ...`` naming the bad value, path or key, and no
-traceback. ``docs/troubleshooting.md`` quotes these messages.
+One table, one row per case. Each row runs the CLI and checks: the exit code
+(2 for a wrong command line, 1 for something that is there but cannot be
+used), stderr is exactly one non-empty line ``error: ...`` naming the bad
+value, path or key, and no traceback. ``docs/troubleshooting.md`` quotes these
+messages.
 
-Speed: the files every row needs are made once (module fixtures), and the rows
-run a few at a time (each is mostly a Python start and a torch import).
+Rows marked ``process`` run the real entry point in a subprocess
+(``python -m codeq_cli``: a fresh interpreter, its imports and warnings
+included), a few at a time; the others call ``codeq_cli.cli.app.main`` in this
+process, the function ``codeq`` runs after its imports (a subprocess is mostly
+a Python start and a torch import, and there are fifty rows). The files every
+row needs are made once (module fixtures).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_image_folder
+from conftest import make_image_folder, run_cli
 
 ENV = {**os.environ, "NO_COLOR": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 TINY = ["timm:test_resnet", "--no-pretrained", "--img-size", "32", "--workers", "0", "--num-classes", "3"]
@@ -42,11 +46,12 @@ class Case:
     code: int  # 2: the command line is wrong; 1: what it names cannot be used
     names: tuple[str, ...]  # substrings of the error line: the culprit, and what to do
     marker: bool = False  # a crafted file: the code it carries must not have run
+    process: bool = False  # run `python -m codeq_cli` in a subprocess (else main() in this process)
 
 
 CASES = [
     # -- paths ------------------------------------------------------------------------------
-    Case("data-missing", compress(data="{w}/nowhere"), 2, ("--data", "{w}/nowhere", "does not exist")),
+    Case("data-missing", compress(data="{w}/nowhere"), 2, ("--data", "{w}/nowhere", "does not exist"), process=True),
     Case("data-is-a-file", compress(data="{w}/afile"), 2, ("{w}/afile", "not a folder")),
     Case("data-without-train", compress(data="{w}/notrain"), 1, ("{w}/notrain", "train/")),
     Case("data-without-val", compress(data="{w}/noval"), 1, ("{w}/noval", "val/")),
@@ -58,7 +63,7 @@ CASES = [
     Case("resume-without-state", compress("--resume", out="{w}/out/fresh.pt"), 2, ("--resume", "{w}/out/fresh.run")),
     # -- data -------------------------------------------------------------------------------
     Case("data-mostly-unreadable", compress("--quiet", data="{w}/manybroken"), 1,
-         ("{w}/manybroken/train/", "unreadable", "10%")),
+         ("{w}/manybroken/train/", "unreadable", "10%"), process=True),
     Case("data-different-classes", compress(data="{w}/diffclasses"), 1, ("only in train/: fox", "only in val/: wolf")),
     Case("data-classes-vs-head", compress("--weights", "{w}/default_head.pt",
                                           model=["timm:test_resnet", "--img-size", "32", "--workers", "0"]),
@@ -77,12 +82,13 @@ CASES = [
                                           model=["timm:test_resnet", "--img-size", "32", "--workers", "0"]), 1,
          ("{w}/wide_head.pt", "shape of fc.weight", "(3, 96)", "(1000, 96)", "--num-classes")),
     Case("weights-crafted-pickle", compress("--weights", "{w}/evil.pt"), 1,
-         ("{w}/evil.pt", "could run code", "not loaded"), marker=True),
+         ("{w}/evil.pt", "could run code", "not loaded"), marker=True, process=True),
     Case("weights-raw-pickle", compress("--weights", "{w}/evil.pkl"), 1, ("{w}/evil.pkl", "pickle"), marker=True),
     Case("weights-truncated", compress("--weights", "{w}/trunc_sd.pt"), 1, ("{w}/trunc_sd.pt", "damaged or truncated")),
     # -- recipes and overrides ------------------------------------------------------------------
     Case("set-unknown-key", compress("--set", "lamda_dz=0.1"), 2, ("'lamda_dz'", "'lambda_dz'")),
-    Case("recipe-unknown-key", compress("--recipe", "{w}/typo.yaml"), 2, ("{w}/typo.yaml:2", "'lamda_dz'", "'lambda_dz'")),
+    Case("recipe-unknown-key", compress("--recipe", "{w}/typo.yaml"), 2, ("{w}/typo.yaml:2", "'lamda_dz'", "'lambda_dz'"),
+         process=True),
     Case("recipe-wrong-type", compress("--recipe", "{w}/wrongtype.yaml"), 2, ("{w}/wrongtype.yaml:1", "epochs='two'", "integer")),
     Case("recipe-out-of-range", compress("--recipe", "{w}/range.yaml"), 2, ("{w}/range.yaml:1", "lambda_dz=-1", ">= 0")),
     Case("recipe-broken-yaml", compress("--recipe", "{w}/broken.yaml"), 2, ("{w}/broken.yaml:3", "YAML")),
@@ -95,12 +101,13 @@ CASES = [
     Case("ckpt-folder", ["report", "{w}/out"], 2, ("{w}/out", "is a folder")),
     Case("ckpt-empty", ["report", "{w}/empty.codeq"], 1, ("{w}/empty.codeq", "empty")),
     Case("ckpt-truncated", ["report", "{w}/trunc.codeq"], 1, ("{w}/trunc.codeq", "truncated")),
-    Case("ckpt-bit-flipped", ["report", "{w}/flipped.codeq"], 1, ("{w}/flipped.codeq", "checksum")),
+    Case("ckpt-bit-flipped", ["report", "{w}/flipped.codeq"], 1, ("{w}/flipped.codeq", "checksum"), process=True),
     Case("ckpt-state-dict", ["report", "{w}/wide_head.pt"], 1, ("{w}/wide_head.pt", "not a codeq checkpoint")),
     Case("ckpt-safetensors", ["report", "{w}/weights.safetensors"], 1, ("{w}/weights.safetensors", "safetensors")),
     Case("ckpt-other-tool", ["report", "{w}/model.onnx"], 1, ("{w}/model.onnx", "not a codeq checkpoint")),
     Case("ckpt-newer-format", ["report", "{w}/newer.codeq"], 1, ("{w}/newer.codeq", "format 9", "upgrade codeq")),
-    Case("ckpt-crafted-pickle", ["report", "{w}/evil.pkl"], 1, ("{w}/evil.pkl", "pickle", "not opened"), marker=True),
+    Case("ckpt-crafted-pickle", ["report", "{w}/evil.pkl"], 1, ("{w}/evil.pkl", "pickle", "not opened"), marker=True,
+         process=True),
     Case("ckpt-crafted-torch-file", ["report", "{w}/evil.pt"], 1, ("{w}/evil.pt", "not opened"), marker=True),
     Case("eval-ckpt-truncated", ["eval", "{w}/trunc.codeq", "--workers", "0"], 1, ("{w}/trunc.codeq", "truncated")),
     Case("eval-data-missing", ["eval", "{w}/ok.codeq", "--data", "{w}/nowhere", "--workers", "0"], 2,
@@ -236,12 +243,20 @@ def _run(args: list[str]) -> Ran:
     return Ran(proc.returncode, proc.stdout, proc.stderr)
 
 
+def _run_here(args: list[str], capsys, monkeypatch) -> Ran:
+    for key in ("NO_COLOR", "HF_HUB_OFFLINE"):
+        monkeypatch.setenv(key, ENV[key])
+    code, out, err = run_cli(args, capsys)
+    return Ran(code, out, err)
+
+
 @pytest.fixture(scope="module")
 def ran(world, request):
-    """Every collected row's subprocess, started a few at a time; each test waits for its own."""
+    """Every collected ``process`` row's subprocess, started a few at a time; each test waits for its own."""
     wanted = [item.callspec.params["case"] for item in request.session.items
               if getattr(item, "module", None) is request.module
-              and "case" in getattr(getattr(item, "callspec", None), "params", {})]
+              and "case" in getattr(getattr(item, "callspec", None), "params", {})
+              and item.callspec.params["case"].process]
     pool = ThreadPoolExecutor(max_workers=min(4, (os.cpu_count() or 1) + 1))
     futures = {case.id: pool.submit(_run, [_format(a, world) for a in case.args]) for case in wanted}
     yield futures
@@ -253,8 +268,12 @@ def _format(text: str, world: Path) -> str:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_error_is_one_line_with_the_right_exit_code(case: Case, world: Path, ran) -> None:
-    result = ran[case.id].result() if case.id in ran else _run([_format(a, world) for a in case.args])
+def test_error_is_one_line_with_the_right_exit_code(case: Case, world: Path, ran, capsys, monkeypatch) -> None:
+    args = [_format(a, world) for a in case.args]
+    if case.process:
+        result = ran[case.id].result() if case.id in ran else _run(args)
+    else:
+        result = _run_here(args, capsys, monkeypatch)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert "Traceback" not in result.stderr, result.stderr
     assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
