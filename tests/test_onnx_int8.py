@@ -229,8 +229,8 @@ def test_openvino_runs_the_int8_graph_as_onnx_runtime_does(tmp_path, ckpt):
 
 
 @needs_ort
-@pytest.mark.parametrize("bits", [4, 8])
-def test_export_counts_and_warns_about_weights_above_7_bits(tmp_path, capsys, bits):
+@pytest.mark.parametrize("bits", [6, 7])
+def test_export_counts_and_warns_about_weights_above_6_bits(tmp_path, capsys, bits):
     import json
 
     from conftest import run_cli
@@ -245,14 +245,14 @@ def test_export_counts_and_warns_about_weights_above_7_bits(tmp_path, capsys, bi
     checkpoint.save(path, model, spec=spec, data_config=DataConfig(input_size=(3, 32, 32)), class_names=None,
                     recipe={}, provenance={}, metrics={}, macs=macs)
     ck = checkpoint.load(path)
-    wide = sum(layer.bits > 7 for layer in ck.layers.values())
-    assert wide == (len(ck.layers) if bits == 8 else 0)
+    wide = sum(layer.bits > 6 for layer in ck.layers.values())
+    assert wide == (len(ck.layers) if bits == 7 else 0)
     flags = (("--reduce-range", True), ("--full-range", False)) if wide else (("--reduce-range", False),)
     for flag, warned in flags:
         code, stdout, stderr = run_cli(["export", str(path), "--format", "onnx-int8", "--to",
                                         str(tmp_path / f"{flag}.onnx"), flag, "--json"], capsys)
         assert code == 0, stderr
-        assert json.loads(stdout)["over_7_bits"] == wide
+        assert json.loads(stdout)["wide_layers"] == (wide if flag == "--reduce-range" else 0)
         lines = [line for line in stderr.splitlines() if line.startswith("warning:")]
         assert len(lines) == int(warned), stderr
         if warned:

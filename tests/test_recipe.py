@@ -412,9 +412,9 @@ def test_quantizer_kwargs_feed_quantize_():
     assert qw.quantizer.mixed and qw.quantizer.b_min == 3 and qw.quantizer.theta_dz.item() == 2.0
 
 
-def test_int8_preset_is_mixed_with_8_bit_activations_and_7_bit_weights():
+def test_int8_preset_is_mixed_with_8_bit_activations_and_6_bit_weights():
     # Trained as `codeq export --format onnx-int8` deploys it (docs/deploy.md): every other key is mixed's.
     int8 = load_recipe("int8").to_dict()
-    mixed = apply_overrides(load_recipe("mixed"), ["act_bits=8", "b_max=7"]).to_dict()
+    mixed = apply_overrides(load_recipe("mixed"), ["act_bits=8", "b_max=6"]).to_dict()
     assert {k: v for k, v in int8.items() if mixed[k] != v} == {"description": int8["description"]}
     assert load_recipe("mixed").b_max == 8 and load_recipe("mixed").act_bits is None  # the default is unchanged

@@ -317,11 +317,11 @@ def export(
                   **{k: v for k, v in info.to_dict().items() if k not in ("path", "bytes", "weight_errors")}}
         text = (f"wrote {info.path} ({info.bytes / 1e6:.2f} MB, int8 QDQ ONNX: {info.int8_layers} integer layers, "
                 f"{info.activation_quantizers} activation quantizers, largest int8 weight rounding {info.max_weight_error:.3g})")
-        if reduce_range and info.over_7_bits:
+        if reduce_range and info.wide_layers:
             _output(json_, False).warn(
-                f"{info.over_7_bits} of {info.int8_layers} layers have 8-bit weights, rounded to the 7-bit grid of "
-                f"--reduce-range, so the exported top-1 may differ from codeq eval; train with --recipe int8 "
-                f"(or --set b_max=7), or export with --full-range for VNNI/ARM CPUs (docs/deploy.md)")
+                f"{info.wide_layers} of {info.int8_layers} layers have weights of more than 6 bits, which 7-bit codes "
+                f"(--reduce-range) round, so the exported top-1 may differ from codeq eval; train with --recipe int8 "
+                f"(or --set b_max=6), or export with --full-range for VNNI/ARM CPUs (docs/deploy.md)")
         if check:
             res = int8_check.run(int8_check.CheckOptions(info.path, Path(file), data=data, subset=subset, reps=reps,
                                                          runtimes=runtimes))

@@ -72,7 +72,10 @@ class Int8Export:
     weight_errors: dict[str, float] = field(default_factory=dict)
     activation_quantizers: int = 0  # QuantizeLinear/DequantizeLinear pairs on activations
     weight_code_limit: int = 63  # 63: reduce_range (7-bit codes); 127: full int8
-    over_7_bits: int = 0  # integer layers whose weights have more than 7 bits (rounded to the 7-bit grid under reduce_range)
+    # Layers with more weight bits than the codes hold at their level spacing: the levels ±(s·k + δ), k ≤ 2^(b-1) − 1,
+    # need codes up to 2^(b-1) − 1 + δ/s, so 7-bit layers overflow 7-bit codes (reduce_range) once δ ≥ s/2 and are
+    # rounded on a grid of about s (docs/deploy.md): more than 6 bits under reduce_range, more than 7 at full range.
+    wide_layers: int = 0
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -251,7 +254,7 @@ def qdq_model(plain, weights: dict, entries: list[dict], *, reduce_range: bool =
         scales = (sigma * torch.where(dead, torch.ones_like(f), f.abs())).float()
         errors[name] = err
         exact += err <= 1e-6 * max(abs(step), 1e-30)
-        wide += bits > 7
+        wide += bits > (6 if reduce_range else 7)
         parent, _, child = name.rpartition(".")
         setattr(plain.get_submodule(parent) if parent else plain, child, _qdq_weight(module, codes, scales))
     act_quant.freeze_into(plain, entries)
