@@ -84,13 +84,16 @@ def measure(label: str, ckpt, tmp: Path, args) -> dict:
     return row
 
 
+def _op_cells(ops: dict) -> tuple[str, str]:
+    """The integer and the float op counts of one graph as two table cells."""
+    return tuple(", ".join(f"{k} {v}" for k, v in ops[kind].items()) or "none" for kind in ("int", "float"))
+
+
 def ov_table(rows: list[dict]) -> str:
     lines = ["| model | batch | OpenVINO FP32 ms | OpenVINO codeq ms | codeq vs FP32 | integer layers (codeq) | float layers (codeq) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
-        ops = r["openvino_ops"]["codeq"]
-        ints = ", ".join(f"{k} {v}" for k, v in ops["int"].items()) or "none"
-        floats = ", ".join(f"{k} {v}" for k, v in ops["float"].items()) or "none"
+        ints, floats = _op_cells(r["openvino_ops"]["codeq"])
         for lat in r["latency"]:
             ms = lat["ms"]
             lines.append(f"| {r['model']} | {lat['batch']} | {ms['openvino_fp32']:.2f} | {ms['openvino_codeq']:.2f} | "
@@ -102,9 +105,7 @@ def table(rows: list[dict]) -> str:
     lines = ["| model | batch | FP32 ms | codeq ms | ORT static ms | codeq vs FP32 | codeq vs ORT static | codeq int ops | codeq float Conv/Gemm/MatMul/Add |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ops = r["ops"]["codeq"]
-        ints = ", ".join(f"{k} {v}" for k, v in ops["int"].items()) or "none"
-        floats = ", ".join(f"{k} {v}" for k, v in ops["float"].items()) or "none"
+        ints, floats = _op_cells(r["ops"]["codeq"])
         for lat in r["latency"]:
             ms = lat["ms"]
             lines.append(f"| {r['model']} | {lat['batch']} | {ms['fp32']:.2f} | {ms['codeq']:.2f} | {ms['ort_static']:.2f} | "
