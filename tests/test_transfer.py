@@ -178,7 +178,7 @@ def test_budget_warning_rule():
     line = warn(["target_bops=5"])
     assert line is not None and "\n" not in line
     assert line.startswith("--target-bops 5 leaves the weights 1.6 bits") and "138 steps" in line
-    assert "act_bits=8" in line and "more epochs" in line
+    assert "act_bits=8" in line and "more epochs" in line and "budget_recover_lr=1e-3" in line
     assert warn(["target_bops=3"]) is not None
     assert warn(["target_bops=10"]) is None  # 3.2 bits per weight
     assert warn(["target_bops=5"], steps=FEW_STEPS + 1) is None
