@@ -47,6 +47,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path (tests)
+from _stats import ms as _ms  # noqa: E402
+
 GRID = [0.002, 0.005, 0.01, 0.05, 0.2, 1.0]  # λ_dz; λ_bit = 4·λ_dz (the mixed recipe's ratio); 0.002 so that the grid reaches above 3.4%
 
 
@@ -135,16 +138,6 @@ def by_name(results: dict[str, dict]) -> dict[str, list[dict]]:
     for key, r in results.items():
         out.setdefault(key.split("@")[0], []).append({"seed": 0, **r})
     return out
-
-
-def mean_se(xs: list[float]) -> tuple[float, float | None]:
-    m = statistics.fmean(xs)
-    return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None)
-
-
-def _ms(xs: list[float]) -> str:
-    m, se = mean_se(xs)
-    return f"{m:.2f}" if se is None else f"{m:.2f} ± {se:.2f}"
 
 
 def table(results: dict[str, dict]) -> str:

