@@ -12,7 +12,8 @@ be squeezed to; the steps are the time they have to recover. Measured on an
 ImageNet-pretrained EfficientNet-Lite0 fine-tuned to Fashion-MNIST
 (``docs/transfer.md``) the budget path held up where ``B`` stayed above
 :data:`LOW_BITS` and lost many points below it in :data:`FEW_STEPS` steps or
-fewer; the same budget with 8-bit activations (``B`` four times larger) held.
+fewer. The same budget with 8-bit activations (``B`` four times larger) held
+in the runs that issue 24 reported (+3.1 points); not yet rerun here.
 Plain Python, no torch: the CLI's tests call it directly.
 """
 
