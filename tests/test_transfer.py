@@ -192,8 +192,9 @@ class _Stop(Exception):
     pass
 
 
-@pytest.mark.parametrize("overrides,warned", [([], True), (["act_bits=8"], False)])
-def test_compress_warns_once_before_training(tmp_path, overrides, warned):
+@pytest.mark.parametrize("overrides,warned,advise", [([], True, True), (["act_bits=8"], False, True),
+                                                    ([], False, False)])  # the demo turns it off
+def test_compress_warns_once_before_training(tmp_path, overrides, warned, advise):
     from codeq_cli.commands import compress
     from conftest import make_image_folder
 
@@ -208,7 +209,8 @@ def test_compress_warns_once_before_training(tmp_path, overrides, warned):
     with pytest.raises(_Stop):
         compress.run(compress.CompressOptions(
             model="timm:test_resnet", data=data, out=tmp_path / "m.pt", pretrained=False, img_size=32, workers=0,
-            num_classes=3, epochs=1, batch_size=6, target_bops=5.0, skip_baseline=True, overrides=overrides), on_event)
+            num_classes=3, epochs=1, batch_size=6, target_bops=5.0, skip_baseline=True, overrides=overrides,
+            advise=advise), on_event)
     notes = [e["text"] for e in events if e["event"] == "note" and e["text"].startswith("warning: ")]
     assert len(notes) == (1 if warned else 0)
     if warned:

@@ -52,6 +52,7 @@ class CompressOptions:
     target_size: str | None = None
     max_drop: float | None = None
     keep_state: bool = False  # keep run_dir/state.pt once the checkpoint is written
+    advise: bool = True  # warn before an aggressive BOPs target (train.advice); the demo's is measured
     # Preprocessing (None: the recipe's, else the model's data config); they become recipe overrides.
     crop_pct: float | None = None
     mean: list[float] | None = None
@@ -101,7 +102,7 @@ def run(opts: CompressOptions, on_event=lambda e: None, should_stop=lambda: Fals
     arithmetic, amp_note = precision.resolve(recipe.amp, recipe.channels_last, info.device)
     ctx = RunContext(recipe, info, data.train_set, data.val_set, opts.seed, opts.workers, arithmetic)
     _report_setup(on_event, plan, loaded, data, state, amp_note)
-    if state is None and (warning := budget_warning(recipe, steps)) is not None:  # docs/method.md, "Aggressive budgets"
+    if opts.advise and state is None and (warning := budget_warning(recipe, steps)) is not None:  # docs/method.md, "Aggressive budgets"
         on_event({"event": "note", "text": f"warning: {warning}"})
 
     progress = runstate.progress_from_state(state) if state is not None else runstate.RunPosition()
