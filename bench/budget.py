@@ -40,7 +40,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path (tests)
+from _pool import run_workers  # noqa: E402
 from _stats import ms as _ms  # noqa: E402
 
 GRID = [0.002, 0.005, 0.01, 0.05, 0.2, 1.0]  # λ_dz; λ_bit = 4·λ_dz (the mixed recipe's ratio); 0.002 so that the grid reaches above 3.4%
@@ -259,30 +259,17 @@ def main() -> None:
         for key in keys:
             if key.split("@")[0] not in todo:
                 sys.exit(f"unknown run {key.split('@')[0]!r}; known: {', '.join(todo)}")
-        pending = list(keys)
-        procs: list[tuple[str, subprocess.Popen]] = []
         threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
         child = [sys.executable, __file__, "--out-dir", str(args.out_dir), "--epochs", str(args.epochs), "--size", args.size,
                  "--fmnist", str(args.fmnist), *(["--val-test10k"] if args.val_test10k else []),
                  *(["--subset", args.subset] if args.subset else [])]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        while pending or procs:
-            while pending and len(procs) < max(1, args.jobs):
-                key = pending.pop(0)
-                print(f"running {key} ...", file=sys.stderr, flush=True)
-                procs.append((key, subprocess.Popen([*child, "--worker", key], env=env)))
-            time.sleep(0.5)
-            for key, proc in list(procs):
-                if proc.poll() is None:
-                    continue
-                procs.remove((key, proc))
-                got = work / "results" / f"{key}.json"
-                if proc.returncode == 0 and got.exists():
-                    results[key] = json.loads(got.read_text())
-                    store.write_text(json.dumps(results, indent=1))
-                    print(json.dumps(results[key]), file=sys.stderr, flush=True)
-                else:
-                    print(f"{key} failed (exit {proc.returncode})", file=sys.stderr, flush=True)
+
+        def keep(key: str, result: dict) -> None:
+            results[key] = result
+            store.write_text(json.dumps(results, indent=1))
+
+        run_workers(child, keys, args.jobs, env, work / "results", keep)
     print(table(results))
 
 

@@ -41,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path (tests)
+from _pool import run_workers  # noqa: E402
 from _stats import ms as _ms  # noqa: E402
 
 MODEL = "timm:tf_efficientnet_lite0"
@@ -282,7 +283,6 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> None:
     import os
-    import subprocess
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", type=Path, default=Path("codeq-transfer"))
@@ -327,30 +327,16 @@ def main() -> None:
         for key in keys:
             if key.split("@")[0] not in todo:
                 sys.exit(f"unknown run {key.split('@')[0]!r}; known: {', '.join(todo)}")
-        pending, procs = list(keys), []
         child = [sys.executable, __file__, "--out-dir", str(work), "--fmnist", str(args.fmnist), "--per-class",
                  str(args.per_class), "--val-per-class", str(args.val_per_class), "--fp-epochs", str(args.fp_epochs),
                  "--epochs", str(args.epochs)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 threads on 2 busy cores: 5x slower
-        while pending or procs:
-            while pending and len(procs) < max(1, args.jobs):
-                key = pending.pop(0)
-                print(f"running {key} ...", file=sys.stderr, flush=True)
-                log = open(work / "results" / f"{key}.log", "w")
-                procs.append((key, subprocess.Popen([*child, "--worker", key], env=env, stdout=log, stderr=log)))
-            time.sleep(1.0)
-            for key, proc in list(procs):
-                if proc.poll() is None:
-                    continue
-                procs.remove((key, proc))
-                got = work / "results" / f"{key}.json"
-                if proc.returncode == 0 and got.exists():
-                    results[key] = json.loads(got.read_text())
-                    write_json(store, results)
-                    print(json.dumps(results[key]), file=sys.stderr, flush=True)
-                else:
-                    print(f"{key} failed (exit {proc.returncode}); see {work / 'results' / (key + '.log')}",
-                          file=sys.stderr, flush=True)
+
+        def keep(key: str, result: dict) -> None:
+            results[key] = result
+            write_json(store, results)
+
+        run_workers(child, keys, args.jobs, env, work / "results", keep, logs=True, poll=1.0)
     print(table(results))
 
 
