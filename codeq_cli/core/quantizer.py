@@ -242,6 +242,12 @@ class DeadZoneQuantizer(nn.Module):
         span = self.b_max - self.b_min
         return _RoundSTE.apply(torch.tanh(self.theta_bit.abs()) * span + self.b_min)
 
+    @torch.no_grad()
+    def set_threshold(self, t: float, R: float, *, floor: float = 0.0) -> None:
+        """``θ_dz`` for a dead zone of half-width ``t``: ``d/2 = R(1 − tanh|θ_dz|)``, so ``θ_dz = atanh(1 − t/R)``,
+        with ``1 − t/R`` clamped to ``[floor, 1 − 10⁻⁷]`` (``floor > 0`` keeps ``θ_dz`` off 0, where its sign has no gradient)."""
+        self.theta_dz.fill_(math.atanh(min(1.0 - 1e-7, max(floor, 1.0 - t / R))))
+
     def absmax(self, w: Tensor) -> Tensor:
         """Step 1: ``R``, the exact ``quantile`` of ``|w|`` (no gradient)."""
         with torch.no_grad():

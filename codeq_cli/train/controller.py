@@ -28,6 +28,7 @@ from codeq_cli.core.insert import quantized_weights
 from codeq_cli.train.budget import BudgetKind
 from codeq_cli.train.measure import act_layer_index, measure, rel_bops
 from codeq_cli.train.objective import Logits, penalty
+from codeq_cli.train.recovery import ramp_end as end_of_ramp
 
 
 @dataclass
@@ -99,7 +100,7 @@ class Controller:
         if math.isnan(self.measured):
             self.measured = self.start
         if self.ramp_end < 0:
-            self.ramp_end = max(1, int(round(self.ramp * self.total_steps)))
+            self.ramp_end = end_of_ramp(self.ramp, self.total_steps)
 
     @property
     def pressure(self) -> float:

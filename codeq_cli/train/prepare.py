@@ -41,8 +41,7 @@ def init_dead_zones(model: nn.Module, sparsity: float) -> None:
     final trim's formula). A layer whose quantile reaches ``R`` keeps ``θ_dz``
     just above 0 (the widest dead zone).
     """
-    import math
-
+    from codeq_cli.core._select import exact_quantile
     from codeq_cli.core.insert import quantized_weights
 
     for qw in quantized_weights(model):
@@ -50,9 +49,7 @@ def init_dead_zones(model: nn.Module, sparsity: float) -> None:
         R = float(qz.absmax(w))
         if R <= 0:
             continue
-        t = float(torch.quantile(w.abs().reshape(-1).float(), sparsity)) if w.numel() < 2**24 else \
-            float(w.abs().reshape(-1).float().kthvalue(max(1, int(sparsity * w.numel()))).values)
-        qz.theta_dz.fill_(math.atanh(min(1.0 - 1e-7, max(1e-7, 1.0 - t / R))))
+        qz.set_threshold(float(exact_quantile(w.abs().float(), sparsity)), R, floor=1e-7)
 
 
 def calibrate_activations(model: nn.Module, ctx: RunContext) -> int:

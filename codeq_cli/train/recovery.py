@@ -17,7 +17,7 @@ import math
 
 
 def ramp_end(ramp: float, total_steps: int) -> int:
-    """The step at which the plan reaches the target (as :class:`codeq_cli.train.controller.Controller` counts it)."""
+    """The step at which the budget's plan reaches the target (:class:`codeq_cli.train.controller.Controller`'s too)."""
     return max(1, int(round(ramp * total_steps)))
 
 

@@ -87,7 +87,7 @@ def trim(model: nn.Module, macs: dict[str, int], kind: Figure, target: float, fi
             lo = float(mags[k - 1]) if k > 0 else 0.0
             hi = float(mags[k]) if k < len(mags) else R
             t = min(R, 0.5 * (lo + hi) if k < len(mags) else R)
-            qz.theta_dz.fill_(math.atanh(min(1.0 - 1e-7, max(0.0, 1.0 - t / R))))
+            qz.set_threshold(t, R)
 
     goal = target * aim
     # g(i) = figure with τ = scores[i]; decreasing in i in both directions. Find the smallest i with g ≤ goal.
