@@ -93,3 +93,18 @@ def one_line(exc: BaseException | str, limit: int = 120, *, line: int | None = N
     if not text and isinstance(exc, BaseException):
         text = type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def require_package(module: str, *, what: str, hint: str) -> None:
+    """Import ``module`` now, so that an optional extra that is missing is one line before any work.
+
+    ``what`` names the choice that needs it (``--log-to wandb``), ``hint`` how to install it.
+    """
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        missing = getattr(exc, "name", None) or module
+        raise UsageError(f"{what}: the Python package {missing!r} is not installed ({one_line(exc)})",
+                         hint=hint) from None

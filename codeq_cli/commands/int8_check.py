@@ -81,16 +81,13 @@ def parse_runtimes(text: str | None) -> tuple[str, ...]:
 
 def check_installed(runtimes: tuple[str, ...]) -> None:
     """Import each runtime's package now, so that a missing one is one line before any work."""
-    from codeq_cli.errors import UsageError, one_line
+    from codeq_cli.errors import require_package
+    from codeq_cli.formats.onnx_int8 import INSTALL_HINT
 
-    modules = {"ort": ("onnxruntime", "pip install 'codeq[onnx]'"), "openvino": ("openvino", OV_INSTALL_HINT)}
+    modules = {"ort": ("onnxruntime", INSTALL_HINT), "openvino": ("openvino", OV_INSTALL_HINT)}
     for rt in runtimes:
         module, hint = modules[rt]
-        try:
-            __import__(module)
-        except ImportError as exc:
-            raise UsageError(f"--runtime {rt}: the Python package {module!r} is not installed ({one_line(exc)})",
-                             hint=hint) from None
+        require_package(module, what=f"--runtime {rt}", hint=hint)
 
 
 def cpu_name() -> str:

@@ -37,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from codeq_cli.errors import UsageError, one_line
+from codeq_cli.errors import UsageError, one_line, require_package
 
 log = logging.getLogger(__name__)
 
@@ -86,15 +86,8 @@ def parse_log_to(text: str | None) -> list[str]:
 
 def check_installed(kinds: list[str]) -> None:
     """Import each backend's package now, so that a missing one is one line before any work."""
-    import importlib
-
     for kind in kinds:
-        try:
-            importlib.import_module(MODULES[kind])
-        except ImportError as exc:
-            missing = getattr(exc, "name", None) or kind
-            raise UsageError(f"--log-to {kind}: the Python package {missing!r} is not installed ({one_line(exc)})",
-                             hint=f"pip install 'codeq[{kind}]'") from None
+        require_package(MODULES[kind], what=f"--log-to {kind}", hint=f"pip install 'codeq[{kind}]'")
 
 
 def process_rank() -> int:
