@@ -283,7 +283,7 @@ class _OnePass(torch.autograd.Function):
 
 
 @dataclass(frozen=True)
-class Logits:
+class StackedLogits:
     """One pass's logits as the vectors its autograd node took (``bit`` is None in fixed precision).
 
     A loss term that reads these rather than stacking the parameters again
@@ -302,7 +302,7 @@ def _theta_stamps(qzs) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in ts)
 
 
-def run(qzs: list, ws: list[Tensor], layouts: dict) -> tuple[list[Tensor], list[Logits]]:
+def run(qzs: list, ws: list[Tensor], layouts: dict) -> tuple[list[Tensor], list[StackedLogits]]:
     """``ŵ`` of every ``(quantizer, weight)``, the layers in as few passes as their kinds allow,
     and each pass's stacked logits.
 
@@ -319,7 +319,7 @@ def run(qzs: list, ws: list[Tensor], layouts: dict) -> tuple[list[Tensor], list[
         layout = _layout_for(q, w, layouts)
         dz = torch.stack([x.theta_dz for x in q])
         bit = torch.stack([x.theta_bit for x in q]) if layout.mixed else None
-        logits.append(Logits(tuple(q), dz, bit, _theta_stamps(q)))
+        logits.append(StackedLogits(tuple(q), dz, bit, _theta_stamps(q)))
         for i, y in zip(idx, _OnePass.apply(layout, len(q), dz, bit, *w)):
             out[i] = y
     return out, logits  # type: ignore[return-value]
@@ -384,7 +384,7 @@ class Group:
         self.entries: dict[int, tuple[Tensor, tuple]] = {}
         self.layouts: dict = {}
         self.encode_layouts: dict = {}  # those of insert.encode_all (the same layers, usually)
-        self.logits: list[Logits] = []  # the last pass's stacked logits (see logit_vectors)
+        self.logits: list[StackedLogits] = []  # the last pass's stacked logits (see logit_vectors)
 
     def add(self, qz, module, pname: str) -> None:
         self.members.append((qz, module, pname))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -273,7 +273,7 @@ def quantizer_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.
     return dz, bit
 
 
-def logit_vectors(qzs: list[DeadZoneQuantizer]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def logit_vectors(qzs: Sequence[DeadZoneQuantizer]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(θ_dz, θ_bit)`` of the quantizers ``qzs`` (a model's, as :func:`quantized_weights` lists them),
     stacked as this forward's one-pass quantizer took them.
 

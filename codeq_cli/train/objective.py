@@ -32,7 +32,7 @@ def current_logits(quantizers: Sequence, params: tuple[Sequence[torch.Tensor], S
     penalty's already summed, instead of two that autograd then adds one logit
     at a time (issue 22; the values are the same).
     """
-    stacked = logit_vectors(list(quantizers))
+    stacked = logit_vectors(quantizers)
     if stacked is None:
         return params[0], params[1]
     return stacked[0], (() if stacked[1] is None else stacked[1])
