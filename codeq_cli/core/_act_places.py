@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from codeq_cli.core import _taps
 from codeq_cli.core.layers import CONV as _CONV
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,8 @@ _KEEP_FUNCS = {torch.flatten, torch.reshape, torch.permute, torch.transpose, tor
 _KEEP_METHODS = {"view", "reshape", "flatten", "permute", "transpose", "squeeze", "unsqueeze", "contiguous"}
 _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
+_MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
+_MATMUL_METHODS = {"matmul", "bmm"}
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class _Tracer(torch.fx.Tracer):
 
 def _trace(model: nn.Module):
     tracer = _Tracer()
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args=_taps.defaults(model))  # the forward as it is called: defaults
     return tracer, graph
 
 
@@ -139,9 +142,12 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
 
     Falls back to :func:`per_layer` when the model does not trace (logged).
     """
+    decomposed = _taps.prepare(model)
     try:
         tracer, graph = _trace(model)
     except Exception as exc:  # data-dependent control flow, unsupported ops
+        for owner in decomposed:
+            _taps.restore(model.get_submodule(owner))
         log.info("activation quantizers: %s does not trace with torch.fx (%s); one per layer input",
                  type(model).__name__, type(exc).__name__)
         return per_layer(layer_names)
@@ -164,11 +170,14 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
     def is_layer(n):
         return n.op == "call_module" and n.target in layers
 
-    def is_add(n):
-        if n.op == "call_function" and n.target in _ADD_FUNCS or n.op == "call_method" and n.target in _ADD_METHODS:
+    def of_two_activations(n, funcs, methods):
+        if n.op == "call_function" and n.target in funcs or n.op == "call_method" and n.target in methods:
             acts = [a for a in n.args[:2] if isinstance(a, torch.fx.Node) and _is_activation(a, memo)]
             return len(acts) == 2
         return False
+
+    def is_add(n):
+        return of_two_activations(n, _ADD_FUNCS, _ADD_METHODS)
 
     marked: dict[torch.fx.Node, None] = {}  # ordered set
     is_output = {a for n in nodes if n.op == "output" for a in n.all_input_nodes}
@@ -181,6 +190,8 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
             ins_needed.append(n.args[0])
         elif is_add(n):
             outs_needed.append(n)
+            ins_needed.extend(n.args[:2])
+        elif of_two_activations(n, _MATMUL_FUNCS, _MATMUL_METHODS):  # attention: MatMulIntegerToFloat
             ins_needed.extend(n.args[:2])
     for n in outs_needed:
         end = forward_end(n)
@@ -210,14 +221,24 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
 
     used: set[str] = set()
     places = []
+    untapped: dict[str, list[tuple[torch.fx.Node, tuple[str, ...]]]] = {}  # owner -> tensors no module holds
     for t in marked:
         feeds = readers(t)
         place = _choose(t, users[t], tracer, used, layers)
         if place is None:
-            log.info("activation quantizers: no module holds the tensor %s alone; left in float", t.name)
+            owner = _owner(t, users[t], tracer)
+            if owner is None:
+                log.info("activation quantizers: no module holds the tensor %s alone; left in float", t.name)
+            else:
+                untapped.setdefault(owner, []).append((t, feeds))
             continue
         used.add(place[0])
         places.append(Place(place[0], place[1], feeds))
+    for owner, tensors in untapped.items():
+        places.extend(_tapped(model, owner, tensors, nodes))
+    for owner in decomposed:  # attention decomposed for taps that did not come: the library's kernel again
+        if not any(p.module.startswith(f"{owner}.{_taps.PREFIX}" if owner else _taps.PREFIX) for p in places):
+            _taps.restore(model.get_submodule(owner))
     # Every quantized layer must have its input quantized somewhere: add the ones the trace missed.
     fed = {f for p in places for f in p.feeds}
     for name in layer_names:
@@ -249,3 +270,51 @@ def _qual(key, value) -> str:
     if isinstance(value, tuple) and value and isinstance(value[0], str):
         return value[0]
     return str(key)
+
+
+def _scope(node) -> tuple[str, ...]:
+    """The modules ``node`` runs in, outermost first (a module call's own module not included)."""
+    stack = tuple(_qual(k, v) for k, v in (node.meta.get("nn_module_stack") or {}).items())
+    if node.op == "call_module" and stack and stack[-1] == node.target:
+        stack = stack[:-1]
+    return stack
+
+
+def _owner(t, readers, tracer: _Tracer) -> str | None:
+    """The module whose own op makes ``t`` and that holds all its readers, called once; None where there is none."""
+    if t.op not in _taps.OPS:
+        return None
+    scope = _scope(t)
+    owner = scope[-1] if scope else ""
+    if owner and tracer.calls.get(owner, 0) != 1:
+        return None
+    if any(_scope(r)[:len(scope)] != scope for r in readers):
+        return None
+    return owner
+
+
+def _tapped(model: nn.Module, owner: str, tensors, nodes) -> list[Place]:
+    """Rewrite ``owner``'s forward with a tap after each tensor's op (``core/_taps.py``); their places."""
+    module = model.get_submodule(owner)
+    local = _taps.trace_ops(module)
+    if local is None:
+        return []
+    prefix = f"{owner}." if owner else ""
+
+    def kind(n, whole=True):  # a child call's target is relative to the owner in its own trace
+        return n.op, n.target.removeprefix(prefix) if whole and n.op == "call_module" else n.target
+
+    mine = [n for n in nodes if n.op in _taps.OPS and (_scope(n)[-1:] or ("",))[0] == owner]
+    picked = []
+    for t, feeds in tensors:  # the k-th op of t's kind in the owner's scope is the k-th in its own trace
+        same = [n for n in mine if kind(n) == kind(t)]
+        theirs = [n for n in local if kind(n, whole=False) == kind(t)]
+        if len(same) != len(theirs):
+            log.info("activation quantizers: %s traces differently alone; %s left in float", owner or "the model", t.name)
+            continue
+        picked.append((theirs[same.index(t)].name, feeds))
+    if not picked:
+        return []
+    children = _taps.tap_(module, [name for name, _ in picked])
+    return [Place(prefix + child, OUTPUT, feeds) for child, (_, feeds) in zip(children, picked)]
+

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from codeq_cli.core import _act_places
+from codeq_cli.core import _act_places, _taps
 from codeq_cli.core.layers import CONV as _CONV
 from codeq_cli.core.quantizer import _RoundSTE
 
@@ -423,8 +423,20 @@ def freeze_into(model: nn.Module, entries: Iterable[dict]) -> None:
     """Attach :class:`FrozenActQuantizer` s to a plain model from :func:`frozen_entries`' entries.
 
     ``at`` and ``feeds`` may be absent or ``None`` (files written before
-    them): a quantizer on its layer's input.
+    them): a quantizer on its layer's input. An entry named after a tap
+    (``<owner>.codeq_tap_<op>``, ``core/_taps.py``) rewrites its owner's
+    forward as :func:`add_` did (``ValueError`` where the op is not there).
     """
+    entries = list(entries)
+    taps: dict[str, list[str]] = {}
+    for e in entries:
+        owner, _, child = e["name"].rpartition(".")
+        if child.startswith(_taps.PREFIX):
+            taps.setdefault(owner, []).append(child[len(_taps.PREFIX):])
+    if taps:
+        _taps.prepare(model, set(taps))
+        for owner, ops in taps.items():
+            _taps.tap_(model.get_submodule(owner), ops)
     for e in entries:
         at = e.get("at") or INPUT
         feeds = e.get("feeds")
