@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from codeq_cli.core import _act_places, act_quant
+from codeq_cli.core import _act_places, _taps, act_quant
 from codeq_cli.core.insert import plan
 from codeq_cli.formats import onnx_int8
 
@@ -286,6 +286,62 @@ def test_a_forward_that_depends_on_the_training_flag_is_not_rewritten():
     assert "forward" not in net.block.__dict__
 
 
+class SE(nn.Module):  # EfficientNet's squeeze-excitation: a sigmoid gate on the channel means
+    def __init__(self):
+        super().__init__()
+        self.conv_reduce, self.act1, self.conv_expand = nn.Conv2d(4, 2, 1), nn.SiLU(), nn.Conv2d(2, 4, 1)
+        self.gate = nn.Sigmoid()
+
+    def forward(self, x):
+        s = self.conv_expand(self.act1(self.conv_reduce(x.mean((2, 3), keepdim=True))))
+        return x * self.gate(s)
+
+
+class ENet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn, self.act, self.se = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.SiLU(), SE()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.se(self.act(self.bn(self.stem(x))))).mean((2, 3))
+
+
+def test_silu_and_a_squeeze_excitation_gate_are_quantized_as_sigmoid_and_mul_by_hand():
+    net = ENet()
+    places = {(p.module, p.at) for p in _act_places.find(net, _layers(net))}
+    assert type(net.act) is _taps.SplitSiLU and type(net.se.act1) is _taps.SplitSiLU
+    assert places == {
+        ("stem", "input"), ("head", "input"), ("se.conv_expand", "input"),
+        ("bn", "output"),  # the conv's output: σ's input and the product's
+        ("act.codeq_sigmoid", "output"),  # σ(x): QLinearSigmoid
+        ("act", "output"),  # x·σ(x): QLinearMul, read by the gate's product and the means
+        ("se.conv_reduce", "output"),  # σ's input and the product's
+        ("se.codeq_tap_mean", "output"),  # the means, conv_reduce's input (conv_reduce holds its output's)
+        ("se.act1.codeq_sigmoid", "output"),
+        ("se.gate", "input"),  # conv_expand's output
+        ("se.codeq_tap_gate", "output"),  # the gate (se.gate holds its input's): the product's second input
+        ("codeq_tap_head", "output"),  # head's output (head holds its input's)
+    }, places
+    torch.manual_seed(0)
+    live = ENet().eval()
+    act_quant.add_(live, _layers(live), act_quant.ActSpec(bits=8))
+    act_quant.calibrate_(live, [torch.randn(4, 3, 9, 9)])
+    qz = dict(act_quant.act_quantizers(live))
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():  # the forward written out with the model's quantizers (a module call runs its own)
+        b = live.bn(live.stem(x))
+        a = qz["act"](b * qz["act.codeq_sigmoid"](torch.sigmoid(b)))
+        r = live.se.conv_reduce(qz["se.codeq_tap_mean"](a.mean((2, 3), keepdim=True)))
+        e = live.se.conv_expand(r * qz["se.act1.codeq_sigmoid"](torch.sigmoid(r)))
+        g = qz["se.codeq_tap_gate"](torch.sigmoid(qz["se.gate"](e)))
+        torch.testing.assert_close(live(x), qz["codeq_tap_head"](live.head(a * g)).mean((2, 3)))
+        plain = ENet()  # a checkpoint's entries split the SiLUs and rebuild the taps on a plain model
+        plain.load_state_dict({k: v for k, v in live.state_dict().items() if "act_quant" not in k})
+        act_quant.freeze_into(plain, act_quant.frozen_entries(live))
+        torch.testing.assert_close(plain.eval()(x), live(x))
+
+
 # -- integer kernels after ONNX Runtime's optimizer ------------------------------------------------------
 FAMILIES = [
     "tv:resnet18",
@@ -309,6 +365,7 @@ def exported(request, tmp_path_factory):
         model, plain, weights, entries, x = _quantized(name)
         convs = sum(isinstance(model.get_submodule(n), (nn.Conv1d, nn.Conv2d, nn.Conv3d)) for n in weights)
         adds, matmuls = _residual_adds(plain), _attention_matmuls(plain)
+        gates = sum(type(m) in (nn.SiLU, nn.Sigmoid) for m in plain.modules())  # x·σ(x) and squeeze-excitation
         qdq, info = onnx_int8.qdq_model(plain, weights, entries)
         path = tmp_path_factory.mktemp("int8") / "m.onnx"
         path.write_bytes(onnx_int8.to_onnx(qdq, (1, 3, 32, 32), path))
@@ -316,7 +373,7 @@ def exported(request, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return {"name": name, "model": model, "qdq": qdq, "info": info, "weights": weights, "convs": convs,
-            "adds": adds, "matmuls": matmuls, "path": path, "ops": ops, "x": x}
+            "adds": adds, "matmuls": matmuls, "gates": gates, "path": path, "ops": ops, "x": x}
 
 
 def test_every_conv_linear_and_residual_add_runs_on_integer_kernels(exported):
@@ -327,6 +384,9 @@ def test_every_conv_linear_and_residual_add_runs_on_integer_kernels(exported):
     integer_matmuls = ops["QGemm"] + ops["MatMulIntegerToFloat"] + ops["QLinearMatMul"]
     assert integer_matmuls == linears + exported["matmuls"] and ops["Gemm"] == ops["MatMul"] == 0, ops
     assert exported["matmuls"] == (4 if "vit" in exported["name"] else 0)
+    # SiLU and sigmoid gates: QLinearSigmoid and QLinearMul (EfficientNet: 49 SiLU + 16 gates)
+    assert ops["QLinearSigmoid"] == ops["QLinearMul"] == exported["gates"] and ops["Sigmoid"] == 0, ops
+    assert exported["gates"] == (65 if "efficientnet" in exported["name"] else 0)
     assert exported["adds"] > 0 and ops["QLinearAdd"] == exported["adds"], ops
 
 

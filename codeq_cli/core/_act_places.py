@@ -56,6 +56,8 @@ _ADD_FUNCS = {operator.add, operator.iadd, torch.add}
 _ADD_METHODS = {"add", "add_"}
 _MATMUL_FUNCS = {operator.matmul, torch.matmul, torch.bmm}
 _MATMUL_METHODS = {"matmul", "bmm"}
+_MUL_FUNCS = {operator.mul, operator.imul, torch.mul}
+_MUL_METHODS = {"mul", "mul_"}
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,7 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
 
     Falls back to :func:`per_layer` when the model does not trace (logged).
     """
+    _taps.split_silu_(model)
     decomposed = _taps.prepare(model)
     try:
         tracer, graph = _trace(model)
@@ -179,6 +182,9 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
     def is_add(n):
         return of_two_activations(n, _ADD_FUNCS, _ADD_METHODS)
 
+    def sigmoid(n):
+        return isinstance(n, torch.fx.Node) and _is(n, (nn.Sigmoid,), {torch.sigmoid}, {"sigmoid"}, model)
+
     marked: dict[torch.fx.Node, None] = {}  # ordered set
     is_output = {a for n in nodes if n.op == "output" for a in n.all_input_nodes}
     outs_needed, ins_needed = [], []
@@ -192,6 +198,9 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
             outs_needed.append(n)
             ins_needed.extend(n.args[:2])
         elif of_two_activations(n, _MATMUL_FUNCS, _MATMUL_METHODS):  # attention: MatMulIntegerToFloat
+            ins_needed.extend(n.args[:2])
+        elif of_two_activations(n, _MUL_FUNCS, _MUL_METHODS) and any(sigmoid(a) for a in n.args[:2]):
+            outs_needed.append(n)  # x · σ(·): SiLU and squeeze-excitation gates, QLinearSigmoid and QLinearMul
             ins_needed.extend(n.args[:2])
     for n in outs_needed:
         end = forward_end(n)

@@ -16,6 +16,10 @@ the children's own hooks and rewrites run as before. It is refused (the tensor
 stays in float) where the forward's trace depends on the training flag
 (``if self.training``), since fx would fix one branch.
 
+SiLU is split into ``x · σ(x)`` with σ a module (:class:`SplitSiLU`), so that
+ONNX Runtime's ``QLinearSigmoid`` and ``QLinearMul`` can run EfficientNet's
+activations and squeeze-excitation gates on integers.
+
 ``scaled_dot_product_attention`` is decomposed first in the owner
 (:func:`prepare`): ``softmax(q·s @ kᵀ) @ v``, so that its two matmuls can run
 on integer kernels; only where it has no mask, no dropout and is not causal.
@@ -49,6 +53,28 @@ class Tap(nn.Module):
 
     def forward(self, x):
         return x
+
+
+class SplitSiLU(nn.Module):
+    """SiLU as ``x · σ(x)`` with σ a child module, so that σ's output can hold a quantizer (``QLinearSigmoid``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.codeq_sigmoid = nn.Sigmoid()
+
+    def forward(self, x):
+        return x * self.codeq_sigmoid(x)
+
+
+def split_silu_(model: nn.Module) -> int:
+    """Replace every ``nn.SiLU`` child by :class:`SplitSiLU` (same function, no parameters); returns how many."""
+    n = 0
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.SiLU:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, SplitSiLU())
+            n += 1
+    return n
 
 
 class _ChildrenAsLeaves(torch.fx.Tracer):

@@ -428,6 +428,8 @@ def freeze_into(model: nn.Module, entries: Iterable[dict]) -> None:
     forward as :func:`add_` did (``ValueError`` where the op is not there).
     """
     entries = list(entries)
+    if any(e["name"].endswith(".codeq_sigmoid") for e in entries):  # written with SiLU split (core/_taps.py)
+        _taps.split_silu_(model)
     taps: dict[str, list[str]] = {}
     for e in entries:
         owner, _, child = e["name"].rpartition(".")
