@@ -266,6 +266,44 @@ def test_a_rewritten_forward_takes_its_signature_and_refuses_a_mask_it_was_not_t
     assert copied.block.attn.forward.__self__ is copied.block.attn
 
 
+class Mixer(nn.Module):  # a block its parent gives an optional tensor (GC ViT's q_global)
+    def __init__(self):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(8), nn.Linear(8, 8)
+
+    def forward(self, x, extra=None):
+        if extra is not None:
+            x = x + extra  # read by the norm and by the last add: no module returns it
+        return x + self.fc(self.norm(x))
+
+
+class MNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.ctx, self.mix, self.head = nn.Linear(4, 8), nn.Linear(4, 8), Mixer(), nn.Linear(8, 2)
+
+    def forward(self, x):
+        return self.head(self.mix(self.embed(x), extra=self.ctx(x)).mean(1))
+
+
+def test_an_argument_the_parent_passes_as_a_tensor_stays_an_input_of_the_rewritten_forward():
+    torch.manual_seed(0)
+    net = MNet().eval()
+    plain = copy.deepcopy(net)
+    act_quant.add_(net, _layers(net), act_quant.ActSpec(bits=8))
+    assert "mix.codeq_tap_add" in dict(act_quant.act_quantizers(net))  # x + extra, traced with extra given
+    act_quant.calibrate_(net, [torch.randn(4, 5, 4)])
+    x = torch.randn(3, 5, 4)
+    with torch.no_grad():
+        e, c = net.embed(x), net.ctx(x)  # each quantized by its output's hook
+        mix = net.mix
+        y = mix.codeq_tap_add.act_quant(e + c)
+        want = mix.act_quant(y + mix.codeq_tap_fc.act_quant(mix.fc(mix.norm(y))))
+        torch.testing.assert_close(mix(e, extra=c), want)
+        act_quant.freeze_into(plain, act_quant.frozen_entries(net))
+        torch.testing.assert_close(plain.eval()(x), net(x))
+
+
 def test_a_forward_that_depends_on_the_training_flag_is_not_rewritten():
     class Flagged(VBlock):
         def forward(self, x):

@@ -86,6 +86,7 @@ class _Tracer(torch.fx.Tracer):
         self.calls: dict[str, int] = {}
         self.returns: dict[torch.fx.Node, list[str]] = {}  # node -> modules returning it (innermost first)
         self.takes: dict[str, torch.fx.Node] = {}  # module -> its first input
+        self.fixed: dict[str, dict] = {"": {}}  # module -> its first call's arguments that are not traced tensors
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         # A batch norm fused with its activation (timm's BatchNormAct2d) is traced through, so that
@@ -99,6 +100,8 @@ class _Tracer(torch.fx.Tracer):
         self.calls[name] = self.calls.get(name, 0) + 1
         if args and isinstance(args[0], torch.fx.Proxy):
             self.takes.setdefault(name, args[0].node)
+        if name not in self.fixed:
+            self.fixed[name] = _taps.fixed_arguments(m, args, kwargs)
         out = super().call_module(m, forward, args, kwargs)
         if isinstance(out, torch.fx.Proxy):
             self.returns.setdefault(out.node, []).append(name)
@@ -107,8 +110,18 @@ class _Tracer(torch.fx.Tracer):
 
 def _trace(model: nn.Module):
     tracer = _Tracer()
-    graph = tracer.trace(model, concrete_args=_taps.defaults(model))  # the forward as it is called: defaults
+    tracer.fixed[""] = _taps.defaults(model)  # the model is called with its input alone
+    graph = tracer.trace(model, concrete_args=tracer.fixed[""])
     return tracer, graph
+
+
+def calls(model: nn.Module) -> dict[str, dict]:
+    """Each module's fixed arguments in ``model``'s trace (what :mod:`_taps` rewrites with); ValueError if it does not trace."""
+    try:
+        tracer, _ = _trace(model)
+    except Exception as exc:
+        raise ValueError(f"{type(model).__name__} does not trace with torch.fx ({type(exc).__name__})") from None
+    return tracer.fixed
 
 
 def _is(node, modules: tuple, funcs: set, methods: set, owner: nn.Module) -> bool:
@@ -145,12 +158,14 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
     Falls back to :func:`per_layer` when the model does not trace (logged).
     """
     _taps.split_silu_(model)
-    decomposed = _taps.prepare(model)
     try:
         tracer, graph = _trace(model)
+        decomposed = _taps.prepare(model, tracer.fixed)
+        if decomposed:  # trace again through the written-out attention
+            tracer, graph = _trace(model)
     except Exception as exc:  # data-dependent control flow, unsupported ops
-        for owner in decomposed:
-            _taps.restore(model.get_submodule(owner))
+        for owner, module in model.named_modules():
+            _taps.restore(module)
         log.info("activation quantizers: %s does not trace with torch.fx (%s); one per layer input",
                  type(model).__name__, type(exc).__name__)
         return per_layer(layer_names)
@@ -244,7 +259,7 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
         used.add(place[0])
         places.append(Place(place[0], place[1], feeds))
     for owner, tensors in untapped.items():
-        places.extend(_tapped(model, owner, tensors, nodes))
+        places.extend(_tapped(model, owner, tensors, nodes, tracer.fixed.get(owner, {})))
     for owner in decomposed:  # attention decomposed for taps that did not come: the library's kernel again
         if not any(p.module.startswith(f"{owner}.{_taps.PREFIX}" if owner else _taps.PREFIX) for p in places):
             _taps.restore(model.get_submodule(owner))
@@ -302,10 +317,10 @@ def _owner(t, readers, tracer: _Tracer) -> str | None:
     return owner
 
 
-def _tapped(model: nn.Module, owner: str, tensors, nodes) -> list[Place]:
+def _tapped(model: nn.Module, owner: str, tensors, nodes, fixed: dict) -> list[Place]:
     """Rewrite ``owner``'s forward with a tap after each tensor's op (``core/_taps.py``); their places."""
     module = model.get_submodule(owner)
-    local = _taps.trace_ops(module)
+    local = _taps.trace_ops(module, fixed)
     if local is None:
         return []
     prefix = f"{owner}." if owner else ""
@@ -324,6 +339,6 @@ def _tapped(model: nn.Module, owner: str, tensors, nodes) -> list[Place]:
         picked.append((theirs[same.index(t)].name, feeds))
     if not picked:
         return []
-    children = _taps.tap_(module, [name for name, _ in picked])
+    children = _taps.tap_(module, [name for name, _ in picked], fixed)
     return [Place(prefix + child, OUTPUT, feeds) for child, (_, feeds) in zip(children, picked)]
 

@@ -89,17 +89,49 @@ class _ChildrenAsLeaves(torch.fx.Tracer):
 
 
 def defaults(module: nn.Module) -> dict:
-    """The arguments of ``module``'s (class) forward that have defaults: a trace takes them as given."""
-    params = list(inspect.signature(type(module).forward).parameters.values())[1:]
-    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty
-            and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    """The arguments of ``module``'s (class) forward that have defaults (the model itself is called with none)."""
+    return fixed_arguments(module, (), {})
 
 
-def _trace(owner: nn.Module) -> torch.fx.Graph | None:
-    """``owner``'s forward as a graph of its own ops and child calls; None when it depends on the training flag."""
+def fixed_arguments(module: nn.Module, args: tuple, kwargs: dict) -> dict:
+    """The defaulted arguments of one call of ``module`` that are not tensors of the trace: name → value.
+
+    A trace takes these as given (an attention mask left at None, say); an
+    argument that receives a traced tensor (``torch.fx.Proxy``) stays an input.
+    """
+    signature = inspect.signature(type(module).forward)
+    try:
+        bound = signature.bind(module, *args, **kwargs).arguments
+    except TypeError:
+        bound = {}
+    out = {}
+    for p in list(signature.parameters.values())[1:]:
+        if p.default is inspect.Parameter.empty or p.kind not in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+            continue
+        value = bound.get(p.name, p.default)
+        if not _traced(value):
+            out[p.name] = value
+    return out
+
+
+def _traced(value) -> bool:
+    if isinstance(value, torch.fx.Proxy):
+        return True
+    if isinstance(value, (tuple, list)):
+        return any(_traced(v) for v in value)
+    if isinstance(value, dict):
+        return any(_traced(v) for v in value.values())
+    return False
+
+
+def _trace(owner: nn.Module, fixed: dict) -> torch.fx.Graph | None:
+    """``owner``'s forward as a graph of its own ops and child calls, ``fixed`` arguments given.
+
+    None when it does not trace or depends on the training flag.
+    """
     if _GRAPH in owner.__dict__:  # rewritten before (attention decomposed): go on from that graph
         return copy.deepcopy(owner.__dict__[_GRAPH])
-    concrete = defaults(owner)
+    concrete = dict(fixed)
     was = owner.training
     codes, graphs = [], []
     try:
@@ -121,12 +153,12 @@ def _trace(owner: nn.Module) -> torch.fx.Graph | None:
     return graphs[0]
 
 
-def _bind(owner: nn.Module, graph: torch.fx.Graph) -> None:
+def _bind(owner: nn.Module, graph: torch.fx.Graph, fixed: dict) -> None:
     """Make ``graph`` ``owner``'s forward (an instance attribute; the class is untouched).
 
-    The graph was traced with the forward's defaulted arguments fixed; the
-    new forward takes the class's signature and refuses other values for them
-    (an attention mask, say), which the rewrite did not see.
+    The graph was traced with the ``fixed`` arguments given; the new forward
+    takes the class's signature and refuses other values for them (an
+    attention mask where the trace saw none, say), which the rewrite did not see.
     """
     graph.lint()
     gm = torch.fx.GraphModule(owner, graph, class_name=type(owner).__name__)
@@ -135,13 +167,12 @@ def _bind(owner: nn.Module, graph: torch.fx.Graph) -> None:
             owner.register_buffer(node.target, getattr(gm, node.target), persistent=False)
     generated = type(gm).forward
     signature = inspect.signature(type(owner).forward)
-    fixed = defaults(owner)
     free = [k for k in list(signature.parameters)[1:] if k not in fixed]
 
     def forward(self, *args, **kwargs):
         bound = signature.bind(self, *args, **kwargs)
         for k, d in fixed.items():
-            v = bound.arguments.get(k, d)
+            v = bound.arguments.get(k, signature.parameters[k].default)
             if not (v is d or (type(v) in (bool, int, float, str) and v == d)):
                 raise ValueError(f"{type(self).__name__} was rewritten for activation quantizers with {k}={d!r}; "
                                  f"it cannot take {k}={v!r}")
@@ -188,9 +219,11 @@ def _decompose(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     graph.erase_node(node)
 
 
-def prepare(model: nn.Module, owners: set[str] | None = None) -> list[str]:
+def prepare(model: nn.Module, calls: dict[str, dict], owners: set[str] | None = None) -> list[str]:
     """Decompose ``scaled_dot_product_attention`` in every module (or those of ``owners``) that calls it.
 
+    ``calls``: each module's fixed arguments (:func:`fixed_arguments` of its
+    one call in the model's trace); a module not in it is not rewritten.
     Returns the modules rewritten. Only attention without mask, dropout or
     causal flag, in a forward that does not depend on the training flag.
     """
@@ -198,9 +231,9 @@ def prepare(model: nn.Module, owners: set[str] | None = None) -> list[str]:
     for name, module in model.named_modules():
         if owners is not None and name not in owners:
             continue
-        if not _calls_sdpa(module):
+        if name not in calls or not _calls_sdpa(module):
             continue
-        graph = _trace(module)
+        graph = _trace(module, calls[name])
         if graph is None:
             continue
         nodes = [n for n in graph.nodes if _decomposable(n)]
@@ -208,15 +241,15 @@ def prepare(model: nn.Module, owners: set[str] | None = None) -> list[str]:
             continue
         for n in nodes:
             _decompose(graph, n)
-        _bind(module, graph)
+        _bind(module, graph, calls[name])
         done.append(name)
     return done
 
 
 def restore(owner: nn.Module) -> None:
     """Undo a rewrite: ``owner`` runs its class's forward again (its taps, if any, no longer run)."""
-    owner.__dict__.pop("forward", None)
-    owner.__dict__.pop(_GRAPH, None)
+    if owner.__dict__.pop(_GRAPH, None) is not None:
+        owner.__dict__.pop("forward", None)
 
 
 def rewritten(owner: nn.Module) -> bool:
@@ -240,19 +273,19 @@ def ops(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if n.op in OPS]
 
 
-def trace_ops(owner: nn.Module) -> list[torch.fx.Node] | None:
+def trace_ops(owner: nn.Module, fixed: dict) -> list[torch.fx.Node] | None:
     """:func:`ops` of ``owner``'s own trace, or None where it cannot be rewritten."""
-    graph = _trace(owner)
+    graph = _trace(owner, fixed)
     return None if graph is None else ops(graph)
 
 
-def tap_(owner: nn.Module, nodes: list[str]) -> list[str]:
+def tap_(owner: nn.Module, nodes: list[str], fixed: dict) -> list[str]:
     """Put a :class:`Tap` after each named node of ``owner``'s own trace; returns the taps' child names.
 
     Raises ``ValueError`` when a node is not in the trace (a model that is
     not the one the names were taken from).
     """
-    graph = _trace(owner)
+    graph = _trace(owner, fixed)
     if graph is None:
         raise ValueError(f"{type(owner).__name__}'s forward cannot be rewritten (it depends on the training flag)")
     by_name = {n.name: n for n in ops(graph)}
@@ -270,6 +303,6 @@ def tap_(owner: nn.Module, nodes: list[str]) -> list[str]:
             tap = graph.call_module(child, (node,))
         node.replace_all_uses_with(tap, delete_user_cb=lambda u, t=tap: u is not t)
         names.append(child)
-    _bind(owner, graph)
+    _bind(owner, graph, fixed)
     return names
 

@@ -436,9 +436,10 @@ def freeze_into(model: nn.Module, entries: Iterable[dict]) -> None:
         if child.startswith(_taps.PREFIX):
             taps.setdefault(owner, []).append(child[len(_taps.PREFIX):])
     if taps:
-        _taps.prepare(model, set(taps))
+        fixed = _act_places.calls(model)
+        _taps.prepare(model, fixed, set(taps))
         for owner, ops in taps.items():
-            _taps.tap_(model.get_submodule(owner), ops)
+            _taps.tap_(model.get_submodule(owner), ops, fixed.get(owner, {}))
     for e in entries:
         at = e.get("at") or INPUT
         feeds = e.get("feeds")
