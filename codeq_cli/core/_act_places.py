@@ -10,6 +10,10 @@ quantized"):
   (batch norm, ReLU/ReLU6, identity, dropout): QLinearConv writes 8 bits;
 * both **inputs of every residual add** (the block's branch and its shortcut)
   and the **add's output** (after a following ReLU): QLinearAdd;
+* both inputs of every **matmul of two activations** (attention; written out
+  from ``scaled_dot_product_attention`` by ``core/_taps.py``): MatMulIntegerToFloat;
+* both inputs and the output of every **product with a sigmoid** (SiLU, split
+  into ``x · σ(x)``, and squeeze-excitation gates): QLinearSigmoid, QLinearMul;
 * nothing after value-preserving ops (max-pool, reshape, flatten, permute,
   identity): a quantized tensor stays on its grid through them, and the
   runtime moves the quantization across them (so the stem is quantized
@@ -21,9 +25,10 @@ forward traces: timm and torchvision ResNets, MobileNets, EfficientNets,
 ConvNeXt, ViT), not from a per-architecture list. A quantizer is put on a
 *module*: on the input of the one module that reads the tensor (the quantized
 layer, as before), else on the output of a module that returns it, else on the
-input of a module that holds all its readers. A module called more than once carries
-none. A model that does not trace keeps one quantizer per layer input (the
-module-structure fallback).
+input of a module that holds all its readers, else on a *tap* in the rewritten
+forward of the module that computes it (``core/_taps.py``). A module called more
+than once carries none. A model that does not trace keeps one quantizer per layer
+input (the module-structure fallback).
 """
 
 from __future__ import annotations
