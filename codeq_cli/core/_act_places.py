@@ -169,7 +169,7 @@ def find(model: nn.Module, layer_names: list[str]) -> list[Place]:
         if decomposed:  # trace again through the written-out attention
             tracer, graph = _trace(model)
     except Exception as exc:  # data-dependent control flow, unsupported ops
-        for owner, module in model.named_modules():
+        for module in model.modules():  # undo any attention written out before the failure
             _taps.restore(module)
         log.info("activation quantizers: %s does not trace with torch.fx (%s); one per layer input",
                  type(model).__name__, type(exc).__name__)
