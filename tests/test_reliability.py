@@ -291,7 +291,9 @@ def test_a_second_ctrl_c_stops_at_once(data, tmp_path):
         stderr = "\n".join(seen) + "\n" + rest
         if "the run state is saved" not in stderr:
             break
-    assert proc.returncode == 130, stderr
+    # 130 from sys.exit, or death by the SIGINT itself (-2 here), which a shell reports as 130 too: seen once
+    # in ~10 clean-clone runs on a quiet machine, after the one error line below was printed
+    assert proc.returncode in (130, -signal.SIGINT), stderr
     assert "Traceback" not in stderr
     [line] = error_lines(stderr)
     assert "stopped at once" in line and "--resume" in line
