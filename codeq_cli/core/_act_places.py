@@ -325,9 +325,10 @@ def _owner(t, readers, tracer: _Tracer) -> str | None:
 def _tapped(model: nn.Module, owner: str, tensors, nodes, fixed: dict) -> list[Place]:
     """Rewrite ``owner``'s forward with a tap after each tensor's op (``core/_taps.py``); their places."""
     module = model.get_submodule(owner)
-    local = _taps.trace_ops(module, fixed)
-    if local is None:
+    graph = _taps.trace(module, fixed)  # one trace: matched here, then tapped
+    if graph is None:
         return []
+    local = _taps.ops(graph)
     prefix = f"{owner}." if owner else ""
 
     def kind(n, whole=True):  # a child call's target is relative to the owner in its own trace
@@ -344,6 +345,6 @@ def _tapped(model: nn.Module, owner: str, tensors, nodes, fixed: dict) -> list[P
         picked.append((theirs[same.index(t)].name, feeds))
     if not picked:
         return []
-    children = _taps.tap_(module, [name for name, _ in picked], fixed)
+    children = _taps.tap_(module, [name for name, _ in picked], fixed, graph)
     return [Place(prefix + child, OUTPUT, feeds) for child, (_, feeds) in zip(children, picked)]
 

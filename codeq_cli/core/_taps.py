@@ -124,7 +124,7 @@ def _traced(value) -> bool:
     return False
 
 
-def _trace(owner: nn.Module, fixed: dict) -> torch.fx.Graph | None:
+def trace(owner: nn.Module, fixed: dict) -> torch.fx.Graph | None:
     """``owner``'s forward as a graph of its own ops and child calls, ``fixed`` arguments given.
 
     None when it does not trace or depends on the training flag.
@@ -184,18 +184,21 @@ def _bind(owner: nn.Module, graph: torch.fx.Graph, fixed: dict) -> None:
 
 def _has(owner: nn.Module, target: str) -> bool:
     try:
-        obj = owner
-        for part in target.split("."):
-            obj = getattr(obj, part)
+        operator.attrgetter(target)(owner)
         return True
     except AttributeError:
         return False
 
 
+def _sdpa_options(node: torch.fx.Node) -> dict:
+    """``scaled_dot_product_attention``'s arguments after q, k, v, by name."""
+    return dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), node.args[3:]), **node.kwargs)
+
+
 def _decomposable(node: torch.fx.Node) -> bool:
     if node.op != "call_function" or node.target not in _SDPA or len(node.args) < 3:
         return False
-    kw = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), node.args[3:]), **node.kwargs)
+    kw = _sdpa_options(node)
     scale = kw.get("scale")
     return (kw.get("attn_mask") is None and not kw.get("dropout_p") and not kw.get("is_causal")
             and not kw.get("enable_gqa") and (scale is None or isinstance(scale, (int, float))))
@@ -204,9 +207,8 @@ def _decomposable(node: torch.fx.Node) -> bool:
 def _decompose(graph: torch.fx.Graph, node: torch.fx.Node) -> None:
     """Replace ``scaled_dot_product_attention(q, k, v)`` by ``softmax((q·s) @ kᵀ, -1) @ v``, s = 1/√d by default."""
     q, k, v = node.args[:3]
-    kw = dict(zip(("attn_mask", "dropout_p", "is_causal", "scale"), node.args[3:]), **node.kwargs)
     with graph.inserting_before(node):
-        scale = kw.get("scale")
+        scale = _sdpa_options(node).get("scale")
         if scale is None:
             d = graph.call_method("size", (q, -1))
             scale = graph.call_function(operator.pow, (d, -0.5))
@@ -233,7 +235,7 @@ def prepare(model: nn.Module, calls: dict[str, dict], owners: set[str] | None = 
             continue
         if name not in calls or not _calls_sdpa(module):
             continue
-        graph = _trace(module, calls[name])
+        graph = trace(module, calls[name])
         if graph is None:
             continue
         nodes = [n for n in graph.nodes if _decomposable(n)]
@@ -252,11 +254,6 @@ def restore(owner: nn.Module) -> None:
         owner.__dict__.pop("forward", None)
 
 
-def rewritten(owner: nn.Module) -> bool:
-    """Whether ``owner``'s forward is a rewrite (:func:`prepare` or :func:`tap_`)."""
-    return _GRAPH in owner.__dict__
-
-
 def _calls_sdpa(module: nn.Module) -> bool:
     """Whether the source of ``module``'s forward names scaled_dot_product_attention (a cheap filter)."""
     try:
@@ -273,19 +270,14 @@ def ops(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     return [n for n in graph.nodes if n.op in OPS]
 
 
-def trace_ops(owner: nn.Module, fixed: dict) -> list[torch.fx.Node] | None:
-    """:func:`ops` of ``owner``'s own trace, or None where it cannot be rewritten."""
-    graph = _trace(owner, fixed)
-    return None if graph is None else ops(graph)
-
-
-def tap_(owner: nn.Module, nodes: list[str], fixed: dict) -> list[str]:
+def tap_(owner: nn.Module, nodes: list[str], fixed: dict, graph: torch.fx.Graph | None = None) -> list[str]:
     """Put a :class:`Tap` after each named node of ``owner``'s own trace; returns the taps' child names.
 
+    ``graph``: that trace, when the caller has it already (:func:`trace`).
     Raises ``ValueError`` when a node is not in the trace (a model that is
     not the one the names were taken from).
     """
-    graph = _trace(owner, fixed)
+    graph = trace(owner, fixed) if graph is None else graph
     if graph is None:
         raise ValueError(f"{type(owner).__name__}'s forward cannot be rewritten (it depends on the training flag)")
     by_name = {n.name: n for n in ops(graph)}
