@@ -204,7 +204,8 @@ def runs() -> dict[str, dict]:
     for t in (10, 3):  # the recovery phase at the other targets
         out[f"bops{t}-recover"] = {"target_bops": float(t), "overrides": ["budget_recover_lr=1e-3"]}
     # the recovery phase with a longer hold: the target reached at 30% of the steps instead of 60%
-    out["bops5-recover-ramp0.3"] = {"target_bops": 5.0, "overrides": ["budget_recover_lr=1e-3", "budget_ramp=0.3"]}
+    for t in (10, 5):
+        out[f"bops{t}-recover-ramp0.3"] = {"target_bops": float(t), "overrides": ["budget_recover_lr=1e-3", "budget_ramp=0.3"]}
     for spec in out.values():  # a name without "recover" runs the schedule it was measured with: none
         ov = spec.setdefault("overrides", [])
         if "target_bops" in spec and not any(o.startswith("budget_recover_lr=") for o in ov):

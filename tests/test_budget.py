@@ -85,6 +85,25 @@ def test_controller_converges_without_oscillating_and_holds(target, rates):
     assert thetas[4] < thetas[0] and thetas[5] < thetas[7]
 
 
+def test_a_plan_over_a_short_log_distance_is_followed_as_closely_as_a_long_one():
+    # 8-bit activations start a BOPs budget at about 6% of FP32: a 5% target is 0.19 of log distance away (the
+    # stand-in: 24.75 → 20.5). Counted in log units, the lag (4% at the end of 138 steps, as measured on
+    # EfficientNet-Lite0: 5.18% for 5%) never lifted k·e to the cap; counted in the plan's own distance it does.
+    c, history, _ = standin(20.5, steps=138)
+    assert c.unit == pytest.approx(math.log(c.start / 20.5)) and c.unit < 0.2
+    at = {s: f for s, f, _ in history}
+    assert at[c.ramp_end] <= 20.5 * 1.02 and abs(history[-1][1] / 20.5 - 1) <= 0.005
+    old, hist_old, _ = standin(20.5, steps=138, unit_min=1.0)  # the rule before: the error in log units
+    assert old.unit == 1.0 and hist_old[-1][1] >= 20.5 * 1.03
+    # by hand: the error counts in the plan's distance, the pressure's move and the shares follow it
+    d = Controller(BOPS, target=5.0, start=6.0, total_steps=100, ramp=0.5, every=5)
+    d.update(50, 5.2, [1.0])
+    e = math.log(5.2 / 5.0) / math.log(6.0 / 5.0)
+    assert 20 * e > 4.0 and d.boost == 8.0  # 4% above a 20% plan is past the cap: it doubles
+    assert d.down == pytest.approx(20 * e) and d.u == pytest.approx(min(0.25, 0.5 * e))
+    assert Controller(BOPS, target=5.0, start=5.0, total_steps=100).unit == 0.1  # floored: no division by zero
+
+
 def test_a_short_run_follows_the_plan_because_the_cap_on_compressing_steps_adapts():
     # 60 steps: the logits' learning rate alone (cap 4) leaves the figure at 2.4x the target when the ramp ends.
     fixed, hist_fixed, _ = standin(8.0, steps=60, boost_max=4.0)
