@@ -203,6 +203,8 @@ def runs() -> dict[str, dict]:
         out[f"bops5-{name}"] = {"target_bops": 5.0, "overrides": ov}
     for t in (10, 3):  # the recovery phase at the other targets
         out[f"bops{t}-recover"] = {"target_bops": float(t), "overrides": ["budget_recover_lr=1e-3"]}
+    for t in (10, 5, 3):  # 8-bit activations as the recipes run now: recovery, the controller's short-plan unit
+        out[f"bops{t}-act8-recover"] = {"target_bops": float(t), "overrides": ["act_bits=8", "budget_recover_lr=1e-3"]}
     # the recovery phase with a longer hold: the target reached at 30% of the steps instead of 60%
     for t in (10, 5):
         out[f"bops{t}-recover-ramp0.3"] = {"target_bops": float(t), "overrides": ["budget_recover_lr=1e-3", "budget_ramp=0.3"]}
