@@ -206,6 +206,7 @@ def runs() -> dict[str, dict]:
     for t in (10, 5, 3):  # 8-bit activations as the recipes run now: recovery, the controller's short-plan unit
         out[f"bops{t}-act8-recover"] = {"target_bops": float(t), "overrides": ["act_bits=8", "budget_recover_lr=1e-3"]}
     # the recovery phase with a longer hold: the target reached at 30% of the steps instead of 60%
+    out["bops10-recover-nodistill"] = {"target_bops": 10.0, "overrides": ["budget_recover_lr=1e-3", "distill_weight=0"]}
     for t in (10, 5):
         out[f"bops{t}-recover-ramp0.3"] = {"target_bops": float(t), "overrides": ["budget_recover_lr=1e-3", "budget_ramp=0.3"]}
     for spec in out.values():  # a name without "recover" runs the schedule it was measured with: none
