@@ -260,6 +260,62 @@ def test_the_trim_lands_in_tolerance_and_prunes_first_where_a_weight_costs_most(
         assert sparsity[0] == sparsity[1]
 
 
+def _trim_pair(seed: int = 0):
+    from codeq_cli.core.act_quant import FrozenActQuantizer, attach
+    from codeq_cli.core.insert import quantize_, quantized_weights
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 64, bias=False), nn.Linear(64, 96, bias=False))
+    quantize_(model, bits=4, init_dz=2.0)
+    attach(model[0], FrozenActQuantizer(8, False, 0.1), name="0")  # layer 0's weights cost twice layer 1's
+    attach(model[1], FrozenActQuantizer(4, False, 0.1), name="1")
+    return model, {"0": 4096, "1": 6144}, list(quantized_weights(model))
+
+
+def test_the_trim_down_zeroes_the_lowest_scored_kept_weights_and_moves_no_level():
+    """Too costly: the weights of lowest (w/rms)²/C_ℓ among the kept ones become 0, and nothing else moves:
+    θ_dz, R and every other weight's dequantized value are what they were (the dead-zone trim respaced them)."""
+    from codeq_cli.train.measure import rel_bops
+    from codeq_cli.train.trim import trim
+
+    model, macs, qws = _trim_pair()
+    w0 = [qw.original.detach().clone() for qw in qws]
+    deq0 = [qw.quantizer(qw.original).detach().clone() for qw in qws]
+    theta0 = [float(qw.quantizer.theta_dz.detach()) for qw in qws]
+    R0 = [float(qw.quantizer.absmax(qw.original)) for qw in qws]
+    start = rel_bops(model, macs)
+    report = trim(model, macs, BOPS_FIGURE, 0.7 * start, lambda: rel_bops(model, macs))
+    assert report["trimmed"] and report["direction"] == "down" and 0.7 * start * 0.97 <= report["after"] <= 0.7 * start
+    cut, kept = [], []
+    for i, qw in enumerate(qws):
+        w = qw.original.detach()
+        assert float(qw.quantizer.theta_dz.detach()) == theta0[i] and float(qw.quantizer.absmax(w)) == R0[i]
+        zeroed = (w == 0) & (w0[i] != 0)
+        deq = qw.quantizer(w).detach()
+        assert torch.equal(deq[~zeroed], deq0[i][~zeroed])  # every other weight keeps its level exactly
+        assert torch.all(deq[zeroed] == 0) and torch.all(deq0[i][zeroed] != 0)  # only kept weights were cut
+        # the score by hand: the share of the layer's energy over the cost of one of its weights
+        cost = 4 * (8 if i == 0 else 4) * macs[str(i)]
+        score = (w0[i].abs() / w0[i].square().mean().sqrt()).square() / cost
+        cut.append(score[zeroed])
+        kept.append(score[(deq0[i] != 0) & ~zeroed & (w0[i].abs() < R0[i] * 0.9)])
+    assert report["weights_changed"] == sum(c.numel() for c in cut) > 0
+    assert float(torch.cat(cut).max()) <= float(torch.cat(kept).min())  # lowest first, over both layers
+
+
+def test_the_trim_up_relaxes_the_dead_zones_to_land_in_tolerance():
+    from codeq_cli.train.measure import rel_bops
+    from codeq_cli.train.trim import trim
+
+    model, macs, qws = _trim_pair()
+    for qw in qws:  # far too cheap: most weights in the dead zones
+        qw.quantizer.theta_dz.data.fill_(0.3)
+    start = rel_bops(model, macs)
+    report = trim(model, macs, BOPS_FIGURE, 2 * start, lambda: rel_bops(model, macs))
+    assert report["direction"] == "up" and 2 * start * 0.97 <= report["after"] <= 2 * start
+    assert all(float(qw.quantizer.theta_dz.detach()) > 0.3 for qw in qws) and report["weights_changed"] > 0
+
+
 # -- end to end ------------------------------------------------------------------------------------------
 def _common(data: Path, **kw) -> dict:
     base = dict(model="timm:test_resnet", data=data, pretrained=False, num_classes=3, img_size=32, workers=0,

@@ -1,10 +1,10 @@
-"""The final trim: dead zones moved so that the figure lands just under the target.
+"""The final trim: the figure moved so that it lands just under the target.
 
 ``docs/method.md``, "Compressing to a budget" (codeq's extension). Online
 control leaves the figure near the target, not within a guaranteed ±3%: the
 figure is a step function of the codes and the weights keep moving. After
-training, the trim sets the dead-zone logits deterministically so that the
-figure lies in ``[target·(1 − 3%), target]``, aiming at ``target·(1 − 0.5%)``.
+training, the trim brings it into ``[target·(1 − 3%), target]``, aiming at
+``target·(1 − 0.5%)``.
 
 Each weight gets a score ``(w² / ‖w_ℓ‖²) / (C_ℓ / n_ℓ)``: the share of its
 layer's energy it carries (the layer's relative error if it is pruned) over
@@ -15,23 +15,36 @@ constant that is ``(w/rms_ℓ)² / C_ℓ``. (A first version divided by the
 layer's range ``R_ℓ²`` and by the cost per weight instead; on the demo it
 pruned the early, high-resolution convolutions, whose few weights each cost
 many MACs, to 99% and lost 70 points: per weight they looked cheap.)
-A layer's current dead zone corresponds to a score ``σ_ℓ``. Trimming down (too
-costly) raises every ``σ_ℓ`` below a global level ``τ`` to ``τ``, so the layers
-where pruning is cheapest give first; trimming up (too cheap) lowers every
-``σ_ℓ`` above ``τ`` to ``τ``. ``τ`` runs over the sorted scores and is found by
+
+Too costly (the usual case: the controller lags a little): the kept weights
+of lowest score are set to zero, the fewest that land the figure, found by
 bisection on the exact figure (codes encoded, BOPs counted, or bytes coded).
-Only ``θ_dz`` changes: ``θ_dz = atanh(1 − t/R)`` for the threshold ``t``.
+Nothing else moves: not ``θ_dz``, not the range ``R`` (only weights below
+the order statistic that ``R`` is taken from are candidates), so every other
+weight keeps its level. (Until 2026-12-07 the trim raised the layers' dead
+zones instead, which pruned the same weights but also respaced every level
+of each layer it touched, ``s = (R − d/2)/(Q − 1/2)``: 0.1% of the weights
+pruned that way took top-1 from 76.0% to 69.2% before batch-norm
+re-estimation and cost 1.3 points after it; ``docs/transfer.md``.)
+
+Too cheap (the controller overshot): a weight once pruned carries no
+information to restore, so the dead zones are lowered: a layer's dead zone
+corresponds to a score ``σ_ℓ``; every ``σ_ℓ`` above a global level ``τ`` is
+lowered to ``τ`` (``θ_dz = atanh(1 − t/R)`` for the threshold ``t``), ``τ``
+found by bisection on the exact figure.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from codeq_cli.core.act_quant import act_bits
+from codeq_cli.core._select import quantile_rank
 from codeq_cli.core.bops import A_BITS
 from codeq_cli.core.insert import quantized_weights
 from codeq_cli.train.budget import Figure
@@ -42,7 +55,7 @@ AIM = 0.995  # land half a percent under the target
 @torch.no_grad()
 def trim(model: nn.Module, macs: dict[str, int], kind: Figure, target: float, figure: Callable[[], float], *,
          tolerance: float = 0.03, aim: float = AIM) -> dict:
-    """Move the dead zones of ``model`` until ``figure()`` lies in ``[target·(1 − tolerance), target]``.
+    """Prune (or relax dead zones) until ``figure()`` lies in ``[target·(1 − tolerance), target]``.
 
     ``kind`` is the figure trimmed (BOPs or the file's bytes): it prices each layer's weights.
     Returns what was done: the figure before and after, the direction, and how
@@ -53,7 +66,27 @@ def trim(model: nn.Module, macs: dict[str, int], kind: Figure, target: float, fi
     if target * (1 - tolerance) <= before <= target:
         return report
     down = before > target
-    layers = []
+    layers = _layers(model, macs, kind)
+    if not layers:
+        return report
+    changed = (_prune_lowest if down else _relax_dead_zones)(layers, figure, target * aim)
+    report.update(trimmed=True, after=figure(), direction="down" if down else "up", weights_changed=changed)
+    return report
+
+
+@dataclass
+class _Layer:
+    qz: nn.Module  # the layer's weight quantizer
+    w: torch.Tensor  # its float weight (the parameter itself)
+    mags: torch.Tensor  # |w| sorted, float64 on the CPU
+    R: float
+    half: float  # the dead zone's half-width d/2: |w| ≤ half is pruned
+    cost: float  # the layer's dense cost C_ℓ
+    rms: float
+
+
+def _layers(model: nn.Module, macs: dict[str, int], kind: Figure) -> list[_Layer]:
+    out = []
     abits = act_bits(model)
     for qw in quantized_weights(model):
         qz, w = qw.quantizer, qw.original.detach()
@@ -62,49 +95,93 @@ def trim(model: nn.Module, macs: dict[str, int], kind: Figure, target: float, fi
         if R <= 0:
             continue
         _, d, _, _ = qz._scalars(R_t, w.dtype)
-        bits = int(qz.bit_width())
-        cost = kind.layer_cost(bits, abits.get(qw.name, A_BITS), macs.get(qw.name, 0), w.numel())
+        cost = kind.layer_cost(int(qz.bit_width()), abits.get(qw.name, A_BITS), macs.get(qw.name, 0), w.numel())
         if cost <= 0:
             continue
         mags = w.abs().reshape(-1).double().cpu().sort().values
-        rms = float(mags.square().mean().sqrt()) or R
-        sigma0 = (min(float(d) / 2, R) / rms) ** 2 / cost
-        layers.append((qz, mags, R, cost, sigma0, float(qz.theta_dz), int((mags <= float(d) / 2).sum()), rms))
-    if not layers:
-        return report
-    # Every weight up to its layer's range R (beyond it the dead zone cannot reach).
-    scores = torch.cat([(m[m <= R] / rms).square() / c for _, m, R, c, _, _, _, rms in layers]).sort().values
+        out.append(_Layer(qz, w, mags, R, float(d) / 2, cost, float(mags.square().mean().sqrt()) or R))
+    return out
 
-    def apply(tau: float) -> None:
-        for qz, mags, R, cost, sigma0, theta0, _, rms in layers:
-            sigma = max(sigma0, tau) if down else min(sigma0, tau)
-            if sigma == sigma0:
-                qz.theta_dz.fill_(theta0)
-                continue
-            limit = min(R, rms * math.sqrt(sigma * cost))
-            # the threshold halfway between the last weight to prune and the next one
-            k = int(torch.searchsorted(mags, torch.tensor(limit, dtype=mags.dtype), right=True))
-            lo = float(mags[k - 1]) if k > 0 else 0.0
-            hi = float(mags[k]) if k < len(mags) else R
-            t = min(R, 0.5 * (lo + hi) if k < len(mags) else R)
-            qz.set_threshold(t, R)
 
-    goal = target * aim
-    # g(i) = figure with τ = scores[i]; decreasing in i in both directions. Find the smallest i with g ≤ goal.
-    # If even the last score misses the goal, the bisection ends there: the most it can do.
-    lo, hi = 0, len(scores) - 1
+def _smallest(n: int, good: Callable[[int], bool]) -> int:
+    """The smallest ``i`` in ``[0, n]`` with ``good(i)`` (``good`` monotone; ``n`` when none is)."""
+    lo, hi = 0, n
     while lo < hi:
         mid = (lo + hi) // 2
-        apply(float(scores[mid]))
-        if figure() <= goal:
+        if good(mid):
             hi = mid
         else:
             lo = mid + 1
-    apply(float(scores[hi]))
-    after = figure()
+    return lo
+
+
+def _prune_lowest(layers: list[_Layer], figure: Callable[[], float], goal: float) -> int:
+    """Zero the kept weights of lowest score, the fewest that bring ``figure()`` to ``goal``; returns how many.
+
+    Candidates are the kept weights (``|w| > d/2``) strictly below the order
+    statistic ``R`` is interpolated from: zeroing them leaves every larger
+    weight's rank, hence ``R``, ``s``, ``δ`` and every other level, unchanged.
+    """
+    places, values, scores = [], [], []
+    for layer in layers:
+        n, q = layer.mags.numel(), float(layer.qz.quantile)
+        below = min(quantile_rank(n, q)[0], quantile_rank(n, q, True)[0])  # the rank as on the CPU or off it
+        a = float(layer.mags[below])
+        m = layer.w.abs()
+        where = ((m > layer.half) & (m < a)).nonzero(as_tuple=True)
+        places.append(where)
+        values.append(layer.w[where].clone())
+        scores.append((values[-1].abs().double().cpu() / layer.rms).square() / layer.cost)
+    levels = torch.cat(scores).unique()  # sorted; weights of equal score go together
+
+    def apply(tau: float) -> int:
+        n = 0
+        for layer, where, v, sc in zip(layers, places, values, scores):
+            cut = sc <= tau
+            n += int(cut.sum())
+            layer.w.index_put_(where, torch.where(cut.to(v.device), torch.zeros_like(v), v))
+        return n
+
+    def fits(i: int) -> bool:
+        apply(float(levels[i]))
+        return figure() <= goal
+
+    if not levels.numel():
+        return 0
+    return apply(float(levels[min(_smallest(levels.numel(), fits), levels.numel() - 1)]))
+
+
+def _relax_dead_zones(layers: list[_Layer], figure: Callable[[], float], goal: float) -> int:
+    """Lower every layer's dead-zone score above a level τ to τ: the lowest τ whose figure stays at most ``goal``."""
+    base = []
+    for layer in layers:
+        sigma0 = (min(layer.half, layer.R) / layer.rms) ** 2 / layer.cost
+        base.append((sigma0, float(layer.qz.theta_dz), int((layer.mags <= layer.half).sum())))
+    # every weight up to its layer's range R (beyond it the dead zone cannot reach)
+    scores = torch.cat([(l.mags[l.mags <= l.R] / l.rms).square() / l.cost for l in layers]).sort().values
+
+    def apply(tau: float) -> None:
+        for layer, (sigma0, theta0, _) in zip(layers, base):
+            if tau >= sigma0:
+                layer.qz.theta_dz.fill_(theta0)
+                continue
+            limit = min(layer.R, layer.rms * math.sqrt(tau * layer.cost))
+            # the threshold halfway between the last weight to prune and the next one
+            k = int(torch.searchsorted(layer.mags, torch.tensor(limit, dtype=layer.mags.dtype), right=True))
+            lo = float(layer.mags[k - 1]) if k > 0 else 0.0
+            hi = float(layer.mags[k]) if k < len(layer.mags) else layer.R
+            layer.qz.set_threshold(min(layer.R, 0.5 * (lo + hi) if k < len(layer.mags) else layer.R), layer.R)
+
+    # g(i) = the figure with τ = scores[i]: falling in i (a lower τ relaxes more). The smallest i with
+    # g(i) ≤ goal relaxes most without passing it; if every τ passes it, the last one (the least relaxed).
+    def fits(j: int) -> bool:
+        apply(float(scores[j]))
+        return figure() <= goal
+
+    i = min(_smallest(len(scores), fits), len(scores) - 1)
+    apply(float(scores[i]))
     changed = 0
-    for qz, mags, R, cost, sigma0, theta0, pruned0, _ in layers:
-        _, d, _, _ = qz._scalars(torch.tensor(R, dtype=torch.float32), torch.float32)
-        changed += abs(int((mags <= float(d) / 2).sum()) - pruned0)
-    report.update(trimmed=True, after=after, direction="down" if down else "up", weights_changed=changed)
-    return report
+    for layer, (_, _, pruned0) in zip(layers, base):
+        _, d, _, _ = layer.qz._scalars(torch.tensor(layer.R, dtype=torch.float32), torch.float32)
+        changed += abs(int((layer.mags <= float(d) / 2).sum()) - pruned0)
+    return changed
