@@ -303,6 +303,81 @@ def test_the_trim_down_zeroes_the_lowest_scored_kept_weights_and_moves_no_level(
     assert float(torch.cat(cut).max()) <= float(torch.cat(kept).min())  # lowest first, over both layers
 
 
+def test_with_fisher_information_the_trim_zeroes_what_costs_the_task_least_per_unit_of_the_figure():
+    from codeq_cli.train.measure import rel_bops
+    from codeq_cli.train.trim import trim
+
+    model, macs, qws = _trim_pair()
+    w0 = [qw.original.detach().clone() for qw in qws]
+    # layer 1's weights matter 100 times more to the task; in layer 0 only the first 16 rows are ever reached
+    F0 = torch.zeros(64, 64)
+    F0[:16] = 1.0
+    fisher = {"0": F0, "1": torch.full((96, 64), 100.0)}
+    asked = []
+    start = rel_bops(model, macs)
+    report = trim(model, macs, BOPS_FIGURE, 0.9 * start, lambda: rel_bops(model, macs),
+                  saliency=lambda: asked.append(1) or fisher)
+    assert asked == [1] and 0.9 * start * 0.97 <= report["after"] <= 0.9 * start
+    zeroed = [(qw.original.detach() == 0) & (w != 0) for qw, w in zip(qws, w0)]
+    assert not zeroed[1].any()  # the costly layer gives first, but layer 1's saliency protects it
+    n0 = int(zeroed[0].sum())
+    assert report["weights_changed"] == n0 and n0 > 0
+    # score F·w²·n/C: the unreached rows (F = 0) go first, smallest |w| first among them (the energy tiebreak)
+    unreached = w0[0][16:].abs()
+    kept = qws[0].quantizer(w0[0]).detach()[16:] != 0
+    if n0 <= int(kept.sum()):
+        assert not zeroed[0][:16].any()
+        cut = unreached[zeroed[0][16:]]
+        assert float(cut.max()) <= float(unreached[kept & ~zeroed[0][16:]].min())
+    # without it the same trim goes by energy alone and cuts reached weights too
+    model2, macs2, qws2 = _trim_pair()
+    trim(model2, macs2, BOPS_FIGURE, 0.9 * start, lambda: rel_bops(model2, macs2))
+    assert bool(((qws2[0].original.detach() == 0) & (w0[0] != 0))[:16].any())
+
+
+class _Pairs(torch.utils.data.Dataset):
+    """Images and labels indexed as the codeq loaders index: ``(index, sample seed)``."""
+
+    def __init__(self, x, y):
+        from codeq_cli.data.folders import FolderStats
+
+        self.x, self.y, self.stats = x, y, FolderStats("pairs", images=len(x))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, key):
+        i = key[0] if isinstance(key, tuple) else key
+        return self.x[i], self.y[i]
+
+
+def test_fisher_by_hand_sums_the_squared_gradients_of_each_batch():
+    from types import SimpleNamespace
+
+    from codeq_cli.core.insert import quantize_, quantized_weights
+    from codeq_cli.train.dist import DistInfo
+    from codeq_cli.train.saliency import fisher
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 3))
+    quantize_(model, bits=8, init_dz=3.0)
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    ctx = SimpleNamespace(info=DistInfo(), train_set=_Pairs(x, y), seed=0, workers=0,
+                          recipe=SimpleNamespace(epochs=1, amp=False))
+    model.train()
+    got = fisher(model, ctx, images=6, micro=1)  # one image a batch: the sum does not depend on the order
+    assert model.training  # its mode is given back
+    qw = next(iter(quantized_weights(model)))
+    w_hat = qw.quantizer(qw.original).detach()  # straight through: ∂L/∂w = ∂L/∂ŵ
+    by_hand = torch.zeros(3, 5)
+    for i in range(6):
+        p = torch.softmax(x[i] @ w_hat.T + model[0].bias.detach(), 0)
+        g = torch.outer(p - torch.nn.functional.one_hot(y[i], 3).float(), x[i])  # ∂CE/∂W = (p − e_y) xᵀ
+        by_hand += g.square()
+    torch.testing.assert_close(got["0"], by_hand, rtol=1e-5, atol=1e-7)
+    assert model[0].parametrizations.weight.original.grad is None  # no gradient left behind
+
+
 def test_the_trim_up_relaxes_the_dead_zones_to_land_in_tolerance():
     from codeq_cli.train.measure import rel_bops
     from codeq_cli.train.trim import trim

@@ -142,6 +142,14 @@ def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     return t.tolist()
 
 
+def all_reduce_(tensors: list[torch.Tensor]) -> None:
+    """Sum each tensor across ranks, in place (nothing without a process group)."""
+    if not _active():
+        return
+    for t in tensors:
+        td.all_reduce(t)
+
+
 def host_sum(values: list[float]) -> list[float]:
     """Element-wise sum across ranks of a few host numbers (gloo; no device synchronisation)."""
     if not _active():

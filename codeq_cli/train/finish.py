@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +39,8 @@ class BudgetPlan:
     budget: Budget
     run: BudgetRun
     start: dict = field(default_factory=dict)  # start_rel_bops, start_file_bytes, reachable_* (summary and --json)
+    # the trim's saliency (codeq_cli.train.saliency), measured once when first asked; finish() sets it
+    saliency: Callable[[], dict] | None = None
 
 
 def total_steps(n_train: int, recipe, max_steps: int | None) -> int:
@@ -143,7 +146,7 @@ def finish_budget(plan: BudgetPlan | None, model: torch.nn.Module, history: dict
         run.size_overhead = file_bytes - weight_bytes + _METRICS_ROOM
     figure: Callable[[], float] = ((lambda: rel_bops(model, macs)) if figure_of is BOPS_FIGURE
                                    else (lambda: float(exact_size(model, run.size_overhead))))
-    done = trim(model, macs, figure_of, budget.value, figure, tolerance=TOLERANCE)
+    done = trim(model, macs, figure_of, budget.value, figure, tolerance=TOLERANCE, saliency=plan.saliency)
     out.update(target=budget.value, before_trim=done["before"], achieved=done["after"], trim=done)
     return out
 
@@ -210,6 +213,10 @@ def finish(model: torch.nn.Module, ctx, plan: BudgetPlan | None, *, spec, macs: 
     from codeq_cli.train.bn import bn_step
 
     history = from_log(run_dir / "metrics.jsonl")  # complete: only training writes the log
+    if plan is not None and plan.saliency is None:
+        from codeq_cli.train.saliency import fisher
+
+        plan.saliency = functools.cache(lambda: fisher(model, ctx))  # a retrim of the size reuses it
     entry = finish_budget(plan, model, history=history)
     bn = bn_step(model, ctx, None if plan is None else plan.budget, bool(entry.get("met")), fp_top1)
     totals = bops_totals(bops_rows(model, macs))

@@ -54,10 +54,12 @@ AIM = 0.995  # land half a percent under the target
 
 @torch.no_grad()
 def trim(model: nn.Module, macs: dict[str, int], kind: Figure, target: float, figure: Callable[[], float], *,
-         tolerance: float = 0.03, aim: float = AIM) -> dict:
+         tolerance: float = 0.03, aim: float = AIM, saliency: Callable[[], dict[str, torch.Tensor]] | None = None) -> dict:
     """Prune (or relax dead zones) until ``figure()`` lies in ``[target·(1 − tolerance), target]``.
 
     ``kind`` is the figure trimmed (BOPs or the file's bytes): it prices each layer's weights.
+    ``saliency()`` gives each layer's Fisher information (:func:`codeq_cli.train.saliency.fisher`),
+    asked only when weights are to be pruned; without it the weights' energy stands in.
     Returns what was done: the figure before and after, the direction, and how
     many weights changed between pruned and kept.
     """
@@ -69,13 +71,17 @@ def trim(model: nn.Module, macs: dict[str, int], kind: Figure, target: float, fi
     layers = _layers(model, macs, kind)
     if not layers:
         return report
-    changed = (_prune_lowest if down else _relax_dead_zones)(layers, figure, target * aim)
+    if down:
+        changed = _prune_lowest(layers, figure, target * aim, None if saliency is None else saliency())
+    else:
+        changed = _relax_dead_zones(layers, figure, target * aim)
     report.update(trimmed=True, after=figure(), direction="down" if down else "up", weights_changed=changed)
     return report
 
 
 @dataclass
 class _Layer:
+    name: str
     qz: nn.Module  # the layer's weight quantizer
     w: torch.Tensor  # its float weight (the parameter itself)
     mags: torch.Tensor  # |w| sorted, float64 on the CPU
@@ -99,7 +105,7 @@ def _layers(model: nn.Module, macs: dict[str, int], kind: Figure) -> list[_Layer
         if cost <= 0:
             continue
         mags = w.abs().reshape(-1).double().cpu().sort().values
-        out.append(_Layer(qz, w, mags, R, float(d) / 2, cost, float(mags.square().mean().sqrt()) or R))
+        out.append(_Layer(qw.name, qz, w, mags, R, float(d) / 2, cost, float(mags.square().mean().sqrt()) or R))
     return out
 
 
@@ -115,40 +121,53 @@ def _smallest(n: int, good: Callable[[int], bool]) -> int:
     return lo
 
 
-def _prune_lowest(layers: list[_Layer], figure: Callable[[], float], goal: float) -> int:
-    """Zero the kept weights of lowest score, the fewest that bring ``figure()`` to ``goal``; returns how many.
+def _prune_lowest(layers: list[_Layer], figure: Callable[[], float], goal: float,
+                  fisher: dict[str, torch.Tensor] | None) -> int:
+    """Zero the kept weights that cost the task least per unit of the figure, the fewest that bring ``figure()`` to
+    ``goal``; returns how many.
 
-    Candidates are the kept weights (``|w| > d/2``) strictly below the order
-    statistic ``R`` is interpolated from: zeroing them leaves every larger
-    weight's rank, hence ``R``, ``s``, ``δ`` and every other level, unchanged.
+    A weight's score is ``F·w² / (C_ℓ/n_ℓ)``: the loss it is estimated to add
+    when zeroed (:mod:`codeq_cli.train.saliency`) over the cost it frees; ties
+    (``F = 0``: a weight no image reaches) go by ``(w/rms_ℓ)²/C_ℓ``, which
+    alone ranks them when there is no Fisher information. Candidates are the
+    kept weights (``|w| > d/2``) strictly below the order statistic ``R`` is
+    interpolated from: zeroing them leaves every larger weight's rank, hence
+    ``R``, ``s``, ``δ`` and every other level, unchanged.
     """
-    places, values, scores = [], [], []
+    places, values, keys = [], [], []
     for layer in layers:
         n, q = layer.mags.numel(), float(layer.qz.quantile)
         below = min(quantile_rank(n, q)[0], quantile_rank(n, q, True)[0])  # the rank as on the CPU or off it
         a = float(layer.mags[below])
         m = layer.w.abs()
         where = ((m > layer.half) & (m < a)).nonzero(as_tuple=True)
+        v = layer.w[where].clone()
+        energy = (v.abs().double().cpu() / layer.rms).square() / layer.cost
+        f = fisher.get(layer.name) if fisher is not None else None
+        first = energy if f is None else f[where].double().cpu() * v.double().cpu().square() * (n / layer.cost)
         places.append(where)
-        values.append(layer.w[where].clone())
-        scores.append((values[-1].abs().double().cpu() / layer.rms).square() / layer.cost)
-    levels = torch.cat(scores).unique()  # sorted; weights of equal score go together
+        values.append(v)
+        keys.append(torch.stack([first, energy], 1))
+    if not sum(v.numel() for v in values):
+        return 0
+    # each candidate's place in the order of (score, energy); equal keys share a place and go together
+    _, rank = torch.unique(torch.cat(keys), dim=0, return_inverse=True)
+    ranks = rank.split([v.numel() for v in values])
+    top = int(rank.max()) + 1
 
-    def apply(tau: float) -> int:
-        n = 0
-        for layer, where, v, sc in zip(layers, places, values, scores):
-            cut = sc <= tau
-            n += int(cut.sum())
-            layer.w.index_put_(where, torch.where(cut.to(v.device), torch.zeros_like(v), v))
-        return n
+    def apply(i: int) -> int:
+        cut_total = 0
+        for layer, where, v, r in zip(layers, places, values, ranks):
+            cut = (r < i).to(v.device)
+            cut_total += int(cut.sum())
+            layer.w.index_put_(where, torch.where(cut, torch.zeros_like(v), v))
+        return cut_total
 
     def fits(i: int) -> bool:
-        apply(float(levels[i]))
+        apply(i)
         return figure() <= goal
 
-    if not levels.numel():
-        return 0
-    return apply(float(levels[min(_smallest(levels.numel(), fits), levels.numel() - 1)]))
+    return apply(_smallest(top + 1, fits))  # top + 1 when none fits: every candidate, the most it can do
 
 
 def _relax_dead_zones(layers: list[_Layer], figure: Callable[[], float], goal: float) -> int:
