@@ -6,31 +6,29 @@ figure is a step function of the codes and the weights keep moving. After
 training, the trim brings it into ``[target·(1 − 3%), target]``, aiming at
 ``target·(1 − 0.5%)``.
 
-Each weight gets a score ``(w² / ‖w_ℓ‖²) / (C_ℓ / n_ℓ)``: the share of its
-layer's energy it carries (the layer's relative error if it is pruned) over
-what it costs, ``C_ℓ / n_ℓ`` with ``C_ℓ`` the layer's dense cost
-(``bits · act_bits · MACs`` for BOPs, with ``act_bits`` the layer's input
-width, 32 for float inputs; ``bits · params`` for the size). Up to a
-constant that is ``(w/rms_ℓ)² / C_ℓ``. (A first version divided by the
-layer's range ``R_ℓ²`` and by the cost per weight instead; on the demo it
-pruned the early, high-resolution convolutions, whose few weights each cost
-many MACs, to 99% and lost 70 points: per weight they looked cheap.)
+``C_ℓ`` is a layer's dense cost (``bits · act_bits · MACs`` for BOPs, with
+``act_bits`` the layer's input width, 32 for float inputs; ``bits · params``
+for the size): zeroing one of its ``n_ℓ`` weights frees ``C_ℓ / n_ℓ``.
 
 Too costly (the usual case: the controller lags a little): the kept weights
-of lowest score are set to zero, the fewest that land the figure, found by
-bisection on the exact figure (codes encoded, BOPs counted, or bytes coded).
-Nothing else moves: not ``θ_dz``, not the range ``R`` (only weights below
-the order statistic that ``R`` is taken from are candidates), so every other
-weight keeps its level. (Until 2026-12-07 the trim raised the layers' dead
-zones instead, which pruned the same weights but also respaced every level
-of each layer it touched, ``s = (R − d/2)/(Q − 1/2)``: 0.1% of the weights
-pruned that way took top-1 from 76.0% to 69.2% before batch-norm
-re-estimation and cost 1.3 points after it; ``docs/transfer.md``.)
+that cost the task least per unit of the figure are set to zero, the fewest
+that land it, found by bisection on the exact figure (codes encoded, BOPs
+counted, or bytes coded). A weight's score is ``F·w² / (C_ℓ/n_ℓ)``, the loss
+Optimal Brain Damage estimates it adds when zeroed, with ``F`` the Fisher
+information of :mod:`codeq_cli.train.saliency`; ties, and every weight when
+no Fisher information is given, go by the energy per cost ``(w/rms_ℓ)²/C_ℓ``.
+Nothing else moves: not ``θ_dz``, not the range ``R`` (only weights below the
+order statistic that ``R`` is taken from are candidates), so every other
+weight keeps its level. (Until 2026-12-07 the trim ranked by energy alone and
+raised the layers' dead zones, which also respaced every level of each layer
+it touched, ``s = (R − d/2)/(Q − 1/2)``; on EfficientNet-Lite0 the energy
+score's choice cost 20.9 points before batch-norm re-estimation where
+Fisher's cost none: ``docs/method.md``, "The final trim".)
 
 Too cheap (the controller overshot): a weight once pruned carries no
 information to restore, so the dead zones are lowered: a layer's dead zone
-corresponds to a score ``σ_ℓ``; every ``σ_ℓ`` above a global level ``τ`` is
-lowered to ``τ`` (``θ_dz = atanh(1 − t/R)`` for the threshold ``t``), ``τ``
+of half-width ``t`` has the energy score ``(t/rms_ℓ)²/C_ℓ``; every one above a
+global level ``τ`` is lowered to ``τ`` (``θ_dz = atanh(1 − t/R)``), ``τ``
 found by bisection on the exact figure.
 """
 
