@@ -178,10 +178,10 @@ def test_budget_warning_rule():
     line = warn(["target_bops=5"])
     assert line is not None and "\n" not in line
     assert line.startswith("--target-bops 5 leaves the weights 1.6 bits") and "138 steps" in line
-    assert "act_bits=8" in line and "more epochs" in line and "lost 3 top-1 points at 10% BOPs and 6.1 at 5%" in line
+    assert "act_bits=8" in line and "more epochs" in line and "lost 3 top-1 points at 10% BOPs and 5.5 at 5%" in line
     assert "budget_recover_lr" not in line  # on in the built-in recipes
     off = warn(["target_bops=5", "budget_recover_lr=null"])
-    assert "turn the recovery phase on (--set budget_recover_lr=1e-3: 20.2 -> 6.1 at 5%)" in off
+    assert "turn the recovery phase on (--set budget_recover_lr=1e-3: 20.2 -> 5.5 at 5%)" in off
     assert warn(["target_bops=3"]) is not None
     assert warn(["target_bops=10"]) is not None  # 3.2 bits per weight: 3.0 points lost, measured
     assert warn(["target_bops=12.5"]) is None  # 4 bits per weight
