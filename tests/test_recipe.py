@@ -412,9 +412,29 @@ def test_quantizer_kwargs_feed_quantize_():
     assert qw.quantizer.mixed and qw.quantizer.b_min == 3 and qw.quantizer.theta_dz.item() == 2.0
 
 
-def test_int8_preset_is_mixed_with_8_bit_activations_and_6_bit_weights():
+def test_int8_preset_is_mixed_with_8_bit_activations_and_6_bit_weights_on_the_exports_grid():
     # Trained as `codeq export --format onnx-int8` deploys it (docs/deploy.md): every other key is mixed's.
     int8 = load_recipe("int8").to_dict()
-    mixed = apply_overrides(load_recipe("mixed"), ["act_bits=8", "b_max=6"]).to_dict()
+    mixed = apply_overrides(load_recipe("mixed"), ["act_bits=8", "b_max=6", "weight_grid=reduce-range"]).to_dict()
     assert {k: v for k, v in int8.items() if mixed[k] != v} == {"description": int8["description"]}
     assert load_recipe("mixed").b_max == 8 and load_recipe("mixed").act_bits is None  # the default is unchanged
+    assert load_recipe("mixed").weight_grid is None
+    assert quantizer_kwargs(load_recipe("int8"))["grid"] == 63 and "grid" not in quantizer_kwargs(load_recipe("mixed"))
+
+
+@pytest.mark.parametrize(("sets", "message"), [
+    (["weight_grid=reduce-range"], "b_max=8 is above 6, the widest weights whose levels fit weight_grid=reduce-range; "
+                                   "lower b_max to 6 or use weight_grid: full-range"),
+    (["weight_grid=full-range"], "b_max=8 is above 7, the widest weights whose levels fit weight_grid=full-range; "
+                                 "lower b_max to 7"),
+    (["mode=fixed", "bits=7", "weight_grid=reduce-range"], "bits=7 is above 6"),
+    (["weight_grid=int8"], "weight_grid='int8'"),
+])
+def test_weight_grid_needs_levels_that_fit_it(sets, message):
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        apply_overrides(load_recipe("mixed"), sets)
+
+
+def test_weight_grid_accepts_the_widest_weights_that_fit():
+    assert apply_overrides(load_recipe("mixed"), ["b_max=7", "weight_grid=full-range"]).weight_grid == "full-range"
+    assert apply_overrides(load_recipe("fixed4"), ["weight_grid=reduce-range"]).weight_grid == "reduce-range"

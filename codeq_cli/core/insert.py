@@ -313,6 +313,10 @@ def encode_all(model: nn.Module) -> dict[str, Encoded]:
         layouts = group.encode_layouts if group is not None else {}
         for qw, (codes, step, shift, bits, kept) in zip(
                 batch, _group.encode([q.quantizer for q in batch], [q.original for q in batch], layouts)):
+            qz, w = qw.quantizer, qw.original
+            if qz.grid is not None:  # the levels' offset as the forward uses it (δ' on the export's grid)
+                shift = qz.level_shift(*(torch.tensor(v, dtype=w.dtype, device=w.device) for v in (step, shift)),
+                                       float(2 ** (bits - 1) - 1))
             out[qw.name] = Encoded(codes, step, shift, bits, kept)
     return {qw.name: out[qw.name] for qw in qws}
 

@@ -34,6 +34,12 @@ literal transcription builds (that one lives in :mod:`codeq_cli.testing.referenc
 **Decision** (the specification says ``∂ŵ/∂w ≈ 1`` for every weight): a weight
 that is exactly zero also gets gradient 1; in the reference code ``abs'(0) = 0``
 freezes it.
+
+codeq's extension, ``grid`` (``docs/method.md``, "Training on the export's
+grid"): the levels' offset ``δ`` is replaced in the forward pass by ``δ'``, the
+nearest value at which every level ``s·k + δ'`` is an integer code of an int8
+grid ``s/m`` with codes up to ``grid`` (:func:`grid_shift`), straight through:
+the codes (so the dead zone) and every gradient are those of ``δ``.
 """
 
 from __future__ import annotations
@@ -68,6 +74,29 @@ class Encoded:
 
     def decode(self, dtype: torch.dtype = torch.float32) -> Tensor:
         return dequantize(self.codes, self.step, self.shift, dtype)
+
+
+def grid_shift(step: Tensor, shift: Tensor, qmax: Tensor | float, limit: int) -> Tensor:
+    """``δ'``: the offset nearest ``δ`` at which the levels ``±(s·k + δ')``, ``k = 1 … Q``, sit on an integer grid.
+
+    The grids are ``σ = s/m``, ``m = 1 … limit``, with codes ``Q·m + j ≤ limit``
+    where ``j = round(m·δ/s)`` (the levels keep their spacing ``s``; only ``δ``
+    moves, to ``j·s/m``). Of the grids that fit, the one nearest ``δ``, the
+    coarser on a tie. Where none fits (``δ/s > limit − Q − 1/2``: a wide dead
+    zone at a fine step) ``δ`` itself: no grid of that spacing holds the levels,
+    the export rounds them to a coarser one and reports the error (moving them
+    in to fit would put the first level far inside the dead zone). These are the candidates
+    of the export's :func:`codeq_cli.formats.onnx_int8.int8_grid` that keep the
+    spacing, so a layer trained on ``δ'`` exports without rounding. On device,
+    no read back (it runs inside the forward pass). ``Q ≤ limit`` is assumed.
+    """
+    with torch.no_grad():
+        m = torch.arange(1, limit + 1, device=step.device, dtype=step.dtype)
+        j = torch.round(m * (shift / step))
+        fits = qmax * m + j <= limit
+        err = torch.where(fits, (j * (step / m) - shift).abs(), torch.full_like(m, math.inf))
+        i = torch.argmin(err)  # the first minimum: the coarsest grid among equals
+        return torch.where(torch.isfinite(err[i]), j[i] * (step / m[i]), shift)
 
 
 def dequantize(codes: Tensor, step: float, shift: float, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -186,7 +215,9 @@ class DeadZoneQuantizer(nn.Module):
     initial logits (3.0: about 1% of the weights pruned, 8 bits);
     ``quantile`` is the fraction of ``|w|`` that defines ``R``;
     ``granularity`` over which elements one range is taken (:class:`PerTensor`,
-    the only one implemented).
+    the only one implemented); ``grid`` (codeq's extension, None by default):
+    train on the int8 export's grid with weight codes up to ``grid`` (63 or
+    127), :func:`grid_shift`; ``Q ≤ grid`` is required.
 
     Paths: on CPU, float32 weights run the fused numba loops layer by layer.
     Elsewhere (CUDA, and the CPU under ``CODEQ_KERNELS=torch``) the layers wrapped
@@ -206,6 +237,7 @@ class DeadZoneQuantizer(nn.Module):
         init_bit: float = 3.0,
         quantile: float = 0.99,
         granularity: Granularity = PerTensor(),
+        grid: int | None = None,
     ) -> None:
         super().__init__()
         self.granularity = _check_granularity(granularity)
@@ -215,6 +247,11 @@ class DeadZoneQuantizer(nn.Module):
             raise ValueError(f"b_min={b_min!r}, b_max={b_max!r}: need {B_MIN} <= b_min <= b_max <= {B_MAX}")
         if not (0.0 < quantile <= 1.0):
             raise ValueError(f"quantile={quantile!r}: use a value in (0, 1]")
+        top = int(bits) if bits is not None else int(b_max)
+        if grid is not None and not (int(grid) == grid and 2 ** (top - 1) - 1 <= grid <= 127):
+            raise ValueError(f"grid={grid!r}: use null or an integer code limit from {2 ** (top - 1) - 1} "
+                             f"(the largest code of {top} bits) to 127")
+        self.grid = None if grid is None else int(grid)
         self.bits = None if bits is None else int(bits)
         self.b_min, self.b_max = int(b_min), int(b_max)
         self.quantile = float(quantile)
@@ -231,8 +268,9 @@ class DeadZoneQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         if self.mixed:
-            return f"bits=learned[{self.b_min},{self.b_max}], quantile={self.quantile}"
-        return f"bits={self.bits}, quantile={self.quantile}"
+            return f"bits=learned[{self.b_min},{self.b_max}], quantile={self.quantile}" + (
+                f", grid={self.grid}" if self.grid else "")
+        return f"bits={self.bits}, quantile={self.quantile}" + (f", grid={self.grid}" if self.grid else "")
 
     # -- the scalars of steps 1-6 -------------------------------------------
     def bit_width(self) -> Tensor:
@@ -271,16 +309,30 @@ class DeadZoneQuantizer(nn.Module):
 
     # -- forward and encoding ------------------------------------------------
     def forward(self, w: Tensor) -> Tensor:
-        """Step 8: the dequantized weight ``ŵ`` used in the forward pass."""
+        """Step 8: the dequantized weight ``ŵ`` used in the forward pass (on the export's grid with ``grid``)."""
         if _kernels.usable(w):
-            return _FusedDeadZone.apply(w, self.theta_dz, self.theta_bit, self, self.absmax(w))
-        if w.numel() == 0 or _kernels._compiling():
-            return self.forward_per_layer(w)
-        group = self.__dict__.get("_group")
-        out = group.take(self, w) if group is not None else None
-        if out is None:
-            out = _group.run([self], [w], self.__dict__.setdefault("_layouts", {}))[0][0]
-        return out
+            out = _FusedDeadZone.apply(w, self.theta_dz, self.theta_bit, self, self.absmax(w))
+        elif w.numel() == 0 or _kernels._compiling():
+            out = self.forward_per_layer(w)
+        else:
+            group = self.__dict__.get("_group")
+            out = group.take(self, w) if group is not None else None
+            if out is None:
+                out = _group.run([self], [w], self.__dict__.setdefault("_layouts", {}))[0][0]
+        return out if self.grid is None else self._on_grid(w, out)
+
+    def _on_grid(self, w: Tensor, out: Tensor) -> Tensor:
+        """``out`` with its levels at ``δ'`` instead of ``δ`` (same codes), straight through to ``out``'s gradients.
+
+        The value is exactly :func:`dequantize` of :meth:`encode` (``0 + x`` is ``x``).
+        """
+        with torch.no_grad():
+            w = w.detach()
+            qmax, _, s, shift = self._scalars(self.absmax(w), w.dtype)
+            m = torch.sub(w.abs(), shift).clamp_(min=0).div_(s).round_().clamp_(max=qmax)
+            q = m.copysign_(w)
+            snapped = s * q + grid_shift(s, shift, qmax, self.grid) * torch.sign(q)  # dequantize's operations
+        return (out - out.detach()) + snapped
 
     def forward_per_layer(self, w: Tensor) -> Tensor:
         """``ŵ`` by the eager chain of this layer alone (the one-pass quantizer's oracle)."""
@@ -302,7 +354,11 @@ class DeadZoneQuantizer(nn.Module):
         else:
             m = torch.sub(w.abs(), shift).clamp_(min=0).div_(s).round_().clamp_(max=qmax)
             codes = m.copysign_(w).to(torch.int8)
-        return Encoded(codes=codes, step=float(s), shift=float(shift), bits=int(self.bit_width()))
+        return Encoded(codes=codes, step=float(s), shift=self.level_shift(s, shift, qmax), bits=int(self.bit_width()))
+
+    def level_shift(self, s: Tensor, shift: Tensor, qmax) -> float:
+        """The levels' offset as the forward pass uses it: ``δ``, or ``δ'`` on the export's grid."""
+        return float(shift) if self.grid is None else float(grid_shift(s, shift, qmax, self.grid))
 
     @torch.no_grad()
     def stats(self, w: Tensor) -> dict[str, float]:
@@ -315,7 +371,7 @@ class DeadZoneQuantizer(nn.Module):
             "R": float(R),
             "dead_zone": float(d),
             "step": float(s),
-            "shift": float(shift),
+            "shift": self.level_shift(s, shift, qmax),
             "bits": int(self.bit_width()),
             "sparsity": 1.0 - kept / max(1, w.numel()),
         }

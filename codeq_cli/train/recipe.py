@@ -58,6 +58,9 @@ class Recipe(BaseModel):
         None, ge=0, lt=1, description="a number in [0, 1): each layer's dead zone starts pruning that share of its "
                                       "weights (overrides init_dz), or null for init_dz in every layer")
     quantile: float = Field(0.99, gt=0, le=1, description="a number in (0, 1]")
+    weight_grid: Literal["reduce-range", "full-range"] | None = Field(
+        None, description="null (the method's levels), 'reduce-range' or 'full-range' (the levels on the int8 export's "
+                          "grid, weight codes up to 63 or 127)")
     include: list[str] | None = Field(None, description="a list of layer-name patterns (fnmatch), or null for every layer")
     exclude: list[str] | None = Field(None, description="a list of layer-name patterns (fnmatch), or null")
 
@@ -197,6 +200,12 @@ class Recipe(BaseModel):
             _fail("std", list(self.std), "is out of range")
         if self.include is not None and not self.include:
             raise _error("include=[] would quantize no layer", "use include: null for every layer, or list patterns", "include")
+        if self.weight_grid is not None:
+            top, key = (self.b_max, "b_max") if self.mixed else (self.bits, "bits")
+            most = 6 if self.weight_grid == "reduce-range" else 7
+            if top > most:
+                _fail(key, top, f"is above {most}, the widest weights whose levels fit weight_grid={self.weight_grid}",
+                      f"lower {key} to {most}" + (" or use weight_grid: full-range" if most == 6 else ""))
         if self.act_b_min > self.act_b_max:
             _fail("act_b_min", self.act_b_min, f"is above act_b_max={self.act_b_max}", "lower act_b_min or raise act_b_max")
         for key in ("include", "exclude", "act_exclude"):
@@ -222,6 +231,8 @@ class Recipe(BaseModel):
 
 
 KEYS: tuple[str, ...] = tuple(Recipe.model_fields)
+# weight_grid → the largest weight code (the export's --reduce-range / --full-range)
+GRID_LIMIT = {"reduce-range": 63, "full-range": 127}
 # What each key accepts, in words (each field's description): the second half of every validation message.
 ALLOWED: dict[str, str] = {name: field.description or "" for name, field in Recipe.model_fields.items()}
 
@@ -239,6 +250,8 @@ def quantizer_kwargs(recipe: Recipe) -> dict[str, Any]:
         "init_bit": recipe.init_bit,
         "quantile": recipe.quantile,
     }
+    if recipe.weight_grid is not None:
+        kw["grid"] = GRID_LIMIT[recipe.weight_grid]
     if recipe.act_bits is not None:
         from codeq_cli.core.act_quant import ActSpec
 
