@@ -56,6 +56,13 @@ from codeq_cli.core.granularity import Granularity, PerTensor, check as _check_g
 
 EPS = 1e-8
 B_MIN, B_MAX = 2, 8
+# Weight code limits of the int8 export (``--reduce-range``: 7-bit codes, the default; ``--full-range``)
+CODE_LIMIT = {"reduce-range": 63, "full-range": 127}
+
+
+def widest_bits(limit: int) -> int:
+    """The most bits whose levels ``s·k + δ`` (``k ≤ Q = 2^(b−1) − 1``) fit codes up to ``limit`` for some ``δ > 0``: ``Q < limit``."""
+    return max(b for b in range(B_MIN, B_MAX + 1) if 2 ** (b - 1) - 1 < limit)
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,11 @@ def grid_shift(step: Tensor, shift: Tensor, qmax: Tensor | float, limit: int) ->
         err = torch.where(fits, (j * (step / m) - shift).abs(), torch.full_like(m, math.inf))
         i = torch.argmin(err)  # the first minimum: the coarsest grid among equals
         return torch.where(torch.isfinite(err[i]), j[i] * (step / m[i]), shift)
+
+
+def _eager_codes(w: Tensor, qmax, s: Tensor, shift: Tensor) -> Tensor:
+    """Step 7 in ``w``'s dtype, without gradients: ``clip(round(sign(w)·relu(|w| − δ)/s), −Q, Q)``."""
+    return torch.sub(w.abs(), shift).clamp_(min=0).div_(s).round_().clamp_(max=qmax).copysign_(w)
 
 
 def dequantize(codes: Tensor, step: float, shift: float, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -217,7 +229,7 @@ class DeadZoneQuantizer(nn.Module):
     ``granularity`` over which elements one range is taken (:class:`PerTensor`,
     the only one implemented); ``grid`` (codeq's extension, None by default):
     train on the int8 export's grid with weight codes up to ``grid`` (63 or
-    127), :func:`grid_shift`; ``Q ≤ grid`` is required.
+    127), :func:`grid_shift`; at most :func:`widest_bits` of ``grid`` bits.
 
     Paths: on CPU, float32 weights run the fused numba loops layer by layer.
     Elsewhere (CUDA, and the CPU under ``CODEQ_KERNELS=torch``) the layers wrapped
@@ -248,9 +260,9 @@ class DeadZoneQuantizer(nn.Module):
         if not (0.0 < quantile <= 1.0):
             raise ValueError(f"quantile={quantile!r}: use a value in (0, 1]")
         top = int(bits) if bits is not None else int(b_max)
-        if grid is not None and not (int(grid) == grid and 2 ** (top - 1) - 1 <= grid <= 127):
-            raise ValueError(f"grid={grid!r}: use null or an integer code limit from {2 ** (top - 1) - 1} "
-                             f"(the largest code of {top} bits) to 127")
+        if grid is not None and not (int(grid) == grid and 2 <= grid <= 127 and top <= widest_bits(grid)):
+            raise ValueError(f"grid={grid!r}: use null or an integer code limit from {2 ** (top - 1)} "
+                             f"(above the largest code of {top} bits) to 127")
         self.grid = None if grid is None else int(grid)
         self.bits = None if bits is None else int(bits)
         self.b_min, self.b_max = int(b_min), int(b_max)
@@ -267,10 +279,8 @@ class DeadZoneQuantizer(nn.Module):
         return self.bits is None
 
     def extra_repr(self) -> str:
-        if self.mixed:
-            return f"bits=learned[{self.b_min},{self.b_max}], quantile={self.quantile}" + (
-                f", grid={self.grid}" if self.grid else "")
-        return f"bits={self.bits}, quantile={self.quantile}" + (f", grid={self.grid}" if self.grid else "")
+        bits = f"learned[{self.b_min},{self.b_max}]" if self.mixed else self.bits
+        return f"bits={bits}, quantile={self.quantile}" + (f", grid={self.grid}" if self.grid else "")
 
     # -- the scalars of steps 1-6 -------------------------------------------
     def bit_width(self) -> Tensor:
@@ -329,8 +339,7 @@ class DeadZoneQuantizer(nn.Module):
         with torch.no_grad():
             w = w.detach()
             qmax, _, s, shift = self._scalars(self.absmax(w), w.dtype)
-            m = torch.sub(w.abs(), shift).clamp_(min=0).div_(s).round_().clamp_(max=qmax)
-            q = m.copysign_(w)
+            q = _eager_codes(w, qmax, s, shift)
             snapped = s * q + grid_shift(s, shift, qmax, self.grid) * torch.sign(q)  # dequantize's operations
         return (out - out.detach()) + snapped
 
@@ -352,8 +361,7 @@ class DeadZoneQuantizer(nn.Module):
         if _kernels.usable(w):
             codes = _kernels.encode(w, float(s), float(shift), float(qmax))
         else:
-            m = torch.sub(w.abs(), shift).clamp_(min=0).div_(s).round_().clamp_(max=qmax)
-            codes = m.copysign_(w).to(torch.int8)
+            codes = _eager_codes(w, qmax, s, shift).to(torch.int8)
         return Encoded(codes=codes, step=float(s), shift=self.level_shift(s, shift, qmax), bits=int(self.bit_width()))
 
     def level_shift(self, s: Tensor, shift: Tensor, qmax) -> float:

@@ -233,7 +233,9 @@ def qdq_model(plain, weights: dict, entries: list[dict], *, reduce_range: bool =
 
     from codeq_cli.core import act_quant
 
-    limit = 63 if reduce_range else 127
+    from codeq_cli.core.quantizer import CODE_LIMIT
+
+    limit = CODE_LIMIT["reduce-range" if reduce_range else "full-range"]
     plain.eval()
     factors = fold_bn_(plain)
     errors, floats, exact, wide = {}, [], 0, 0
