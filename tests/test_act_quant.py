@@ -109,12 +109,12 @@ def test_eligible_layers_skip_attention_and_excluded():
 # -- BOPs ------------------------------------------------------------------------------------------
 def test_bops_count_activation_bits_by_hand():
     # 8x4 conv over a 5x5 output, 1x1 kernel: MACs = 4 · 8 · 25 = 800; 4-bit weights, 3 of 32 weights zero
-    row = make_row("c", "conv2d", (8, 4, 1, 1), 800, 4, 29, act_bits=6)
+    row = make_row("c", "conv2d", (8, 4, 1, 1), 800, bits=4, nonzero=29, act_bits=6)
     assert row.bops == pytest.approx(29 / 32 * 800 * 4 * 6)
     assert row.act_bits == 6 and row.to_dict()["act_bits"] == 6
-    float_act = make_row("c", "conv2d", (8, 4, 1, 1), 800, 4, 29)
+    float_act = make_row("c", "conv2d", (8, 4, 1, 1), 800, bits=4, nonzero=29)
     assert float_act.bops == 29 / 32 * 800 * 4 * A_BITS and "act_bits" not in float_act.to_dict()
-    t = bops_totals([row, make_row("fc", "linear", (2, 10), 20, None, None)])
+    t = bops_totals([row, make_row("fc", "linear", (2, 10), 20)])
     assert t["rel_bops"] == pytest.approx(100 * (29 / 32 * 800 * 4 * 6 + 20 * 32 * 32) / (820 * 32 * 32))
 
 

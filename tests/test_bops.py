@@ -191,9 +191,9 @@ def test_bops_rows_and_totals_by_hand():
 
 def test_make_row_and_an_all_float_model():
     # 4 bits, 30 of 40 codes non-zero, 1000 MACs: 0.75 · 1000 · 4 · 32 = 96000
-    r = make_row("fc", "linear", (4, 10), 1000, 4, 30)
+    r = make_row("fc", "linear", (4, 10), 1000, bits=4, nonzero=30)
     assert (r.params, r.bits, r.sparsity, r.bops, r.quantized) == (40, 4, 0.25, 96000.0, True)
-    f = make_row("fc", "linear", (4, 10), 1000, None, None)
+    f = make_row("fc", "linear", (4, 10), 1000)
     assert (f.bits, f.sparsity, f.bops, f.quantized) == (32, 0.0, 1000 * 32 * A_BITS, False)
     model = Tiny()
     rows = bops_rows(model, measure_macs(model, (3, 16, 16)))

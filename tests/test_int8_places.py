@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import copy
+import inspect
 import importlib.util
 
 import numpy as np
@@ -255,13 +256,20 @@ def test_a_checkpoints_tap_entries_rebuild_the_same_forward_and_a_wrong_one_is_r
         act_quant.freeze_into(VNet(), [{**entries[0], "name": "block.attn.codeq_tap_softmax_9"}])
 
 
-def test_a_rewritten_forward_takes_its_signature_and_refuses_a_mask_it_was_not_traced_with():
+def test_a_rewritten_forward_takes_its_signature_and_refuses_a_mask_it_was_not_traced_with(monkeypatch):
     net = _vnet()
     x = torch.randn(3, 5, 8)
+    mask = torch.ones(5, 5, dtype=torch.bool)
     with torch.no_grad():
-        net.block.attn(x, None)  # positional, the default: fine
+        want = net.block.attn(x, None)  # positional, the default: fine
+        torch.testing.assert_close(net.block.attn(x=x), want)
         with pytest.raises(ValueError, match="attn_mask"):
-            net.block.attn(x, attn_mask=torch.ones(5, 5, dtype=torch.bool))
+            net.block.attn(x, attn_mask=mask)
+        with pytest.raises(ValueError, match="attn_mask"):
+            net.block.attn(x, mask)  # by position too
+        # the common call binds nothing: the free argument by position, the fixed one at its default
+        monkeypatch.setattr(inspect.Signature, "bind", lambda *a, **k: pytest.fail("bound a plain call"))
+        torch.testing.assert_close(net.block.attn(x), want)
     copied = copy.deepcopy(net)  # the rewritten forward follows the copy, not the original
     assert copied.block.attn.forward.__self__ is copied.block.attn
 

@@ -237,6 +237,11 @@ def test_recover_factor_by_hand():
     assert recover_factor(70, 100, 60, 0, 10.0) == pytest.approx(10.0 * 0.5 * (1 + math.cos(math.pi / 4)))
     assert recover_factor(100, 100, 60, 0, 10.0, 0.1) == pytest.approx(0.1)
     assert recover_factor(4, 100, 60, 10, 10.0) == pytest.approx(0.5)  # warmup first
+    # the hold follows the run's own schedule shape: constant stays at the restart, step divides by 10
+    # at one and two thirds of the 40 hold steps (after 13.3 and 26.7 of them)
+    assert [recover_factor(s, 100, 60, 0, 10.0, 0.0, "constant") for s in (59, 60, 99)] == [1.0, 10.0, 10.0]
+    assert [recover_factor(s, 100, 60, 0, 10.0, 0.0, "step") for s in (60, 73, 74, 86, 87, 99)] == pytest.approx(
+        [10.0, 10.0, 1.0, 1.0, 0.1, 0.1])
 
 
 def test_recover_lr_reaches_only_the_weights_and_only_under_a_target():

@@ -167,19 +167,32 @@ def _bind(owner: nn.Module, graph: torch.fx.Graph, fixed: dict) -> None:
             owner.register_buffer(node.target, getattr(gm, node.target), persistent=False)
     generated = type(gm).forward
     signature = inspect.signature(type(owner).forward)
-    free = [k for k in list(signature.parameters)[1:] if k not in fixed]
+    params = list(signature.parameters.values())[1:]
+    free = [p.name for p in params if p.name not in fixed]
+    # the common call (the free arguments by position, every fixed one left at the default the trace saw)
+    # needs no binding: the free parameters lead, and each fixed value is its parameter's default
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    plain = (all(p.kind in positional for p in params[:len(free)]) and [p.name for p in params[:len(free)]] == free
+             and all(_same(signature.parameters[k].default, d) for k, d in fixed.items()))
 
     def forward(self, *args, **kwargs):
+        if plain and not kwargs and len(args) == len(free):
+            return generated(self, *args)
         bound = signature.bind(self, *args, **kwargs)
         for k, d in fixed.items():
             v = bound.arguments.get(k, signature.parameters[k].default)
-            if not (v is d or (type(v) in (bool, int, float, str) and v == d)):
+            if not _same(v, d):
                 raise ValueError(f"{type(self).__name__} was rewritten for activation quantizers with {k}={d!r}; "
                                  f"it cannot take {k}={v!r}")
         return generated(self, *(bound.arguments[k] for k in free))
 
     owner.forward = types.MethodType(forward, owner)
     owner.__dict__[_GRAPH] = graph
+
+
+def _same(v, d) -> bool:
+    """Whether argument value ``v`` is the ``d`` a trace was made with (the object itself, or an equal plain value)."""
+    return v is d or (type(v) in (bool, int, float, str) and v == d)
 
 
 def _has(owner: nn.Module, target: str) -> bool:

@@ -137,9 +137,9 @@ class LayerRow:
         return d
 
 
-def make_row(name: str, kind: str, shape: Sequence[int], macs: int, bits: int | None, nonzero: int | None,
-             act_bits: int | None = None) -> LayerRow:
-    """A row from plain figures; ``bits=None`` means left in float (dense, 32 bits);
+def make_row(name: str, kind: str, shape: Sequence[int], macs: int, *, bits: int | None = None,
+             nonzero: int | None = None, act_bits: int | None = None) -> LayerRow:
+    """A row from plain figures; without ``bits`` and ``nonzero`` the layer is left in float (dense, 32 bits);
     ``act_bits=None`` means float activations (32 bits)."""
     params = math.prod(shape)
     if bits is None or nonzero is None:
@@ -171,10 +171,10 @@ def bops_rows(model: nn.Module, macs: dict[str, int], encoded: dict | None = Non
         e = encoded.get(t.name)
         if e is not None:
             nonzero = e.nonzero if e.nonzero is not None else int(torch.count_nonzero(e.codes))
-            rows.append(make_row(t.name, t.kind, tuple(e.codes.shape), macs.get(t.name, 0), e.bits,
-                                 nonzero, abits.get(t.name)))
+            rows.append(make_row(t.name, t.kind, tuple(e.codes.shape), macs.get(t.name, 0), bits=e.bits,
+                                 nonzero=nonzero, act_bits=abits.get(t.name)))
         else:
-            rows.append(make_row(t.name, t.kind, t.shape, macs.get(t.name, 0), None, None))
+            rows.append(make_row(t.name, t.kind, t.shape, macs.get(t.name, 0)))
     # out_proj of nn.MultiheadAttention is found by plan() as a Linear: nothing more to add.
     return rows
 

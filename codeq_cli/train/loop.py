@@ -56,6 +56,7 @@ from codeq_cli.data.sampling import GlobalBatchSampler
 from codeq_cli.train.controller import BudgetRun
 from codeq_cli.train.objective import current_logits, penalty
 from codeq_cli.train.distill import task_loss
+from codeq_cli.train.recovery import lr_factor, ramp_end, recover_factor  # docs/method.md, "Aggressive budgets"
 
 Event = dict
 OnEvent = Callable[[Event], None]
@@ -88,19 +89,6 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=recipe.lr)
 
 
-def lr_factor(step: int, total: int, warmup: int, schedule: str, min_factor: float = 0.0) -> float:
-    """Multiplier of every group's learning rate at ``step`` (0-based)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant":
-        return 1.0
-    span = max(1, total - warmup)
-    progress = min(1.0, (step - warmup) / span)
-    if schedule == "step":  # divide by 10 at 1/3 and 2/3 of training
-        return 0.1 ** int(progress * 3 - 1e-9) if progress < 1 else 0.01
-    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_steps: int, steps_per_epoch: int):
     warmup = int(round(recipe.warmup_epochs * steps_per_epoch))
     min_factor = recipe.min_lr / recipe.lr
@@ -108,10 +96,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_step
     run = lambda s: lr_factor(s, total_steps, warmup, schedule, min(1.0, min_factor))  # noqa: E731
     budget = recipe.budget
     if recipe.budget_recover_lr is not None and budget is not None and not budget.kind.searches:
-        from codeq_cli.train.recovery import ramp_end, recover_factor  # docs/method.md, "Aggressive budgets"
-
         end, restart = ramp_end(recipe.budget_ramp, total_steps), recipe.budget_recover_lr / recipe.lr
-        weights = lambda s: recover_factor(s, total_steps, end, warmup, restart, min(1.0, min_factor))  # noqa: E731
+        weights = lambda s: recover_factor(s, total_steps, end, warmup, restart, min(1.0, min_factor), schedule)  # noqa: E731
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, [weights if g.get("name") == "weights" else run for g in optimizer.param_groups])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, run)
