@@ -209,10 +209,18 @@ def runs() -> dict[str, dict]:
     out["bops10-recover-nodistill"] = {"target_bops": 10.0, "overrides": ["budget_recover_lr=1e-3", "distill_weight=0"]}
     for t in (10, 5):
         out[f"bops{t}-recover-ramp0.3"] = {"target_bops": float(t), "overrides": ["budget_recover_lr=1e-3", "budget_ramp=0.3"]}
-    for spec in out.values():  # a name without "recover" runs the schedule it was measured with: none
+    out["bops5-act8-recover-ramp0.3"] = {"target_bops": 5.0,
+                                         "overrides": ["act_bits=8", "budget_recover_lr=1e-3", "budget_ramp=0.3"]}
+    out["bops5-recover-ramp0.3-lr3e-3"] = {"target_bops": 5.0,
+                                           "overrides": ["budget_recover_lr=3e-3", "budget_ramp=0.3"]}
+    for spec in out.values():  # every name runs the schedule it was measured with
         ov = spec.setdefault("overrides", [])
-        if "target_bops" in spec and not any(o.startswith("budget_recover_lr=") for o in ov):
+        if "target_bops" not in spec:
+            continue
+        if not any(o.startswith("budget_recover_lr=") for o in ov):  # a name without "recover": none
             ov.insert(0, "budget_recover_lr=null")
+        if not any(o.startswith("budget_ramp=") for o in ov):  # a name without "ramp": 0.6, the default until 2026-12-07
+            ov.insert(0, "budget_ramp=0.6")
     return out
 
 
