@@ -101,7 +101,7 @@ class Recipe(BaseModel):
     target_bops: float | None = Field(None, gt=0, lt=100, description="a number in (0, 100): relative BOPs in percent, or null")
     target_size: int | None = Field(None, ge=1, description="a size in bytes (2000000, 2MB, 1.5MiB, 800kB), or null")
     max_drop: float | None = Field(None, ge=0, description="a number >= 0: top-1 points below the FP model, or null")
-    budget_ramp: float = Field(0.6, gt=0, le=1,
+    budget_ramp: float = Field(0.3, gt=0, le=1,
                                description="a number in (0, 1]: the fraction of training by which the target is reached")
     budget_schedule: Literal["geometric", "cubic"] = Field(
         "geometric", description="'geometric' (the figure falls at a steady rate in log space) or 'cubic' "
