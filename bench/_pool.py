@@ -2,7 +2,8 @@
 
 Each key runs as ``CHILD --worker KEY`` in its own process, ``jobs`` at a
 time; a worker writes ``RESULTS/KEY.json`` and exits 0, and its result goes to
-``on_result(key, result)`` as soon as it ends.
+``on_result(key, result)`` as soon as it ends. :func:`keep_result` adds it
+to the bench's ``results.json``.
 """
 
 from __future__ import annotations
@@ -41,3 +42,20 @@ def run_workers(child: list[str], keys: list[str], jobs: int, env: dict, results
             else:
                 where = f"; see {results / (key + '.log')}" if logs else ""
                 print(f"{key} failed (exit {proc.returncode}){where}", file=sys.stderr, flush=True)
+
+
+def keep_result(store: Path, results: dict, key: str, result: dict) -> None:
+    """Add ``result`` under ``key`` to ``results`` and to the file ``store``, atomically.
+
+    Other benches writing the same store at the same time (two ``--only`` lists
+    side by side) keep their results: the file is read again and merged before
+    each write, and ``results`` takes in what they added.
+    """
+    from codeq_cli._io import write_json
+
+    try:
+        results.update({k: v for k, v in json.loads(store.read_text()).items() if k not in results})
+    except (OSError, ValueError):
+        pass
+    results[key] = result
+    write_json(store, results)

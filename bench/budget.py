@@ -47,7 +47,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path (tests)
-from _pool import run_workers  # noqa: E402
+from _pool import keep_result, run_workers  # noqa: E402
 from _stats import ms as _ms  # noqa: E402
 
 GRID = [0.002, 0.005, 0.01, 0.05, 0.2, 1.0]  # λ_dz; λ_bit = 4·λ_dz (the mixed recipe's ratio); 0.002 so that the grid reaches above 3.4%
@@ -270,11 +270,7 @@ def main() -> None:
                  *(["--subset", args.subset] if args.subset else [])]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
-        def keep(key: str, result: dict) -> None:
-            results[key] = result
-            store.write_text(json.dumps(results, indent=1))
-
-        run_workers(child, keys, args.jobs, env, work / "results", keep)
+        run_workers(child, keys, args.jobs, env, work / "results", lambda k, r: keep_result(store, results, k, r))
     print(table(results))
 
 

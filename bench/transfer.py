@@ -41,7 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/, also when loaded by path (tests)
-from _pool import run_workers  # noqa: E402
+from _pool import keep_result, run_workers  # noqa: E402
 from _stats import ms as _ms  # noqa: E402
 
 MODEL = "timm:tf_efficientnet_lite0"
@@ -358,11 +358,8 @@ def main() -> None:
                  "--epochs", str(args.epochs)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # 2 threads on 2 busy cores: 5x slower
 
-        def keep(key: str, result: dict) -> None:
-            results[key] = result
-            write_json(store, results)
-
-        run_workers(child, keys, args.jobs, env, work / "results", keep, logs=True, poll=1.0)
+        run_workers(child, keys, args.jobs, env, work / "results", lambda k, r: keep_result(store, results, k, r),
+                    logs=True, poll=1.0)
     print(table(results))
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -111,6 +112,17 @@ def test_init_sparsity_is_off_by_default_and_keeps_init_dz():
 
 
 # -- bench/transfer.py: the weight mapping, the split, the hint -----------------------------------
+def test_two_benches_writing_one_results_file_keep_each_others_runs(tmp_path):
+    keep = _bench().keep_result
+    store = tmp_path / "results.json"
+    a, b = {}, {}  # two benches started side by side, before either had a result
+    keep(store, a, "bops5@0", {"top1": 73.0})
+    keep(store, b, "act8@0", {"top1": 78.6})  # b never read a's run: it must not drop it
+    keep(store, a, "bops5@1", {"top1": 74.2})
+    want = {"bops5@0": {"top1": 73.0}, "act8@0": {"top1": 78.6}, "bops5@1": {"top1": 74.2}}
+    assert json.loads(store.read_text()) == want and a == want
+
+
 def test_lite_mapping_pairs_in_order_and_refuses_mismatches():
     bench = _bench()
     torch.manual_seed(0)
