@@ -191,7 +191,9 @@ def test_budget_warning_rule():
     assert line is not None and "\n" not in line
     assert line.startswith("--target-bops 5 leaves the weights 1.6 bits") and "138 steps" in line
     assert "act_bits=8" in line and "more epochs" in line and "lost 0.3 top-1 points at 10% BOPs and 4 at 5%" in line
-    assert "budget_recover_lr" not in line and "budget_ramp" not in line  # the built-in schedule: nothing to add
+    assert "budget_ramp" not in line  # the built-in schedule ...
+    assert "recover faster (--set budget_recover_lr=0.003: 4 -> 2.4 at 5%)" in line  # ... with a faster recovery
+    assert "budget_recover_lr" not in warn(["target_bops=5", "budget_recover_lr=3e-3"])
     assert warn(["target_bops=3"]) is not None
     # 10% (3.2 bits per weight) lost 0.3 points with the built-in schedule: no warning; with a slower one it
     # lost 2.1 (the ramp at 0.6) or 9.0 (no recovery phase), and the line says what to set
