@@ -213,14 +213,12 @@ def runs() -> dict[str, dict]:
                                          "overrides": ["act_bits=8", "budget_recover_lr=1e-3", "budget_ramp=0.3"]}
     out["bops5-recover-ramp0.3-lr3e-3"] = {"target_bops": 5.0,
                                            "overrides": ["budget_recover_lr=3e-3", "budget_ramp=0.3"]}
-    for spec in out.values():  # every name runs the schedule it was measured with
+    # every name runs the schedule it was measured with: without "recover" no recovery phase, without "ramp"
+    # the ramp 0.6 (the defaults until 2026-12-07); a run's own overrides come later and win
+    for spec in out.values():
         ov = spec.setdefault("overrides", [])
-        if "target_bops" not in spec:
-            continue
-        if not any(o.startswith("budget_recover_lr=") for o in ov):  # a name without "recover": none
-            ov.insert(0, "budget_recover_lr=null")
-        if not any(o.startswith("budget_ramp=") for o in ov):  # a name without "ramp": 0.6, the default until 2026-12-07
-            ov.insert(0, "budget_ramp=0.6")
+        if "target_bops" in spec:
+            ov[:0] = ["budget_recover_lr=null", "budget_ramp=0.6"]
     return out
 
 
