@@ -52,7 +52,7 @@ def budget_warning(recipe, steps: int) -> str | None:
         return None
     fix = ("with 8-bit activations (--set act_bits=8) the same target leaves 4x as many" if recipe.act_bits is None
            else "raise act_bits or the target")
-    if not slow and recipe.budget_recover_lr < FAST_RECOVER:  # measured at 5% only: not the default yet
+    if not slow and recipe.budget_recover_lr < FAST_RECOVER:  # helps at 5% only (not at 10%, not on the demo)
         fix = f"recover faster (--set budget_recover_lr={FAST_RECOVER:g}: {DROP[5]:g} -> {DROP_FAST[5]:g} at 5%); " + fix
     if slow:  # what the built-in schedule was measured to gain over the one nearest this recipe's
         sets = (["budget_recover_lr=1e-3"] if no_recovery else []) + (
@@ -74,5 +74,6 @@ DROP = {10: 0.3, 5: 4.0}
 DROP_SLOW = {10: 2.1, 5: 5.4}
 NO_RECOVERY = {10: 9.0, 5: 20.2}
 RAMP = 0.3  # the built-in recipes' budget_ramp since 2026-12-07
-# ... and with budget_recover_lr 3e-3 instead of 1e-3 (bops5-recover-ramp0.3-lr3e-3, seeds 0-2)
+# ... and with budget_recover_lr 3e-3 instead of 1e-3 (bops5-recover-ramp0.3-lr3e-3, seeds 0-2); not the default:
+# at 10% -0.06 +- 0.79 against 1e-3, on the demo at 3% -0.8 +- 0.5 (docs/transfer.md)
 FAST_RECOVER, DROP_FAST = 3e-3, {5: 2.4}
