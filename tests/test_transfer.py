@@ -190,20 +190,20 @@ def test_budget_warning_rule():
     line = warn(["target_bops=5"])
     assert line is not None and "\n" not in line
     assert line.startswith("--target-bops 5 leaves the weights 1.6 bits") and "138 steps" in line
-    assert "act_bits=8" in line and "more epochs" in line and "lost 1 top-1 points at 10% BOPs and 4.2 at 5%" in line
-    assert "budget_ramp" not in line  # the built-in schedule ...
-    assert "recover faster (--set budget_recover_lr=0.003: 4.2 -> 2.7 at 5%)" in line  # ... with a faster recovery
-    assert "budget_recover_lr" not in warn(["target_bops=5", "budget_recover_lr=3e-3"])
+    assert "act_bits=8" in line and "more epochs" in line and "lost 1.1 top-1 points at 10% BOPs and 2.7 at 5%" in line
+    assert "budget_ramp" not in line and "budget_recover_lr" not in line  # the built-in schedule
+    # a slower recovery (the default until 2026-12-07) is pointed to the built-in rate
+    assert "recover faster (--set budget_recover_lr=0.003: 4.2 -> 2.7 at 5%)" in warn(["target_bops=5", "budget_recover_lr=1e-3"])
     assert warn(["target_bops=3"]) is not None
-    # 10% (3.2 bits per weight) lost 1.0 point with the built-in schedule: no warning; with a slower one it
+    # 10% (3.2 bits per weight) lost 1.1 points with the built-in schedule: no warning; with a slower one it
     # lost 2.1 (the ramp at 0.6) or 9.0 (no recovery phase), and the line says what to set
     assert warn(["target_bops=10"]) is None
-    assert ("use the built-in schedule (--set budget_ramp=0.3: 2.1 -> 1 at 10%, 5.4 -> 4.2 at 5%)"
+    assert ("use the built-in schedule (--set budget_ramp=0.3: 2.1 -> 1.1 at 10%, 5.4 -> 2.7 at 5%)"
             in warn(["target_bops=10", "budget_ramp=0.6"]))
     off = warn(["target_bops=5", "budget_recover_lr=null"])
-    assert "use the built-in schedule (--set budget_recover_lr=1e-3: 9 -> 1 at 10%, 20.2 -> 4.2 at 5%)" in off
+    assert "use the built-in schedule (--set budget_recover_lr=0.003: 9 -> 1.1 at 10%, 20.2 -> 2.7 at 5%)" in off
     both = warn(["target_bops=10", "budget_recover_lr=null", "budget_ramp=0.6"])
-    assert "(--set budget_recover_lr=1e-3 --set budget_ramp=0.3: 9 -> 1" in both
+    assert "(--set budget_recover_lr=0.003 --set budget_ramp=0.3: 9 -> 1.1" in both
     assert warn(["target_bops=7.5"]) is not None  # 2.4 bits per weight, below the measured 3.2
     assert warn(["target_bops=12.5", "budget_ramp=0.6"]) is None  # 4 bits per weight
     assert warn(["target_bops=5"], steps=FEW_STEPS + 1) is None
@@ -290,6 +290,6 @@ def test_recover_lr_reaches_only_the_weights_and_only_under_a_target():
     # no budget (the paper's fixed λ) or max_drop: the key changes nothing
     for ov in (["budget_recover_lr=1e-3"], ["max_drop=1", "budget_recover_lr=1e-3"]):
         assert lrs(ov) == lrs([*ov[:-1], "budget_recover_lr=null"])
-    assert lrs(["target_bops=5", "budget_ramp=0.6"]) == got  # on in the built-in recipe: 1e-3 (docs/transfer.md)
-    default = lrs(["target_bops=5"])  # the built-in ramp: the target by 30% of the steps, then the restart
-    assert default[29]["weights"] == pytest.approx(1e-4) and default[30]["weights"] == pytest.approx(1e-3)
+    assert lrs(["target_bops=5", "budget_ramp=0.6", "budget_recover_lr=1e-3"]) == got
+    default = lrs(["target_bops=5"])  # the built-in schedule: the target by 30% of the steps, then 3e-3 (docs/transfer.md)
+    assert default[29]["weights"] == pytest.approx(1e-4) and default[30]["weights"] == pytest.approx(3e-3)
