@@ -25,6 +25,8 @@ Plain Python, no torch: the CLI's tests call it directly.
 
 from __future__ import annotations
 
+from codeq_cli.train.recipe import Recipe
+
 LOW_BITS = 2.5  # B below this: aggressive (10% BOPs with float activations is 3.2, 5% is 1.6) ...
 SLOW_BITS = 4.0  # ... or below this with a slower schedule than the built-in recipes' (10% lost 2.1 to 9.0)
 FEW_STEPS = 1000  # ... when the run has at most this many steps
@@ -48,15 +50,16 @@ def budget_warning(recipe, steps: int) -> str | None:
     a = 32 if recipe.act_bits is None else int(recipe.act_bits)
     b = weight_bits(target, a)
     no_recovery = recipe.budget_recover_lr is None
+    slow_recovery = no_recovery or recipe.budget_recover_lr < RECOVER
     slow = no_recovery or recipe.budget_ramp > RAMP
     if b >= (SLOW_BITS if slow else LOW_BITS) or steps > FEW_STEPS:
         return None
     fix = ("with 8-bit activations (--set act_bits=8) the same target leaves 4x as many" if recipe.act_bits is None
            else "raise act_bits or the target")
-    if not slow and recipe.budget_recover_lr < RECOVER:  # measured at 5%; no different at 10% or on the demo
+    if not slow and slow_recovery:  # a rate below RECOVER: measured at 5%; no different at 10% or on the demo
         fix = f"recover faster (--set budget_recover_lr={RECOVER:g}: {DROP_1E3[5]:g} -> {DROP[5]:g} at 5%); " + fix
     if slow:  # what the built-in schedule was measured to gain over the one nearest this recipe's
-        sets = ([f"budget_recover_lr={RECOVER:g}"] if no_recovery or recipe.budget_recover_lr < RECOVER else []) + (
+        sets = ([f"budget_recover_lr={RECOVER:g}"] if slow_recovery else []) + (
             [f"budget_ramp={RAMP:g}"] if recipe.budget_ramp > RAMP else [])
         before = NO_RECOVERY if no_recovery else DROP_SLOW
         fix = (f"use the built-in schedule ({' '.join('--set ' + x for x in sets)}: {before[10]:g} -> {DROP[10]:g} "
@@ -77,6 +80,8 @@ DROP = {10: 1.1, 5: 2.7}
 DROP_1E3 = {10: 1.0, 5: 4.2}
 DROP_SLOW = {10: 2.1, 5: 5.4}
 NO_RECOVERY = {10: 9.0, 5: 20.2}
-RAMP = 0.3  # the built-in recipes' budget_ramp since 2026-12-07
-RECOVER = 3e-3  # ... and budget_recover_lr (1e-3 before): +1.58 +- 0.41 at 5% (six seeds), +0.20 +- 0.70 at 10%
-# (six), -0.4 +- 0.5 on the demo at 3% (five)
+# the built-in schedule, read from the recipe schema's defaults (the built-in recipes set the same): budget_ramp 0.3
+# and budget_recover_lr 3e-3 since 2026-12-07 (1e-3 before: +1.58 +- 0.41 at 5% with 3e-3, six seeds; +0.20 +- 0.70
+# at 10%, six; -0.4 +- 0.5 on the demo at 3%, five). DROP was measured with these: a new default needs new figures.
+RAMP = Recipe.model_fields["budget_ramp"].default
+RECOVER = Recipe.model_fields["budget_recover_lr"].default
