@@ -218,12 +218,21 @@ def runs() -> dict[str, dict]:
     for name, ov in {"ramp0.2": ["budget_ramp=0.2"], "cubic": ["budget_schedule=cubic"], "nodistill": ["distill_weight=0"],
                      "init0.5": ["init_sparsity=0.5"]}.items():
         out[f"bops5-recover-{name}"] = {"target_bops": 5.0, "overrides": ["budget_recover_lr=1e-3", "budget_ramp=0.3", *ov]}
+    # one change each from the schedule of bops*-recover-ramp0.3-lr3e-3 (ramp 0.3, recovery 3e-3, the weights at
+    # lr while the figure falls), weights only; lr=X with the recovery at an absolute 3e-3 is budget_ramp_lr=X
+    for t in (10, 5):
+        for name, ov in {"nodistill": ["distill_weight=0"], "sens": ["budget_rates=sensitivity"],
+                         "lr3e-4": ["lr=3e-4"], "lr1e-3": ["lr=1e-3"],
+                         "sens-lr3e-4": ["budget_rates=sensitivity", "lr=3e-4"]}.items():
+            out[f"bops{t}-recover-ramp0.3-lr3e-3-{name}"] = {"target_bops": float(t),
+                                                             "overrides": ["budget_recover_lr=3e-3", "budget_ramp=0.3", *ov]}
     # every name runs the schedule it was measured with: without "recover" no recovery phase, without "ramp"
-    # the ramp 0.6 (the defaults until 2026-12-07); a run's own overrides come later and win
+    # the ramp 0.6 (the defaults until 2026-12-07), the weights at lr while the figure falls (budget_ramp_lr
+    # null, the default until 2026-12-07); a run's own overrides come later and win
     for spec in out.values():
         ov = spec.setdefault("overrides", [])
         if "target_bops" in spec:
-            ov[:0] = ["budget_recover_lr=null", "budget_ramp=0.6"]
+            ov[:0] = ["budget_recover_lr=null", "budget_ramp=0.6", "budget_ramp_lr=null"]
     return out
 
 

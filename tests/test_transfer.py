@@ -190,20 +190,28 @@ def test_budget_warning_rule():
     line = warn(["target_bops=5"])
     assert line is not None and "\n" not in line
     assert line.startswith("--target-bops 5 leaves the weights 1.6 bits") and "138 steps" in line
-    assert "act_bits=8" in line and "more epochs" in line and "lost 1.1 top-1 points at 10% BOPs and 2.7 at 5%" in line
-    assert "budget_ramp" not in line and "budget_recover_lr" not in line  # the built-in schedule
+    assert "act_bits=8" in line and "more epochs" in line and "lost 0.4 top-1 points at 10% BOPs and 1.9 at 5%" in line
+    assert "budget_ramp" not in line and "budget_recover_lr" not in line  # the built-in schedule (budget_ramp_lr too)
     # a slower recovery (the default until 2026-12-07) is pointed to the built-in rate
     assert "recover faster (--set budget_recover_lr=0.003: 4.2 -> 2.7 at 5%)" in warn(["target_bops=5", "budget_recover_lr=1e-3"])
+    # the weights at lr while the figure falls (the default until stop 32) are pointed to the built-in rate
+    slow_weights = warn(["target_bops=5", "budget_ramp_lr=null"])
+    assert "train the weights faster while compressing (--set budget_ramp_lr=0.0003: 0.9 -> 0.4 at 10%, 2.9 -> 1.9 at 5%)" in slow_weights
+    assert "recover faster" not in slow_weights
+    assert "budget_ramp_lr" in warn(["target_bops=5", "budget_ramp_lr=1e-4"]) and "budget_ramp_lr" not in warn(
+        ["target_bops=5", "budget_ramp_lr=1e-3"])
     assert warn(["target_bops=3"]) is not None
-    # 10% (3.2 bits per weight) lost 1.1 points with the built-in schedule: no warning; with a slower one it
+    # 10% (3.2 bits per weight) lost 0.4 points with the built-in schedule: no warning; with a slower one it
     # lost 2.1 (the ramp at 0.6) or 9.0 (no recovery phase), and the line says what to set
     assert warn(["target_bops=10"]) is None
-    assert ("use the built-in schedule (--set budget_ramp=0.3: 2.1 -> 1.1 at 10%, 5.4 -> 2.7 at 5%)"
+    assert ("use the built-in schedule (--set budget_ramp=0.3: 2.1 -> 0.4 at 10%, 5.4 -> 1.9 at 5%)"
             in warn(["target_bops=10", "budget_ramp=0.6"]))
     off = warn(["target_bops=5", "budget_recover_lr=null"])
-    assert "use the built-in schedule (--set budget_recover_lr=0.003: 9 -> 1.1 at 10%, 20.2 -> 2.7 at 5%)" in off
+    assert "use the built-in schedule (--set budget_recover_lr=0.003: 9 -> 0.4 at 10%, 20.2 -> 1.9 at 5%)" in off
     both = warn(["target_bops=10", "budget_recover_lr=null", "budget_ramp=0.6"])
-    assert "(--set budget_recover_lr=0.003 --set budget_ramp=0.3: 9 -> 1.1" in both
+    assert "(--set budget_recover_lr=0.003 --set budget_ramp=0.3: 9 -> 0.4" in both
+    assert "(--set budget_ramp=0.3 --set budget_ramp_lr=0.0003: 2.1 -> 0.4" in warn(
+        ["target_bops=10", "budget_ramp=0.6", "budget_ramp_lr=null"])
     assert warn(["target_bops=7.5"]) is not None  # 2.4 bits per weight, below the measured 3.2
     assert warn(["target_bops=12.5", "budget_ramp=0.6"]) is None  # 4 bits per weight
     assert warn(["target_bops=5"], steps=FEW_STEPS + 1) is None
@@ -261,6 +269,10 @@ def test_recover_factor_by_hand():
     assert [recover_factor(s, 100, 60, 0, 10.0, 0.0, "constant") for s in (59, 60, 99)] == [1.0, 10.0, 10.0]
     assert [recover_factor(s, 100, 60, 0, 10.0, 0.0, "step") for s in (60, 73, 74, 86, 87, 99)] == pytest.approx(
         [10.0, 10.0, 1.0, 1.0, 0.1, 0.1])
+    # budget_ramp_lr: the ramp runs at its own multiple of lr (warmup climbs to it), the hold is unchanged
+    assert [recover_factor(s, 100, 60, 0, 10.0, ramp=3.0) for s in (0, 59, 60)] == pytest.approx([3.0, 3.0, 10.0])
+    assert recover_factor(80, 100, 60, 0, 10.0, ramp=3.0) == pytest.approx(recover_factor(80, 100, 60, 0, 10.0))
+    assert recover_factor(4, 100, 60, 10, 10.0, ramp=3.0) == pytest.approx(1.5)
 
 
 def test_recover_lr_reaches_only_the_weights_and_only_under_a_target():
@@ -281,7 +293,8 @@ def test_recover_lr_reaches_only_the_weights_and_only_under_a_target():
             sched.step()
         return out
 
-    got = lrs(["target_bops=5", "budget_ramp=0.6", "budget_recover_lr=1e-3", "lr=1e-4", "lr_dz=5e-3"])
+    got = lrs(["target_bops=5", "budget_ramp=0.6", "budget_recover_lr=1e-3", "budget_ramp_lr=null", "lr=1e-4",
+               "lr_dz=5e-3"])
     assert got[0]["weights"] == pytest.approx(1e-4) and got[59]["weights"] == pytest.approx(1e-4)
     assert got[60]["weights"] == pytest.approx(1e-3) and got[80]["weights"] == pytest.approx(5e-4)
     plain = lrs(["target_bops=5", "lr=1e-4", "lr_dz=5e-3", "budget_recover_lr=null"])  # the run's cosine
@@ -290,6 +303,17 @@ def test_recover_lr_reaches_only_the_weights_and_only_under_a_target():
     # no budget (the paper's fixed λ) or max_drop: the key changes nothing
     for ov in (["budget_recover_lr=1e-3"], ["max_drop=1", "budget_recover_lr=1e-3"]):
         assert lrs(ov) == lrs([*ov[:-1], "budget_recover_lr=null"])
-    assert lrs(["target_bops=5", "budget_ramp=0.6", "budget_recover_lr=1e-3"]) == got
-    default = lrs(["target_bops=5"])  # the built-in schedule: the target by 30% of the steps, then 3e-3 (docs/transfer.md)
-    assert default[29]["weights"] == pytest.approx(1e-4) and default[30]["weights"] == pytest.approx(3e-3)
+    assert lrs(["target_bops=5", "budget_ramp=0.6", "budget_recover_lr=1e-3", "budget_ramp_lr=null"]) == got
+    # budget_ramp_lr: the weights' rate while the figure falls; the hold and the logits as before
+    fast = lrs(["target_bops=5", "budget_ramp=0.6", "budget_recover_lr=1e-3", "budget_ramp_lr=3e-4", "lr=1e-4",
+                "lr_dz=5e-3"])
+    assert [g["weights"] for g in fast[:60]] == pytest.approx([3e-4] * 60)
+    assert [g["weights"] for g in fast[60:]] == pytest.approx([g["weights"] for g in got[60:]])
+    assert [g["dead_zone"] for g in fast] == pytest.approx([g["dead_zone"] for g in got])
+    # it belongs to the recovery phase: without one (or without a target) it changes nothing
+    for ov in (["target_bops=5", "budget_recover_lr=null"], ["budget_recover_lr=1e-3"], ["max_drop=1"]):
+        assert lrs([*ov, "budget_ramp_lr=3e-4"]) == lrs([*ov, "budget_ramp_lr=null"])
+    # the built-in schedule: 3e-4 while the target is reached by 30% of the steps, then 3e-3 (docs/transfer.md)
+    default = lrs(["target_bops=5"])
+    assert default[0]["weights"] == pytest.approx(3e-4) and default[29]["weights"] == pytest.approx(3e-4)
+    assert default[30]["weights"] == pytest.approx(3e-3)

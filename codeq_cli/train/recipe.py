@@ -107,8 +107,12 @@ class Recipe(BaseModel):
         "geometric", description="'geometric' (the figure falls at a steady rate in log space) or 'cubic' "
                                  "(Zhu & Gupta: fast at first, gently near the target)")
     budget_recover_lr: float | None = Field(
-        3e-3, gt=0, description="a number > 0: the weights' learning rate when the target is reached (held at lr "
-                                "until then, the run's schedule from it over the rest), or null for the run's schedule")
+        3e-3, gt=0, description="a number > 0: the weights' learning rate when the target is reached (held at "
+                                "budget_ramp_lr until then, the run's schedule from it over the rest), or null for the "
+                                "run's schedule")
+    budget_ramp_lr: float | None = Field(
+        3e-4, gt=0, description="a number > 0: the weights' learning rate while the figure falls to the target, in a "
+                                "run with a recovery phase (budget_recover_lr), or null for lr")
     budget_every: int = Field(5, ge=1, description="an integer >= 1 (steps between measurements of the budget's figure)")
     budget_rates: Literal["cost", "sensitivity"] = Field(
         "cost", description="'cost' (layers move at rates set by their share of the figure) or 'sensitivity' "

@@ -5,7 +5,8 @@ the paper's). The budget's plan compresses until ``ramp_end`` and then holds
 the target while the weights recover; under the run's cosine schedule the
 hold phase gets what is left of it (in a 3-epoch run the weights' rate is
 below a third of its peak when the target is reached). With a recovery LR
-the weights keep ``lr`` (after any warmup) while the figure falls, then
+the weights keep ``budget_ramp_lr`` (``lr`` where it is null; after any
+warmup) while the figure falls, then
 restart at ``budget_recover_lr`` and follow the run's own schedule shape
 (cosine to ``min_lr``, constant, or tenfold steps) over the hold. Only the
 weights' group: the logits keep the run's schedule (the controller's steps
@@ -40,15 +41,15 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str, min_factor: flo
 
 
 def recover_factor(step: int, total: int, end: int, warmup: int, restart: float, min_factor: float = 0.0,
-                   schedule: str = "cosine") -> float:
+                   schedule: str = "cosine", ramp: float = 1.0) -> float:
     """Multiplier of the weights' ``lr`` at ``step`` (0-based) under a recovery phase.
 
-    Warmup as the run's; 1 until ``end``; then ``restart`` times the run's
-    ``schedule`` over the steps from ``end`` to ``total`` (cosine: from
-    ``restart`` to ``min_factor``).
+    Warmup as the run's (to ``ramp``); ``ramp`` until ``end`` (``budget_ramp_lr / lr``,
+    1 without it); then ``restart`` times the run's ``schedule`` over the steps
+    from ``end`` to ``total`` (cosine: from ``restart`` to ``min_factor``).
     """
     if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
+        return ramp * (step + 1) / warmup
     if step < end:
-        return 1.0
+        return ramp
     return restart * lr_factor(step - end, total - end, 0, schedule, min_factor / restart)
