@@ -226,6 +226,9 @@ def runs() -> dict[str, dict]:
                          "sens-lr3e-4": ["budget_rates=sensitivity", "lr=3e-4"]}.items():
             out[f"bops{t}-recover-ramp0.3-lr3e-3-{name}"] = {"target_bops": float(t),
                                                              "overrides": ["budget_recover_lr=3e-3", "budget_ramp=0.3", *ov]}
+    # 8-bit activations with the built-in schedule since stop 32 (the weights at 3e-4 while the figure falls)
+    out["bops5-act8-recover-ramp0.3-lr3e-3-ramplr3e-4"] = {
+        "target_bops": 5.0, "overrides": ["act_bits=8", "budget_recover_lr=3e-3", "budget_ramp=0.3", "budget_ramp_lr=3e-4"]}
     # every name runs the schedule it was measured with: without "recover" no recovery phase, without "ramp"
     # the ramp 0.6 (the defaults until 2026-12-07), the weights at lr while the figure falls (budget_ramp_lr
     # null, the default until 2026-12-07); a run's own overrides come later and win
