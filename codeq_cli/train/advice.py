@@ -52,7 +52,7 @@ def budget_warning(recipe, steps: int) -> str | None:
     b = weight_bits(target, a)
     no_recovery = recipe.budget_recover_lr is None
     slow_recovery = no_recovery or recipe.budget_recover_lr < RECOVER
-    slow_ramp_lr = (recipe.budget_ramp_lr or recipe.lr) < RAMP_LR  # the weights' rate while the figure falls
+    slow_ramp_lr = recipe.ramp_lr < RAMP_LR  # the weights' rate while the figure falls
     slow = no_recovery or recipe.budget_ramp > RAMP
     if b >= (SLOW_BITS if slow else LOW_BITS) or steps > FEW_STEPS:
         return None
@@ -85,7 +85,7 @@ def budget_warning(recipe, steps: int) -> str | None:
 # the recovery phase (bops10, bops5: seed 0, ramp 0.6)
 DROP = {10: 0.4, 5: 1.9}
 DROP_RAMP_AT_LR = {10: 0.9, 5: 2.9}
-RECOVER_3E3 = {10: 0.9, 5: 2.7}
+RECOVER_3E3 = {5: 2.7}  # at 10% the same runs as DROP_RAMP_AT_LR[10]
 DROP_1E3 = {10: 1.0, 5: 4.2}
 DROP_SLOW = {10: 2.1, 5: 5.4}
 NO_RECOVERY = {10: 9.0, 5: 20.2}

@@ -97,7 +97,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, total_step
     budget = recipe.budget
     if recipe.budget_recover_lr is not None and budget is not None and not budget.kind.searches:
         end, restart = ramp_end(recipe.budget_ramp, total_steps), recipe.budget_recover_lr / recipe.lr
-        ramp = (recipe.budget_ramp_lr or recipe.lr) / recipe.lr  # the weights' rate while the figure falls
+        ramp = recipe.ramp_lr / recipe.lr
         weights = lambda s: recover_factor(s, total_steps, end, warmup, restart, min(1.0, min_factor), schedule,  # noqa: E731
                                            ramp)
         return torch.optim.lr_scheduler.LambdaLR(

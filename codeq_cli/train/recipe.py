@@ -225,6 +225,11 @@ class Recipe(BaseModel):
         return self.mode == "mixed"
 
     @property
+    def ramp_lr(self) -> float:
+        """The weights' learning rate while a budget's figure falls: ``budget_ramp_lr``, ``lr`` where that is null."""
+        return self.budget_ramp_lr or self.lr
+
+    @property
     def budget(self) -> Budget | None:
         """The budget this recipe compresses to (None: λ as given, the paper's way)."""
         return Budget.of(self)
